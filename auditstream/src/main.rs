@@ -1,0 +1,2 @@
+//! auditstream
+fn main() {}

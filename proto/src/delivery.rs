@@ -1,0 +1,201 @@
+//! The delivery envelope: one Kafka record per (event, destination).
+//!
+//! The record's value is the event's bytes, unchanged; its key is the
+//! destination id; everything else travels in headers, so a delivery can be
+//! moved between topics without touching the payload.
+
+use serde::{Deserialize, Serialize};
+
+/// Header: destination id.
+pub const H_DESTINATION: &str = "auditstream-destination-id";
+/// Header: event id.
+pub const H_EVENT_ID: &str = "auditstream-event-id";
+/// Header: event type.
+pub const H_EVENT_TYPE: &str = "auditstream-event-type";
+/// Header: attempts made before this record.
+pub const H_ATTEMPT: &str = "auditstream-attempt";
+/// Header: when the next attempt is due (Unix milliseconds).
+pub const H_DUE_AT: &str = "auditstream-due-at";
+/// Header: JSON list of past attempts.
+pub const H_HISTORY: &str = "auditstream-history";
+/// Header: why a record was dead-lettered.
+pub const H_REASON: &str = "auditstream-reason";
+
+/// Most attempts kept in a record's history (the oldest are dropped first,
+/// the count in [`DeliveryMeta::attempt`] stays exact).
+pub const MAX_HISTORY: usize = 32;
+
+/// One past delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// When it ended, Unix milliseconds.
+    pub at_ms: i64,
+    /// HTTP status, when a response came back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// What went wrong, when no 2xx came back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The metadata of one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryMeta {
+    /// The destination.
+    pub destination_id: String,
+    /// The event id.
+    pub event_id: String,
+    /// The event type.
+    pub event_type: String,
+    /// Attempts made before this record.
+    pub attempt: u32,
+    /// When the next attempt is due (Unix ms); `None` = now.
+    pub due_at_ms: Option<i64>,
+    /// Past attempts, oldest first.
+    pub history: Vec<Attempt>,
+}
+
+impl DeliveryMeta {
+    /// A first delivery, as the router writes it.
+    pub fn new(destination_id: &str, event_id: &str, event_type: &str) -> Self {
+        Self {
+            destination_id: destination_id.to_owned(),
+            event_id: event_id.to_owned(),
+            event_type: event_type.to_owned(),
+            attempt: 0,
+            due_at_ms: None,
+            history: Vec::new(),
+        }
+    }
+
+    /// Records an attempt, keeping at most [`MAX_HISTORY`] entries.
+    pub fn record(&mut self, attempt: Attempt) {
+        self.attempt = self.attempt.saturating_add(1);
+        self.history.push(attempt);
+        if self.history.len() > MAX_HISTORY {
+            let excess = self.history.len() - MAX_HISTORY;
+            self.history.drain(..excess);
+        }
+    }
+
+    /// The headers of the record.
+    pub fn to_headers(&self) -> Vec<(&'static str, Vec<u8>)> {
+        let mut h = vec![
+            (H_DESTINATION, self.destination_id.as_bytes().to_vec()),
+            (H_EVENT_ID, self.event_id.as_bytes().to_vec()),
+            (H_EVENT_TYPE, self.event_type.as_bytes().to_vec()),
+            (H_ATTEMPT, self.attempt.to_string().into_bytes()),
+        ];
+        if let Some(due) = self.due_at_ms {
+            h.push((H_DUE_AT, due.to_string().into_bytes()));
+        }
+        if !self.history.is_empty() {
+            // Serializing plain data cannot fail.
+            h.push((
+                H_HISTORY,
+                serde_json::to_vec(&self.history).unwrap_or_default(),
+            ));
+        }
+        h
+    }
+
+    /// Reads the metadata back from a record's headers.
+    pub fn from_headers<'a>(
+        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Result<Self, String> {
+        let (mut dest, mut id, mut ty, mut attempt, mut due, mut history) =
+            (None, None, None, 0u32, None, Vec::new());
+        let text = |name: &str, v: Option<&[u8]>| {
+            v.and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_owned)
+                .ok_or_else(|| format!("header {name} is missing its UTF-8 value"))
+        };
+        for (name, value) in headers {
+            match name {
+                H_DESTINATION => dest = Some(text(name, value)?),
+                H_EVENT_ID => id = Some(text(name, value)?),
+                H_EVENT_TYPE => ty = Some(text(name, value)?),
+                H_ATTEMPT => {
+                    attempt = text(name, value)?
+                        .parse()
+                        .map_err(|_| format!("header {name} is not a count"))?
+                }
+                H_DUE_AT => {
+                    due = Some(
+                        text(name, value)?
+                            .parse()
+                            .map_err(|_| format!("header {name} is not a Unix time in ms"))?,
+                    )
+                }
+                H_HISTORY => {
+                    history = serde_json::from_slice(value.unwrap_or_default())
+                        .map_err(|e| format!("header {name} is not an attempt list: {e}"))?
+                }
+                _ => {}
+            }
+        }
+        let need =
+            |v: Option<String>, name: &str| v.ok_or_else(|| format!("header {name} is missing"));
+        Ok(Self {
+            destination_id: need(dest, H_DESTINATION)?,
+            event_id: need(id, H_EVENT_ID)?,
+            event_type: need(ty, H_EVENT_TYPE)?,
+            attempt,
+            due_at_ms: due,
+            history,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(m: &DeliveryMeta) -> DeliveryMeta {
+        let h = m.to_headers();
+        DeliveryMeta::from_headers(h.iter().map(|(k, v)| (*k, Some(v.as_slice())))).unwrap()
+    }
+
+    #[test]
+    fn missing_and_bad_headers_are_named() {
+        let err = DeliveryMeta::from_headers([(H_EVENT_ID, Some(&b"1"[..]))]).unwrap_err();
+        assert!(err.contains(H_DESTINATION), "{err}");
+        let err = DeliveryMeta::from_headers([(H_ATTEMPT, Some(&b"x"[..]))]).unwrap_err();
+        assert!(err.contains(H_ATTEMPT), "{err}");
+        let err = DeliveryMeta::from_headers([(H_EVENT_TYPE, None)]).unwrap_err();
+        assert!(err.contains(H_EVENT_TYPE), "{err}");
+    }
+
+    #[test]
+    fn history_is_capped_but_count_exact() {
+        let mut m = DeliveryMeta::new("d", "e", "t");
+        for i in 0..40 {
+            m.record(Attempt {
+                at_ms: i,
+                status: Some(500),
+                error: None,
+            });
+        }
+        assert_eq!(m.attempt, 40);
+        assert_eq!(m.history.len(), MAX_HISTORY);
+        assert_eq!(m.history[0].at_ms, 8);
+        assert_eq!(round_trip(&m), m);
+    }
+
+    proptest! {
+        #[test]
+        fn headers_round_trip(
+            dest in "[a-z0-9-]{1,36}", id in "[!-~]{1,64}", ty in "[a-z_]{1,40}",
+            tries in proptest::collection::vec((any::<i64>(), proptest::option::of(100u16..600), proptest::option::of(".{0,40}")), 0..5),
+            due in proptest::option::of(any::<i64>()),
+        ) {
+            let mut m = DeliveryMeta::new(&dest, &id, &ty);
+            for (at_ms, status, error) in tries {
+                m.record(Attempt { at_ms, status, error });
+            }
+            m.due_at_ms = due;
+            prop_assert_eq!(round_trip(&m), m);
+        }
+    }
+}

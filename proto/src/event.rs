@@ -1,0 +1,779 @@
+//! The audit event (SPEC §1).
+//!
+//! An event travels as the exact bytes its publisher sent. Validation reads
+//! the known fields without building a tree of the whole document, and
+//! completing an event (minting an `id`, stamping `created_at`, writing `null`
+//! for absent fields) inserts text after the opening brace, so every byte the
+//! publisher sent, unknown fields included, reaches the receiver unchanged.
+
+use std::{borrow::Cow, fmt};
+
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+use crate::event_type::{EventTypeName, Registry};
+
+/// Every field of SPEC §1, in the order they are filled in when absent.
+pub const FIELDS: [&str; 13] = [
+    "id",
+    "author_id",
+    "author_name",
+    "entity_id",
+    "entity_type",
+    "entity_path",
+    "target_id",
+    "target_type",
+    "target_details",
+    "event_type",
+    "ip_address",
+    "created_at",
+    "details",
+];
+
+/// The longest event id accepted. Ids travel in HTTP headers (`webhook-id`),
+/// so they are also restricted to visible ASCII.
+pub const MAX_ID_LEN: usize = 128;
+
+/// The deepest nesting of arrays and objects accepted. Receivers parse what
+/// we deliver; a document nested thousands deep crashes many parsers.
+pub const MAX_DEPTH: usize = 64;
+
+/// Whether the JSON text nests arrays and objects deeper than `limit`.
+/// One pass over the bytes, string contents skipped.
+fn nests_deeper_than(text: &str, limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// A problem with one field of one event.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FieldError {
+    /// The field, or `(event)` for the event as a whole.
+    pub field: String,
+    /// What is wrong, in words a publisher can act on.
+    pub problem: String,
+}
+
+impl FieldError {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn whole(problem: impl Into<String>) -> Self {
+        Self::new("(event)", problem)
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+/// Limits and switches applied when validating an event.
+#[derive(Debug, Clone)]
+pub struct EventLimits {
+    /// Largest accepted event, in bytes.
+    pub max_event_bytes: usize,
+    /// Accept event types that have no definition (they are then streamed).
+    pub accept_unknown_types: bool,
+}
+
+impl Default for EventLimits {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 1024 * 1024,
+            accept_unknown_types: false,
+        }
+    }
+}
+
+/// The unique, stable identifier of an event: receivers deduplicate on it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EventId {
+    /// An integer id, as GitLab's database ids are.
+    Int(i64),
+    /// A string id, such as the UUIDv7 the producer mints.
+    Str(String),
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Int(i) => write!(f, "{i}"),
+            Self::Str(s) => f.write_str(s),
+        }
+    }
+}
+
+/// The fields of an event that the pipeline reads, borrowed from its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventView<'a> {
+    /// `id`, when present.
+    pub id: Option<EventId>,
+    /// `event_type`.
+    pub event_type: Cow<'a, str>,
+    /// `entity_type`, e.g. `Project`.
+    pub entity_type: Cow<'a, str>,
+    /// `entity_id`.
+    pub entity_id: i64,
+    /// `entity_path`, when present and not null.
+    pub entity_path: Option<Cow<'a, str>>,
+    /// Fields of SPEC §1 absent from the document (not merely null).
+    pub missing: Vec<&'static str>,
+}
+
+/// Reads each known field as raw text; unknown fields are skipped. A
+/// duplicated known field is an error, so no two readers can disagree on it.
+#[derive(Deserialize)]
+struct RawFields<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    author_id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    author_name: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    entity_id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    entity_type: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    entity_path: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    target_id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    target_type: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    target_details: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    event_type: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    ip_address: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    created_at: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    details: Option<&'a RawValue>,
+}
+
+/// `Some(raw)` for any present value, `null` included (serde's `Option`
+/// would turn `null` into `None` and hide that the key exists).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Null,
+    Bool,
+    Number,
+    String,
+    Array,
+    Object,
+}
+
+impl Kind {
+    fn of(raw: &RawValue) -> Self {
+        match raw.get().as_bytes().first() {
+            Some(b'n') => Self::Null,
+            Some(b't' | b'f') => Self::Bool,
+            Some(b'"') => Self::String,
+            Some(b'[') => Self::Array,
+            Some(b'{') => Self::Object,
+            _ => Self::Number,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Null => "null",
+            Self::Bool => "a boolean",
+            Self::Number => "a number",
+            Self::String => "a string",
+            Self::Array => "an array",
+            Self::Object => "an object",
+        }
+    }
+}
+
+fn string<'a>(raw: &'a RawValue) -> Cow<'a, str> {
+    match serde_json::from_str::<&'a str>(raw.get()) {
+        Ok(s) => Cow::Borrowed(s),
+        // Escapes present: unescape into an owned string. The raw value was
+        // already parsed as a JSON string, so this cannot fail.
+        Err(_) => Cow::Owned(serde_json::from_str::<String>(raw.get()).unwrap_or_default()),
+    }
+}
+
+fn integer(raw: &RawValue) -> Option<i64> {
+    serde_json::from_str::<i64>(raw.get()).ok()
+}
+
+/// Checks that a present field has one of the allowed kinds.
+fn expect(
+    errors: &mut Vec<FieldError>,
+    field: &str,
+    raw: Option<&RawValue>,
+    allowed: &[Kind],
+    wanted: &str,
+) {
+    let Some(raw) = raw else { return };
+    let kind = Kind::of(raw);
+    if !allowed.contains(&kind) {
+        errors.push(FieldError::new(
+            field,
+            format!("must be {wanted}, found {}", kind.name()),
+        ));
+    } else if kind == Kind::Number && integer(raw).is_none() {
+        errors.push(FieldError::new(
+            field,
+            format!("must be {wanted}; {} is not a 64-bit integer", raw.get()),
+        ));
+    }
+}
+
+impl<'a> EventView<'a> {
+    /// Reads and type-checks the fields of SPEC §1 from an event's bytes.
+    ///
+    /// Every problem found is reported, not only the first. Registration of
+    /// the event type is checked separately ([`EventView::check_type`]).
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, Vec<FieldError>> {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            vec![FieldError::whole(format!(
+                "is not valid UTF-8 (invalid byte at offset {})",
+                e.valid_up_to()
+            ))]
+        })?;
+        // A struct also deserializes from a JSON array, by position: refuse
+        // anything but an object before serde sees it.
+        match text.trim_start().as_bytes().first() {
+            Some(b'{') => {}
+            None => return Err(vec![FieldError::whole("is empty")]),
+            Some(_) => return Err(vec![FieldError::whole("must be a JSON object")]),
+        }
+        if nests_deeper_than(text, MAX_DEPTH) {
+            return Err(vec![FieldError::whole(format!(
+                "nests arrays and objects deeper than {MAX_DEPTH} levels"
+            ))]);
+        }
+        let raw: RawFields<'a> = serde_json::from_str(text)
+            .map_err(|e| vec![FieldError::whole(format!("is not valid JSON: {e}"))])?;
+
+        let mut errors = Vec::new();
+        use Kind::*;
+        let int_or_str = &[Number, String];
+        let nullable_str = &[String, Null];
+        expect(
+            &mut errors,
+            "id",
+            raw.id,
+            int_or_str,
+            "a string or an integer (omit it to have one minted)",
+        );
+        expect(
+            &mut errors,
+            "author_id",
+            raw.author_id,
+            &[Number, Null],
+            "an integer",
+        );
+        expect(
+            &mut errors,
+            "author_name",
+            raw.author_name,
+            nullable_str,
+            "a string",
+        );
+        expect(
+            &mut errors,
+            "entity_id",
+            raw.entity_id,
+            &[Number],
+            "an integer",
+        );
+        expect(
+            &mut errors,
+            "entity_type",
+            raw.entity_type,
+            &[String],
+            "a string",
+        );
+        expect(
+            &mut errors,
+            "entity_path",
+            raw.entity_path,
+            nullable_str,
+            "a string",
+        );
+        expect(
+            &mut errors,
+            "target_id",
+            raw.target_id,
+            &[Number, String, Null],
+            "an integer or a string",
+        );
+        expect(
+            &mut errors,
+            "target_type",
+            raw.target_type,
+            nullable_str,
+            "a string",
+        );
+        expect(
+            &mut errors,
+            "target_details",
+            raw.target_details,
+            &[String, Object, Null],
+            "a string or an object",
+        );
+        expect(
+            &mut errors,
+            "event_type",
+            raw.event_type,
+            &[String],
+            "a string",
+        );
+        expect(
+            &mut errors,
+            "ip_address",
+            raw.ip_address,
+            nullable_str,
+            "a string",
+        );
+        expect(
+            &mut errors,
+            "created_at",
+            raw.created_at,
+            &[String],
+            "an RFC 3339 timestamp string (omit it to default to now)",
+        );
+        expect(
+            &mut errors,
+            "details",
+            raw.details,
+            &[Object, Null],
+            "an object",
+        );
+
+        for (field, value) in [
+            ("entity_id", raw.entity_id),
+            ("entity_type", raw.entity_type),
+            ("event_type", raw.event_type),
+        ] {
+            if value.is_none() {
+                errors.push(FieldError::new(field, "is required"));
+            }
+        }
+
+        let id = match raw.id {
+            Some(r) if Kind::of(r) == String => {
+                let s = string(r);
+                if s.is_empty() || s.len() > MAX_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    errors.push(FieldError::new(
+                        "id",
+                        format!("must be 1 to {MAX_ID_LEN} visible ASCII characters (it is sent as the webhook-id header)"),
+                    ));
+                }
+                Some(EventId::Str(s.into_owned()))
+            }
+            Some(r) => integer(r).map(EventId::Int),
+            None => None,
+        };
+
+        let event_type = raw.event_type.filter(|r| Kind::of(r) == String).map(string);
+        if let Some(t) = &event_type
+            && let Err(problem) = EventTypeName::check(t)
+        {
+            errors.push(FieldError::new("event_type", problem));
+        }
+        let entity_type = raw
+            .entity_type
+            .filter(|r| Kind::of(r) == String)
+            .map(string);
+        if entity_type.as_deref() == Some("") {
+            errors.push(FieldError::new("entity_type", "must not be empty"));
+        }
+        if let Some(r) = raw.created_at.filter(|r| Kind::of(r) == String) {
+            let s = string(r);
+            if OffsetDateTime::parse(&s, &Rfc3339).is_err() {
+                errors.push(FieldError::new(
+                    "created_at",
+                    format!("{s:?} is not an RFC 3339 timestamp like 2022-02-23T06:21:05.283Z"),
+                ));
+            }
+        }
+
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let present = [
+            raw.id.is_some(),
+            raw.author_id.is_some(),
+            raw.author_name.is_some(),
+            raw.entity_id.is_some(),
+            raw.entity_type.is_some(),
+            raw.entity_path.is_some(),
+            raw.target_id.is_some(),
+            raw.target_type.is_some(),
+            raw.target_details.is_some(),
+            raw.event_type.is_some(),
+            raw.ip_address.is_some(),
+            raw.created_at.is_some(),
+            raw.details.is_some(),
+        ];
+        let missing = FIELDS
+            .iter()
+            .zip(present)
+            .filter_map(|(f, p)| (!p).then_some(*f))
+            .collect();
+        Ok(Self {
+            id,
+            // Both were checked present and strings above.
+            event_type: event_type.unwrap_or_default(),
+            entity_type: entity_type.unwrap_or_default(),
+            entity_id: raw.entity_id.and_then(integer).unwrap_or_default(),
+            entity_path: raw
+                .entity_path
+                .filter(|r| Kind::of(r) == String)
+                .map(string),
+            missing,
+        })
+    }
+
+    /// Checks the event type against the registry: registered (unless
+    /// unknown types are accepted) and streamed.
+    pub fn check_type(&self, registry: &Registry, accept_unknown: bool) -> Result<(), FieldError> {
+        match registry.get(&self.event_type) {
+            Some(def) if def.streamed => Ok(()),
+            Some(_) => Err(FieldError::new(
+                "event_type",
+                format!(
+                    "{:?} is registered with streamed: false, so it is never delivered",
+                    self.event_type
+                ),
+            )),
+            None if accept_unknown => Ok(()),
+            None => Err(FieldError::new(
+                "event_type",
+                format!("{:?} is not a registered event type", self.event_type),
+            )),
+        }
+    }
+}
+
+/// An event that passed validation, completed, ready to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedEvent {
+    /// The bytes every receiver gets, on every attempt and destination.
+    pub bytes: Vec<u8>,
+    /// The event id (minted when the publisher gave none).
+    pub id: EventId,
+    /// The event type.
+    pub event_type: String,
+    /// `entity_type`, part of the partition key.
+    pub entity_type: String,
+    /// `entity_id`, part of the partition key.
+    pub entity_id: i64,
+}
+
+impl PreparedEvent {
+    /// The Kafka partition key: the entity, so one entity's events keep their
+    /// order.
+    pub fn partition_key(&self) -> String {
+        partition_key(&self.entity_type, self.entity_id)
+    }
+}
+
+/// The Kafka partition key of an entity: `entity_type:entity_id`.
+pub fn partition_key(entity_type: &str, entity_id: i64) -> String {
+    format!("{entity_type}:{entity_id}")
+}
+
+/// Formats a timestamp as SPEC §1 wants it: RFC 3339, milliseconds, UTC.
+pub fn format_timestamp(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.millisecond()
+    )
+}
+
+/// Validates an event and completes it: a UUIDv7 `id` when absent,
+/// `created_at` = `now` when absent, `null` for every other absent field.
+/// The publisher's bytes are kept; completions are inserted after `{`.
+pub fn prepare(
+    bytes: &[u8],
+    registry: &Registry,
+    limits: &EventLimits,
+    now: OffsetDateTime,
+) -> Result<PreparedEvent, Vec<FieldError>> {
+    if bytes.len() > limits.max_event_bytes {
+        return Err(vec![FieldError::whole(format!(
+            "is {} bytes, more than the limit of {} bytes",
+            bytes.len(),
+            limits.max_event_bytes
+        ))]);
+    }
+    let view = EventView::parse(bytes)?;
+    view.check_type(registry, limits.accept_unknown_types)
+        .map_err(|e| vec![e])?;
+
+    // parse() checked the document is UTF-8 and an object.
+    let text = std::str::from_utf8(bytes).unwrap_or_default().trim();
+    let id = view
+        .id
+        .clone()
+        .unwrap_or_else(|| EventId::Str(uuid::Uuid::now_v7().to_string()));
+    let out = if view.missing.is_empty() {
+        text.as_bytes().to_vec()
+    } else {
+        let mut fill = String::with_capacity(64 + 24 * view.missing.len());
+        for field in &view.missing {
+            if !fill.is_empty() {
+                fill.push(',');
+            }
+            fill.push('"');
+            fill.push_str(field);
+            fill.push_str("\":");
+            match *field {
+                "id" => {
+                    fill.push('"');
+                    fill.push_str(&id.to_string());
+                    fill.push('"');
+                }
+                "created_at" => {
+                    fill.push('"');
+                    fill.push_str(&format_timestamp(now));
+                    fill.push('"');
+                }
+                _ => fill.push_str("null"),
+            }
+        }
+        let rest = &text[1..];
+        let mut out = String::with_capacity(text.len() + fill.len() + 1);
+        out.push('{');
+        out.push_str(&fill);
+        // Required fields are present, so the object is never empty here.
+        if !rest.trim_start().starts_with('}') {
+            out.push(',');
+        }
+        out.push_str(rest);
+        out.into_bytes()
+    };
+    Ok(PreparedEvent {
+        bytes: out,
+        id,
+        event_type: view.event_type.into_owned(),
+        entity_type: view.entity_type.into_owned(),
+        entity_id: view.entity_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn registry() -> Registry {
+        Registry::embedded()
+    }
+
+    const NOW: OffsetDateTime = datetime!(2026-11-21 10:00:00.123 UTC);
+
+    fn minimal() -> &'static str {
+        r#"{"event_type":"audit_operation","entity_type":"Project","entity_id":6}"#
+    }
+
+    #[test]
+    fn complete_event_keeps_its_exact_bytes() {
+        let body = r#"{"id":7,"author_id":1,"author_name":"a","entity_id":6,"entity_type":"Project","entity_path":"g/p","target_id":1,"target_type":"X","target_details":"d","event_type":"audit_operation","ip_address":"","created_at":"2022-03-09T06:53:11.181Z","details":{"k":[1, 2.50]},"extra":true}"#;
+        let p = prepare(body.as_bytes(), &registry(), &EventLimits::default(), NOW).unwrap();
+        assert_eq!(p.bytes, body.as_bytes());
+        assert_eq!(p.id, EventId::Int(7));
+    }
+
+    #[test]
+    fn missing_fields_are_filled_and_original_text_kept() {
+        let p = prepare(
+            minimal().as_bytes(),
+            &registry(),
+            &EventLimits::default(),
+            NOW,
+        )
+        .unwrap();
+        let text = std::str::from_utf8(&p.bytes).unwrap();
+        assert!(text.ends_with(&minimal()[1..]), "{text}");
+        let v: serde_json::Value = serde_json::from_slice(&p.bytes).unwrap();
+        for f in FIELDS {
+            assert!(v.get(f).is_some(), "{f} missing from {text}");
+        }
+        assert_eq!(v["created_at"], "2026-11-21T10:00:00.123Z");
+        assert_eq!(v["author_name"], serde_json::Value::Null);
+        let EventId::Str(id) = &p.id else {
+            panic!("minted id is a string")
+        };
+        let uuid = uuid::Uuid::parse_str(id).unwrap();
+        assert_eq!(uuid.get_version_num(), 7);
+        assert_eq!(v["id"], id.as_str());
+    }
+
+    #[test]
+    fn present_nulls_are_not_duplicated() {
+        let body = r#"{"event_type":"audit_operation","entity_type":"Project","entity_id":6,"author_name":null}"#;
+        let p = prepare(body.as_bytes(), &registry(), &EventLimits::default(), NOW).unwrap();
+        let text = std::str::from_utf8(&p.bytes).unwrap();
+        assert_eq!(text.matches("\"author_name\"").count(), 1);
+    }
+
+    fn problems(body: &str) -> Vec<FieldError> {
+        prepare(body.as_bytes(), &registry(), &EventLimits::default(), NOW).unwrap_err()
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let errs = problems(
+            r#"{"id":null,"author_id":"x","entity_id":1.5,"details":[],"created_at":"yesterday"}"#,
+        );
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "id",
+            "author_id",
+            "entity_id",
+            "details",
+            "created_at",
+            "entity_type",
+            "event_type",
+        ] {
+            assert!(fields.contains(&f), "{f} not reported in {errs:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_non_objects_and_bad_encoding() {
+        assert_eq!(problems("[1,2]")[0].problem, "must be a JSON object");
+        assert_eq!(problems("  ")[0].problem, "is empty");
+        assert!(
+            problems("{\"a\":\"\u{0}\"")
+                .first()
+                .unwrap()
+                .problem
+                .contains("not valid JSON")
+        );
+        let errs = prepare(
+            b"{\"a\":\"\xff\"}",
+            &registry(),
+            &EventLimits::default(),
+            NOW,
+        )
+        .unwrap_err();
+        assert!(errs[0].problem.contains("UTF-8"), "{errs:?}");
+    }
+
+    #[test]
+    fn rejects_duplicate_known_fields() {
+        let errs = problems(
+            r#"{"event_type":"audit_operation","event_type":"x","entity_type":"Project","entity_id":6}"#,
+        );
+        assert!(errs[0].problem.contains("duplicate field"), "{errs:?}");
+    }
+
+    #[test]
+    fn rejects_unknown_and_unstreamed_types() {
+        let errs =
+            problems(r#"{"event_type":"no_such_type","entity_type":"Project","entity_id":6}"#);
+        assert!(errs[0].problem.contains("not a registered event type"));
+        let errs = problems(
+            r#"{"event_type":"login_failed_with_otp_authentication","entity_type":"User","entity_id":6}"#,
+        );
+        assert!(errs[0].problem.contains("streamed: false"));
+        let accept = EventLimits {
+            accept_unknown_types: true,
+            ..EventLimits::default()
+        };
+        let body = r#"{"event_type":"no_such_type","entity_type":"Project","entity_id":6}"#;
+        assert!(prepare(body.as_bytes(), &registry(), &accept, NOW).is_ok());
+    }
+
+    #[test]
+    fn rejects_header_unsafe_type_and_id() {
+        let accept = EventLimits {
+            accept_unknown_types: true,
+            ..EventLimits::default()
+        };
+        let body = r#"{"event_type":"x\r\nInjected: 1","entity_type":"Project","entity_id":6}"#;
+        let errs = prepare(body.as_bytes(), &registry(), &accept, NOW).unwrap_err();
+        assert_eq!(errs[0].field, "event_type");
+        let errs = problems(
+            r#"{"id":"a b","event_type":"audit_operation","entity_type":"Project","entity_id":6}"#,
+        );
+        assert_eq!(errs[0].field, "id");
+    }
+
+    #[test]
+    fn rejects_oversized_events() {
+        let limits = EventLimits {
+            max_event_bytes: 10,
+            ..EventLimits::default()
+        };
+        let errs = prepare(minimal().as_bytes(), &registry(), &limits, NOW).unwrap_err();
+        assert!(errs[0].problem.contains("more than the limit of 10 bytes"));
+    }
+
+    #[test]
+    fn rejects_deep_nesting_without_crashing() {
+        let deep = format!(
+            r#"{{"event_type":"audit_operation","entity_type":"Project","entity_id":6,"details":{}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let errs = problems(&deep);
+        assert!(errs[0].problem.contains("deeper than 64"), "{errs:?}");
+        let ok = format!(
+            r#"{{"event_type":"audit_operation","entity_type":"Project","entity_id":6,"details":{{"a":{}"[{{\"}}]"{}}}}}"#,
+            "[".repeat(60),
+            "]".repeat(60)
+        );
+        assert!(
+            prepare(ok.as_bytes(), &registry(), &EventLimits::default(), NOW).is_ok(),
+            "brackets in strings do not count"
+        );
+    }
+
+    #[test]
+    fn timestamp_format_has_milliseconds_and_z() {
+        assert_eq!(format_timestamp(NOW), "2026-11-21T10:00:00.123Z");
+    }
+}

@@ -1,0 +1,21 @@
+//! The contracts of auditstream: pure data and validation, no I/O runtime.
+//!
+//! # Layout
+//! - [`event`]: the audit event (SPEC §1), validated and completed without
+//!   changing the bytes a publisher sent.
+//! - [`event_type`]: event-type definitions and their registry (SPEC §3).
+//! - [`namespace`]: the namespace tree records (SPEC §4).
+//! - [`destination`]: destination configuration and its rules (SPEC §5).
+//! - [`delivery`]: the delivery envelope carried in Kafka headers.
+//! - [`topics`]: topic names.
+
+pub mod delivery;
+pub mod destination;
+pub mod event;
+pub mod event_type;
+pub mod namespace;
+pub mod topics;
+pub mod types;
+
+pub use event::{EventId, EventLimits, EventView, FieldError, PreparedEvent};
+pub use event_type::{EventTypeDefinition, EventTypeName, Registry};

@@ -1,0 +1,119 @@
+//! A compacted topic materialized in memory (a "table"): read to the end
+//! before the owner reports ready, then followed, so changes reach the
+//! service within moments and without a restart.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock, RwLockReadGuard},
+    time::Duration,
+};
+
+use rdkafka::{Message, Offset, TopicPartitionList, consumer::Consumer, error::KafkaError};
+
+use crate::{admin::ReadyFlag, config::KafkaConfig, kafka, shutdown::Shutdown};
+
+/// The state a table builds from its records.
+pub trait TableState: Send + Sync + 'static {
+    /// Applies one record; `value` is `None` for a tombstone. A record that
+    /// cannot be read returns the reason; it is logged and skipped, and the
+    /// previous state for that key is kept.
+    fn apply(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String>;
+}
+
+/// A shared, read-mostly view of a table's state.
+#[derive(Debug)]
+pub struct Table<S> {
+    state: Arc<RwLock<S>>,
+}
+
+impl<S> Clone for Table<S> {
+    fn clone(&self) -> Self {
+        Self {
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<S> Table<S> {
+    /// A table over `state` (no reader attached; for tests and tools).
+    pub fn new(state: S) -> Self {
+        Self {
+            state: Arc::new(RwLock::new(state)),
+        }
+    }
+
+    /// Reads the current state. Hold the guard briefly: the follower waits.
+    pub fn read(&self) -> RwLockReadGuard<'_, S> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), String>
+    where
+        S: TableState,
+    {
+        self.state
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(key, value)
+    }
+}
+
+/// Starts following `topic` into `state`. `ready` is set once every
+/// partition was read to the end offset seen at start.
+pub async fn follow<S: TableState>(
+    config: &KafkaConfig,
+    topic: &str,
+    state: S,
+    ready: ReadyFlag,
+    mut shutdown: Shutdown,
+) -> Result<(Table<S>, tokio::task::JoinHandle<()>), KafkaError> {
+    let consumer = kafka::reader(config)?;
+    let count = kafka::partitions(&consumer, topic, Duration::from_secs(30)).await?;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in 0..count {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        ends.insert(p, high);
+    }
+    consumer.assign(&tpl)?;
+    let table = Table::new(state);
+    let follower = table.clone();
+    let topic = topic.to_owned();
+    let task = tokio::spawn(async move {
+        let mut caught_up = ends.values().all(|h| *h == 0);
+        ready.set(caught_up);
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.wait() => return,
+                m = tokio::time::timeout(Duration::from_millis(250), consumer.recv()) => m,
+            };
+            match msg {
+                Ok(Ok(m)) => {
+                    let key = m.key().unwrap_or_default();
+                    if let Err(reason) = follower.apply(key, m.payload()) {
+                        tracing::warn!(topic = %topic, offset = m.offset(), %reason, "skipped unreadable table record");
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(topic = %topic, error = %e, "table read error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(_idle) => {}
+            }
+            if !caught_up {
+                caught_up = consumer.position().is_ok_and(|pos| {
+                    pos.elements().iter().all(|e| match e.offset() {
+                        Offset::Offset(o) => o >= ends.get(&e.partition()).copied().unwrap_or(0),
+                        _ => ends.get(&e.partition()).copied().unwrap_or(0) == 0,
+                    })
+                });
+                if caught_up {
+                    tracing::info!(topic = %topic, "table read to the end");
+                    ready.set(true);
+                }
+            }
+        }
+    });
+    Ok((table, task))
+}
