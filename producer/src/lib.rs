@@ -1,1 +1,95 @@
-//! placeholder
+//! The producer: the front door through which events, namespace changes
+//! and destination changes enter Kafka, and the Rust client library
+//! ([`Publisher`]) services link to publish straight to Kafka.
+//!
+//! # Layout
+//! - [`config`]: the role's typed configuration.
+//! - [`client`]: validation, id minting, partitioning, the Kafka write.
+//! - [`api`]: the HTTP API.
+//! - [`auth`]: bearer tokens, hashed, compared in constant time.
+//! - [`metrics`]: `auditstream_producer_*`.
+
+pub mod api;
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod metrics;
+
+pub use client::{PublishError, Publisher};
+pub use config::ProducerConfig;
+
+use proto::{EventLimits, Registry, topics::Topics};
+use service::{Admin, Shutdown};
+use tokio::net::TcpListener;
+
+/// Why the producer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProducerError {
+    /// Event-type definitions could not be loaded: fix them.
+    #[error("event type definitions: {0}")]
+    Types(String),
+    /// Kafka could not be set up.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// Publisher setup failed.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// Metrics registration failed (a name registered twice).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The listener failed.
+    #[error("serving the API: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The registry: shipped definitions plus the operator's folder, if any.
+pub fn load_registry(types_dir: Option<&std::path::Path>) -> Result<Registry, String> {
+    let mut registry = Registry::embedded();
+    if let Some(dir) = types_dir {
+        let extra = Registry::load_dir(dir).map_err(|errs| {
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        })?;
+        registry.extend(extra);
+    }
+    Ok(registry)
+}
+
+/// Runs the producer API on `listener` until `shutdown`; then stops
+/// accepting, finishes the requests in flight and flushes Kafka.
+pub async fn run(
+    config: ProducerConfig,
+    admin: Admin,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), ProducerError> {
+    let ready = admin.readiness.register("producer");
+    let registry = load_registry(config.api.types_dir.as_deref()).map_err(ProducerError::Types)?;
+    if config.kafka.create_topics {
+        service::kafka::ensure_topics(
+            &config.kafka,
+            &Topics::new(config.kafka.topic_prefix.clone()).all(0),
+        )
+        .await?;
+    }
+    let limits = EventLimits {
+        max_event_bytes: config.api.max_event_bytes,
+        accept_unknown_types: config.api.accept_unknown_types,
+    };
+    let publisher = Publisher::new(&config.kafka, registry, limits, config.api.publish_timeout)?;
+    let metrics = metrics::Metrics::register(&admin.registry)?;
+    let auth = auth::Auth::new(&config.auth);
+    let state = api::AppState::new(publisher.clone(), auth, config.api.clone(), metrics);
+    tracing::info!(addr = %listener.local_addr()?, "producer API listening");
+    ready.set(true);
+    let mut stop = shutdown.clone();
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(async move { stop.wait().await })
+        .await?;
+    ready.set(false);
+    publisher.flush(config.shutdown.grace);
+    tracing::info!("producer stopped");
+    Ok(())
+}

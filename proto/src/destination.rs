@@ -4,7 +4,7 @@
 //! hold 15 characters), so a `Destination` read back from its compacted topic
 //! is as valid as the one written. Secrets print masked in `Debug`.
 
-use std::fmt;
+use std::{collections::HashMap, fmt, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -403,6 +403,75 @@ impl Destination {
     }
 }
 
+/// Every destination, indexed the way routing and delivery look them up.
+#[derive(Debug, Default)]
+pub struct Directory {
+    by_id: HashMap<String, Arc<Destination>>,
+    instance: Vec<Arc<Destination>>,
+    by_group: HashMap<i64, Vec<Arc<Destination>>>,
+}
+
+impl Directory {
+    /// Adds or replaces a destination.
+    pub fn upsert(&mut self, destination: Destination) {
+        self.remove(&destination.id);
+        let d = Arc::new(destination);
+        match d.owner {
+            Owner::Instance => self.instance.push(d.clone()),
+            Owner::Group { id } => self.by_group.entry(id).or_default().push(d.clone()),
+        }
+        self.by_id.insert(d.id.clone(), d);
+    }
+
+    /// Removes a destination, if present.
+    pub fn remove(&mut self, id: &str) {
+        let Some(old) = self.by_id.remove(id) else {
+            return;
+        };
+        match old.owner {
+            Owner::Instance => self.instance.retain(|d| d.id != id),
+            Owner::Group { id: g } => {
+                if let Some(list) = self.by_group.get_mut(&g) {
+                    list.retain(|d| d.id != id);
+                    if list.is_empty() {
+                        self.by_group.remove(&g);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A destination by id.
+    pub fn get(&self, id: &str) -> Option<&Arc<Destination>> {
+        self.by_id.get(id)
+    }
+
+    /// Instance-level destinations.
+    pub fn instance(&self) -> &[Arc<Destination>] {
+        &self.instance
+    }
+
+    /// The destinations of a top-level group.
+    pub fn group(&self, id: i64) -> &[Arc<Destination>] {
+        self.by_group.get(&id).map_or(&[], Vec::as_slice)
+    }
+
+    /// How many destinations there are.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// Every destination, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Destination>> {
+        self.by_id.values()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,6 +594,22 @@ mod tests {
         assert!(!deny.admits("a", None));
         assert!(!deny.admits("b", Some("cm")));
         assert!(deny.admits("b", None));
+    }
+
+    #[test]
+    fn directory_indexes_follow_owner_changes() {
+        let mut dir = Directory::default();
+        dir.upsert(sample());
+        assert_eq!(dir.group(9).len(), 1);
+        let mut moved = sample();
+        moved.owner = Owner::Instance;
+        dir.upsert(moved);
+        assert!(dir.group(9).is_empty());
+        assert_eq!(dir.instance().len(), 1);
+        assert_eq!(dir.len(), 1);
+        dir.remove("d-1");
+        assert!(dir.is_empty() && dir.instance().is_empty());
+        dir.remove("d-1");
     }
 
     proptest! {

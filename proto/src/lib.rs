@@ -7,6 +7,8 @@
 //! - [`namespace`]: the namespace tree records (SPEC §4).
 //! - [`destination`]: destination configuration and its rules (SPEC §5).
 //! - [`delivery`]: the delivery envelope carried in Kafka headers.
+//! - [`signature`]: Standard Webhooks v1 signing and verification.
+//! - [`netguard`]: which addresses destinations may reach.
 //! - [`topics`]: topic names.
 
 pub mod delivery;
@@ -14,6 +16,8 @@ pub mod destination;
 pub mod event;
 pub mod event_type;
 pub mod namespace;
+pub mod netguard;
+pub mod signature;
 pub mod topics;
 pub mod types;
 

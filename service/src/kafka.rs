@@ -27,10 +27,18 @@ pub fn base(config: &KafkaConfig) -> ClientConfig {
 }
 
 /// A producer whose acknowledgement means every in-sync replica has the
-/// record, without duplicates from its own retries.
-pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+/// record, without duplicates from its own retries. A record not
+/// acknowledged within `delivery_timeout` fails (and is not written later).
+pub fn producer(
+    config: &KafkaConfig,
+    delivery_timeout: Duration,
+) -> Result<FutureProducer, KafkaError> {
     let mut c = base(config);
     c.set("acks", "all")
+        .set(
+            "message.timeout.ms",
+            delivery_timeout.as_millis().max(1).to_string(),
+        )
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("compression.type", "lz4");
@@ -130,5 +138,56 @@ pub async fn partitions(
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Kafka record headers from name/value pairs.
+pub fn headers<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> rdkafka::message::OwnedHeaders {
+    pairs
+        .into_iter()
+        .fold(rdkafka::message::OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(rdkafka::message::Header {
+                key,
+                value: Some(value),
+            })
+        })
+}
+
+/// The name/value pairs of a message's headers.
+pub fn header_pairs<M: rdkafka::Message>(m: &M) -> Vec<(&str, Option<&[u8]>)> {
+    use rdkafka::message::Headers as _;
+    m.headers()
+        .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+        .unwrap_or_default()
+}
+
+/// Writes a record and waits for the acknowledgement, retrying with
+/// growing pauses for as long as it takes: the callers' offsets must not
+/// advance past a record Kafka did not take.
+pub async fn produce_durably(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &[u8],
+    payload: Option<&[u8]>,
+    headers: &[(&str, &[u8])],
+) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let mut record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic)
+            .key(key)
+            .headers(self::headers(headers.iter().copied()));
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        match producer.send(record, Duration::from_secs(5)).await {
+            Ok(_) => return,
+            Err((e, _)) => {
+                tracing::warn!(%topic, error = %e, retry_in_ms = pause.as_millis() as u64, "write not acknowledged; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
     }
 }

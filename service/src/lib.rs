@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod consume;
 pub mod kafka;
 pub mod offsets;
 pub mod shutdown;

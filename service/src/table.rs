@@ -24,22 +24,33 @@ pub trait TableState: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct Table<S> {
     state: Arc<RwLock<S>>,
+    ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<S> Clone for Table<S> {
     fn clone(&self) -> Self {
         Self {
             state: self.state.clone(),
+            ready: self.ready.clone(),
         }
     }
 }
 
 impl<S> Table<S> {
-    /// A table over `state` (no reader attached; for tests and tools).
+    /// A table over `state`, ready at once (no reader attached; for tests
+    /// and tools).
     pub fn new(state: S) -> Self {
+        let (tx, ready) = tokio::sync::watch::channel(true);
+        std::mem::forget(tx);
         Self {
             state: Arc::new(RwLock::new(state)),
+            ready,
         }
+    }
+
+    /// Waits until the table was read to the end once.
+    pub async fn wait_ready(&self) {
+        let _ = self.ready.clone().wait_for(|r| *r).await;
     }
 
     /// Reads the current state. Hold the guard briefly: the follower waits.
@@ -77,12 +88,20 @@ pub async fn follow<S: TableState>(
         ends.insert(p, high);
     }
     consumer.assign(&tpl)?;
-    let table = Table::new(state);
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let table = Table {
+        state: Arc::new(RwLock::new(state)),
+        ready: ready_rx,
+    };
     let follower = table.clone();
+    let mark_ready = move |r: bool| {
+        ready.set(r);
+        ready_tx.send_replace(r);
+    };
     let topic = topic.to_owned();
     let task = tokio::spawn(async move {
         let mut caught_up = ends.values().all(|h| *h == 0);
-        ready.set(caught_up);
+        mark_ready(caught_up);
         loop {
             let msg = tokio::select! {
                 _ = shutdown.wait() => return,
@@ -110,10 +129,34 @@ pub async fn follow<S: TableState>(
                 });
                 if caught_up {
                     tracing::info!(topic = %topic, "table read to the end");
-                    ready.set(true);
+                    mark_ready(true);
                 }
             }
         }
     });
     Ok((table, task))
+}
+
+impl TableState for proto::destination::Directory {
+    fn apply(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+        let id = std::str::from_utf8(key).map_err(|_| "destination key is not UTF-8".to_owned())?;
+        match value {
+            None => {
+                self.remove(id);
+                Ok(())
+            }
+            Some(bytes) => {
+                let d: proto::destination::Destination =
+                    serde_json::from_slice(bytes).map_err(|e| format!("destination {id}: {e}"))?;
+                if d.id != id {
+                    return Err(format!(
+                        "destination record id {:?} differs from its key {id:?}",
+                        d.id
+                    ));
+                }
+                self.upsert(d);
+                Ok(())
+            }
+        }
+    }
 }

@@ -1,0 +1,210 @@
+//! The production roles: config → telemetry → listeners → run → drain.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use serde::{Serialize, de::DeserializeOwned};
+use service::{Admin, ConfigError, config, shutdown, telemetry};
+use tokio::net::TcpListener;
+
+/// Exit status for a configuration error (`EX_USAGE`), returned before
+/// touching the network.
+pub const EXIT_CONFIG: u8 = 64;
+
+/// Arguments of a role command.
+#[derive(clap::Args)]
+pub struct RoleArgs {
+    /// A TOML config file; `AUDITSTREAM_*` variables override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+fn load<T: Serialize + DeserializeOwned + Default>(
+    args: &RoleArgs,
+    validate: impl Fn(&T) -> Result<(), ConfigError>,
+) -> Result<T, ExitCode> {
+    let loaded = config::load::<T>(args.config.as_deref(), config::process_env())
+        .and_then(|c| validate(&c).map(|()| c));
+    loaded.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "stopped with an error");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts the admin server and returns what the role needs.
+async fn start_admin(listen: SocketAddr) -> anyhow::Result<(Admin, service::Shutdown)> {
+    let admin = Admin::default();
+    let shutdown = shutdown::on_signal();
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the admin port {listen}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "admin server listening");
+    tokio::spawn(admin.clone().serve(listener, shutdown.clone()));
+    Ok((admin, shutdown))
+}
+
+/// `auditstream producer`.
+pub async fn producer(args: RoleArgs) -> ExitCode {
+    let cfg = match load::<producer::ProducerConfig>(&args, producer::ProducerConfig::validate) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    telemetry::init(&cfg.telemetry);
+    finish(
+        async {
+            let (admin, shutdown) = start_admin(cfg.admin.listen).await?;
+            let api = TcpListener::bind(cfg.api.listen)
+                .await
+                .with_context(|| format!("binding the API port {}", cfg.api.listen))?;
+            producer::run(cfg, admin, api, shutdown).await?;
+            Ok(())
+        }
+        .await,
+    )
+}
+
+/// `auditstream router`.
+pub async fn router(args: RoleArgs) -> ExitCode {
+    let cfg = match load::<router::RouterConfig>(&args, router::RouterConfig::validate) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    telemetry::init(&cfg.telemetry);
+    finish(
+        async {
+            let (admin, shutdown) = start_admin(cfg.admin.listen).await?;
+            router::run(cfg, admin, shutdown).await?;
+            Ok(())
+        }
+        .await,
+    )
+}
+
+/// `auditstream deliverer`.
+pub async fn deliverer(args: RoleArgs) -> ExitCode {
+    let cfg = match load::<deliverer::DelivererConfig>(&args, deliverer::DelivererConfig::validate)
+    {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    telemetry::init(&cfg.telemetry);
+    finish(
+        async {
+            let (admin, shutdown) = start_admin(cfg.admin.listen).await?;
+            deliverer::run(cfg, admin, shutdown).await?;
+            Ok(())
+        }
+        .await,
+    )
+}
+
+/// Arguments of `auditstream receiver`.
+#[derive(clap::Args)]
+pub struct ReceiverArgs {
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// A destination to accept: NAME=TOKEN (repeatable).
+    #[arg(long = "expect", value_name = "NAME=TOKEN", required = true)]
+    expect: Vec<String>,
+    /// A signing secret to verify: NAME=whsec_… (repeatable).
+    #[arg(long = "secret", value_name = "NAME=SECRET")]
+    secrets: Vec<String>,
+    /// Append every request to this NDJSON file.
+    #[arg(long)]
+    log: Option<PathBuf>,
+}
+
+/// `auditstream receiver`.
+pub async fn receiver(args: ReceiverArgs) -> ExitCode {
+    let mut expected = Vec::new();
+    for e in &args.expect {
+        let Some((name, token)) = e.split_once('=') else {
+            eprintln!("error: --expect takes NAME=TOKEN, got {e:?}");
+            return ExitCode::from(EXIT_CONFIG);
+        };
+        expected.push(receiver::Expected {
+            name: name.into(),
+            token: token.into(),
+            secret: None,
+        });
+    }
+    for s in &args.secrets {
+        let parsed = s.split_once('=').and_then(|(name, secret)| {
+            let secret = proto::destination::SigningSecret::new(secret).ok()?;
+            Some((name, secret))
+        });
+        let Some((name, secret)) = parsed else {
+            eprintln!("error: --secret takes NAME=whsec_<base64>, and the secret must be valid");
+            return ExitCode::from(EXIT_CONFIG);
+        };
+        match expected.iter_mut().find(|e| e.name == name) {
+            Some(e) => e.secret = Some(secret),
+            None => {
+                eprintln!("error: --secret names {name:?}, which no --expect names");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    telemetry::init(&config::TelemetryConfig {
+        format: config::LogFormat::Pretty,
+        filter: "info".into(),
+    });
+    finish(
+        async {
+            let r = receiver::Receiver::new(receiver::ReceiverConfig {
+                expected,
+                log_file: args.log.clone(),
+                print: true,
+            })
+            .context("opening the receiver log")?;
+            let listener = TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("binding {}", args.listen))?;
+            println!("receiver listening on http://{}", listener.local_addr()?);
+            let mut stop = shutdown::on_signal();
+            r.clone()
+                .serve(listener, async move { stop.wait().await })
+                .await?;
+            let s = r.stats();
+            println!(
+                "receiver stopped: {} unique, {} duplicates, {} rejected",
+                s.unique, s.duplicates, s.rejected
+            );
+            Ok(())
+        }
+        .await,
+    )
+}
+
+/// `auditstream types validate DIR`.
+pub fn validate_types(dir: &std::path::Path) -> ExitCode {
+    match proto::Registry::load_dir(dir) {
+        Ok(r) => {
+            println!(
+                "{} event type definitions valid in {}",
+                r.len(),
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            eprintln!("{} problems found", errors.len());
+            ExitCode::FAILURE
+        }
+    }
+}

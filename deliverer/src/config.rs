@@ -1,0 +1,114 @@
+//! The deliverer's configuration.
+
+use std::time::Duration;
+
+use proto::netguard::Network;
+use serde::{Deserialize, Serialize};
+use service::config::{
+    AdminConfig, ConfigError, KafkaConfig, ShutdownConfig, TelemetryConfig, duration, durations,
+};
+
+/// Everything the deliverer role reads at start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DelivererConfig {
+    /// Kafka client.
+    pub kafka: KafkaConfig,
+    /// Logging.
+    pub telemetry: TelemetryConfig,
+    /// Admin port.
+    pub admin: AdminConfig,
+    /// Shutdown.
+    pub shutdown: ShutdownConfig,
+    /// Delivery.
+    pub deliverer: DelivererSettings,
+}
+
+/// Delivery settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DelivererSettings {
+    /// Consumer group of `audit.deliveries`; the retry topics use
+    /// `<group_id>-retry`.
+    pub group_id: String,
+    /// Consumer session timeout.
+    #[serde(with = "duration")]
+    pub session_timeout: Duration,
+    /// Most deliveries in flight at once, per consumer.
+    pub max_in_flight: usize,
+    /// Time to connect to a destination.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Time for a whole attempt, response included.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+    /// Extra in-process tries after a failed first one, before the retry
+    /// topics take over.
+    pub quick_retries: usize,
+    /// First pause between quick tries (doubling after each).
+    #[serde(with = "duration")]
+    pub quick_retry_delay: Duration,
+    /// One delay per retry topic; after the last, the dead-letter topic.
+    #[serde(with = "durations")]
+    pub retry_delays: Vec<Duration>,
+    /// The longest `Retry-After` honoured.
+    #[serde(with = "duration")]
+    pub max_retry_after: Duration,
+    /// Most response-body bytes read (then discarded).
+    pub max_response_bytes: usize,
+    /// Special-purpose networks destinations may reach anyway
+    /// (e.g. `127.0.0.0/8` in development).
+    pub allowed_networks: Vec<Network>,
+}
+
+impl Default for DelivererSettings {
+    fn default() -> Self {
+        let m = |mins: u64| Duration::from_secs(mins * 60);
+        Self {
+            group_id: "auditstream-deliverer".into(),
+            session_timeout: Duration::from_secs(10),
+            max_in_flight: 512,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            quick_retries: 2,
+            quick_retry_delay: Duration::from_millis(500),
+            // 10 s, 1 min, 10 min, 1 h, 4 h, 12 h, 12 h: about 29 hours.
+            retry_delays: vec![
+                Duration::from_secs(10),
+                m(1),
+                m(10),
+                m(60),
+                m(240),
+                m(720),
+                m(720),
+            ],
+            max_retry_after: Duration::from_secs(3600),
+            max_response_bytes: 64 * 1024,
+            allowed_networks: Vec::new(),
+        }
+    }
+}
+
+impl DelivererConfig {
+    /// Checks the values before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.kafka.validate()?;
+        let d = &self.deliverer;
+        if d.group_id.is_empty() || d.max_in_flight == 0 {
+            return Err(ConfigError::Invalid(
+                "deliverer.group_id must be set and deliverer.max_in_flight above zero".into(),
+            ));
+        }
+        if d.connect_timeout.is_zero() || d.request_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "deliverer timeouts must be above zero".into(),
+            ));
+        }
+        if d.retry_delays.iter().any(Duration::is_zero) {
+            return Err(ConfigError::Invalid(
+                "deliverer.retry_delays must all be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,262 @@
+//! One HTTP delivery attempt (SPEC §2), and the connect-time address guard.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use proto::{destination::Destination, netguard::Policy};
+use reqwest::{
+    Client,
+    dns::{Addrs, Name, Resolve, Resolving},
+    header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER},
+};
+
+use crate::config::DelivererSettings;
+use proto::signature as sign;
+
+/// The `User-Agent` of every delivery.
+pub const USER_AGENT: &str = concat!("auditstream/", env!("CARGO_PKG_VERSION"));
+
+/// Resolves names, then keeps only addresses the policy allows, so the
+/// connection goes to a checked address (DNS rebinding cannot slip a private
+/// address in between check and connect).
+struct GuardedResolver {
+    policy: Arc<Policy>,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refusals = Vec::new();
+            let allowed: Vec<SocketAddr> = found
+                .into_iter()
+                .filter(|a| match policy.check(a.ip()) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        refusals.push(why);
+                        false
+                    }
+                })
+                .collect();
+            if allowed.is_empty() {
+                let why = refusals
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| format!("{host} has no address"));
+                return Err(format!("refused to connect to {host}: {why}").into());
+            }
+            let addrs: Addrs = Box::new(allowed.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+/// The outcome of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A 2xx came back.
+    Delivered(u16),
+    /// Anything else.
+    Failed {
+        /// The status, when a response came back.
+        status: Option<u16>,
+        /// What went wrong.
+        error: String,
+        /// The receiver's `Retry-After`, capped.
+        retry_after: Option<Duration>,
+        /// Whether retrying can help (a refused address cannot).
+        retryable: bool,
+    },
+}
+
+/// Sends deliveries.
+#[derive(Clone)]
+pub struct Sender {
+    client: Client,
+    policy: Arc<Policy>,
+    max_response_bytes: usize,
+    max_retry_after: Duration,
+}
+
+impl Sender {
+    /// A sender with keep-alive pools, no redirects, no proxies, rustls.
+    pub fn new(settings: &DelivererSettings) -> Result<Self, reqwest::Error> {
+        install_crypto_provider();
+        let policy = Arc::new(Policy {
+            allowed: settings.allowed_networks.clone(),
+        });
+        let client = Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(settings.connect_timeout)
+            .timeout(settings.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(USER_AGENT)
+            .dns_resolver(Arc::new(GuardedResolver {
+                policy: policy.clone(),
+            }))
+            .build()?;
+        Ok(Self {
+            client,
+            policy,
+            max_response_bytes: settings.max_response_bytes,
+            max_retry_after: settings.max_retry_after,
+        })
+    }
+
+    /// POSTs `body` to `destination`. `event_id` and `event_type` come from
+    /// the delivery's headers; the body is sent as is.
+    pub async fn attempt(
+        &self,
+        destination: &Destination,
+        event_id: &str,
+        event_type: &str,
+        body: &[u8],
+    ) -> Outcome {
+        let failed = |error: String, retryable| Outcome::Failed {
+            status: None,
+            error,
+            retry_after: None,
+            retryable,
+        };
+        let url = match reqwest::Url::parse(destination.url.expose()) {
+            Ok(u) => u,
+            Err(e) => return failed(format!("destination URL does not parse: {e}"), false),
+        };
+        // IP literals never reach the resolver: check them here.
+        if let Some(host) = url.host() {
+            let literal = match host {
+                url::Host::Ipv4(a) => Some(std::net::IpAddr::V4(a)),
+                url::Host::Ipv6(a) => Some(std::net::IpAddr::V6(a)),
+                url::Host::Domain(_) => None,
+            };
+            if let Some(ip) = literal
+                && let Err(why) = self.policy.check(ip)
+            {
+                return failed(why, false);
+            }
+        }
+        let headers = match build_headers(destination, event_id, event_type, body) {
+            Ok(h) => h,
+            Err(e) => return failed(e, false),
+        };
+        let response = match self
+            .client
+            .post(url)
+            .headers(headers)
+            .body(body.to_vec())
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let refused = error_chain(&e).contains("refused to connect to");
+                return failed(describe(&e), !refused);
+            }
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| Duration::from_secs(s).min(self.max_retry_after));
+        // Read a bounded amount of the body, so the connection can be reused,
+        // and discard it.
+        let mut response = response;
+        let mut read = 0usize;
+        while read < self.max_response_bytes {
+            match response.chunk().await {
+                Ok(Some(chunk)) => read += chunk.len(),
+                _ => break,
+            }
+        }
+        if status.is_success() {
+            Outcome::Delivered(status.as_u16())
+        } else {
+            let what = if status.is_redirection() {
+                "redirect (not followed)"
+            } else {
+                "non-2xx response"
+            };
+            Outcome::Failed {
+                status: Some(status.as_u16()),
+                error: format!("{what}: {status}"),
+                retry_after,
+                retryable: true,
+            }
+        }
+    }
+}
+
+fn build_headers(
+    destination: &Destination,
+    event_id: &str,
+    event_type: &str,
+    body: &[u8],
+) -> Result<HeaderMap, String> {
+    let value = |v: &str| {
+        HeaderValue::from_str(v).map_err(|_| "a header value is not valid in HTTP".to_owned())
+    };
+    let mut h = HeaderMap::new();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for custom in destination.active_headers() {
+        let name = HeaderName::from_bytes(custom.name.expose().as_bytes()).map_err(|_| {
+            format!(
+                "header name {:?} is not valid in HTTP",
+                custom.name.expose()
+            )
+        })?;
+        let mut v = value(custom.value.expose())?;
+        v.set_sensitive(true);
+        h.insert(name, v);
+    }
+    let mut token = value(destination.verification_token.expose())?;
+    token.set_sensitive(true);
+    h.insert("x-gitlab-event-streaming-token", token);
+    h.insert("x-gitlab-audit-event-type", value(event_type)?);
+    if let Some(secret) = &destination.signing_secret {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        h.insert("webhook-id", value(event_id)?);
+        h.insert("webhook-timestamp", value(&now.to_string())?);
+        h.insert(
+            "webhook-signature",
+            value(&sign::signature(&[secret], event_id, now, body))?,
+        );
+    }
+    Ok(h)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A short, secret-free description of a transport error.
+fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect error"
+    } else if e.is_request() || e.is_body() {
+        "request error"
+    } else {
+        "transport error"
+    };
+    // reqwest errors carry the URL, which holds no secrets (credentials in
+    // URLs are refused); the chain names the cause.
+    format!("{kind}: {}", error_chain(e))
+}
+
+/// rustls needs one process-wide crypto provider; ring is the lean one.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

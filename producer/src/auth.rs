@@ -1,0 +1,141 @@
+//! Bearer tokens: stored as SHA-256 hashes, compared in constant time.
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::{AuthConfig, Right};
+
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token, or an unknown one: 401.
+    #[error("a valid bearer token is required")]
+    Unauthenticated,
+    /// A known token without the right: 403.
+    #[error("this token may not {0}")]
+    Forbidden(&'static str),
+}
+
+struct Token {
+    name: String,
+    hash: [u8; 32],
+    rights: Vec<Right>,
+}
+
+/// The configured tokens.
+pub struct Auth {
+    required: bool,
+    tokens: Vec<Token>,
+}
+
+impl Auth {
+    /// From configuration (already validated).
+    pub fn new(config: &AuthConfig) -> Self {
+        let tokens = config
+            .tokens
+            .iter()
+            .map(|t| {
+                let mut hash = [0u8; 32];
+                for (i, b) in hash.iter_mut().enumerate() {
+                    *b = u8::from_str_radix(&t.sha256[2 * i..2 * i + 2], 16).unwrap_or(0);
+                }
+                Token {
+                    name: t.name.clone(),
+                    hash,
+                    rights: t.rights.clone(),
+                }
+            })
+            .collect();
+        Self {
+            required: config.required,
+            tokens,
+        }
+    }
+
+    /// Checks an `Authorization` header value for `right`; returns the
+    /// token holder's name.
+    pub fn check(&self, authorization: Option<&str>, right: Right) -> Result<String, AuthError> {
+        let presented = authorization
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let Some(presented) = presented.filter(|p| !p.is_empty()) else {
+            return if self.required {
+                Err(AuthError::Unauthenticated)
+            } else {
+                Ok("anonymous".into())
+            };
+        };
+        let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        // Compare against every token so timing does not tell which matched.
+        let mut found: Option<&Token> = None;
+        for t in &self.tokens {
+            if bool::from(t.hash.ct_eq(&hash)) {
+                found = Some(t);
+            }
+        }
+        match found {
+            Some(t) if t.rights.contains(&right) => Ok(t.name.clone()),
+            Some(_) => Err(AuthError::Forbidden(match right {
+                Right::Publish => "publish events",
+                Right::Namespaces => "change namespaces",
+            })),
+            None => Err(AuthError::Unauthenticated),
+        }
+    }
+}
+
+/// The hex SHA-256 of a token, as configuration stores it.
+pub fn hash_token(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TokenConfig;
+
+    fn auth(required: bool) -> Auth {
+        Auth::new(&AuthConfig {
+            required,
+            tokens: vec![TokenConfig {
+                name: "svc".into(),
+                sha256: hash_token("s3cret-token"),
+                rights: vec![Right::Publish],
+            }],
+        })
+    }
+
+    #[test]
+    fn token_rules() {
+        let a = auth(true);
+        assert_eq!(
+            a.check(Some("Bearer s3cret-token"), Right::Publish),
+            Ok("svc".into())
+        );
+        assert_eq!(
+            a.check(Some("Bearer s3cret-token"), Right::Namespaces),
+            Err(AuthError::Forbidden("change namespaces"))
+        );
+        assert_eq!(
+            a.check(Some("Bearer wrong"), Right::Publish),
+            Err(AuthError::Unauthenticated)
+        );
+        assert_eq!(
+            a.check(Some("s3cret-token"), Right::Publish),
+            Err(AuthError::Unauthenticated)
+        );
+        assert_eq!(
+            a.check(None, Right::Publish),
+            Err(AuthError::Unauthenticated)
+        );
+        let open = auth(false);
+        assert_eq!(open.check(None, Right::Namespaces), Ok("anonymous".into()));
+        assert_eq!(
+            open.check(Some("Bearer wrong"), Right::Publish),
+            Err(AuthError::Unauthenticated)
+        );
+    }
+}

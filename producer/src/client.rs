@@ -1,0 +1,181 @@
+//! The publisher: validation, id minting, partitioning and the Kafka write,
+//! shared by the HTTP API and by services that link this crate to publish
+//! straight to Kafka.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), producer::PublishError> {
+//! use producer::Publisher;
+//! let kafka = service::config::KafkaConfig::default();
+//! let publisher = Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), std::time::Duration::from_secs(10))?;
+//! let body = br#"{"event_type":"audit_operation","entity_type":"Project","entity_id":6}"#;
+//! let id = publisher.publish(body).await?; // resolves once the broker acknowledged it
+//! println!("published {id}");
+//! # Ok(()) }
+//! ```
+
+use std::{sync::Arc, time::Duration};
+
+use proto::{
+    EventId, EventLimits, FieldError, PreparedEvent, Registry,
+    delivery::{H_EVENT_ID, H_EVENT_TYPE},
+    namespace::{NamespaceRecord, NamespaceRef},
+    topics::Topics,
+};
+use rdkafka::{
+    error::KafkaError,
+    producer::{FutureProducer, FutureRecord},
+};
+use service::config::KafkaConfig;
+
+/// Why a publish did not happen; the variant says what the caller does.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The input is wrong: fix it, do not retry.
+    #[error("invalid input: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldError>),
+    /// Kafka did not take it in time: retry later.
+    #[error("Kafka did not acknowledge the write: {0}")]
+    Unavailable(KafkaError),
+    /// The client could not be built: a configuration problem.
+    #[error("cannot create the Kafka producer: {0}")]
+    Setup(KafkaError),
+}
+
+/// Publishes events, namespace records and destination records to Kafka.
+#[derive(Clone)]
+pub struct Publisher {
+    producer: FutureProducer,
+    topics: Topics,
+    registry: Arc<Registry>,
+    limits: EventLimits,
+    timeout: Duration,
+}
+
+impl Publisher {
+    /// A publisher on `kafka`, validating against `registry`. `timeout`
+    /// bounds how long one write may wait for the broker.
+    pub fn new(
+        kafka: &KafkaConfig,
+        registry: Registry,
+        limits: EventLimits,
+        timeout: Duration,
+    ) -> Result<Self, PublishError> {
+        Ok(Self {
+            producer: service::kafka::producer(kafka, timeout).map_err(PublishError::Setup)?,
+            topics: Topics::new(kafka.topic_prefix.clone()),
+            registry: Arc::new(registry),
+            limits,
+            timeout,
+        })
+    }
+
+    /// The event-type registry in use.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The topics written to.
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    /// Validates and completes one event without publishing it.
+    pub fn prepare(&self, bytes: &[u8]) -> Result<PreparedEvent, Vec<FieldError>> {
+        proto::event::prepare(
+            bytes,
+            &self.registry,
+            &self.limits,
+            time::OffsetDateTime::now_utc(),
+        )
+    }
+
+    /// Writes a prepared event; resolves once the broker acknowledged it
+    /// (acks=all, idempotent producer).
+    pub async fn send(&self, event: &PreparedEvent) -> Result<(), PublishError> {
+        let id = event.id.to_string();
+        let headers = service::kafka::headers([
+            (H_EVENT_ID, id.as_bytes()),
+            (H_EVENT_TYPE, event.event_type.as_bytes()),
+        ]);
+        let topic = self.topics.events();
+        let key = event.partition_key();
+        let record = FutureRecord::to(&topic)
+            .key(&key)
+            .payload(&event.bytes)
+            .headers(headers);
+        self.write(record).await
+    }
+
+    /// Validates, completes and publishes one event.
+    pub async fn publish(&self, bytes: &[u8]) -> Result<EventId, PublishError> {
+        let event = self.prepare(bytes).map_err(PublishError::Invalid)?;
+        self.send(&event).await?;
+        Ok(event.id)
+    }
+
+    /// Writes (or, with `None`, deletes) a namespace record.
+    pub async fn put_namespace(
+        &self,
+        of: NamespaceRef,
+        record: Option<&NamespaceRecord>,
+    ) -> Result<(), PublishError> {
+        let payload = match record {
+            Some(r) => {
+                r.validate(of).map_err(|e| PublishError::Invalid(vec![e]))?;
+                Some(serde_json::to_vec(r).map_err(|e| {
+                    PublishError::Invalid(vec![FieldError::new("(record)", e.to_string())])
+                })?)
+            }
+            None => None,
+        };
+        let topic = self.topics.namespaces();
+        let key = of.to_string();
+        let mut record = FutureRecord::<String, Vec<u8>>::to(&topic).key(&key);
+        if let Some(p) = &payload {
+            record = record.payload(p);
+        }
+        self.write(record).await
+    }
+
+    /// Writes a destination record (validated by the caller).
+    pub async fn put_destination(
+        &self,
+        destination: &proto::destination::Destination,
+    ) -> Result<(), PublishError> {
+        let payload = serde_json::to_vec(destination).map_err(|e| {
+            PublishError::Invalid(vec![FieldError::new("(destination)", e.to_string())])
+        })?;
+        let topic = self.topics.destinations();
+        self.write(
+            FutureRecord::to(&topic)
+                .key(&destination.id)
+                .payload(&payload),
+        )
+        .await
+    }
+
+    async fn write<K, P>(&self, record: FutureRecord<'_, K, P>) -> Result<(), PublishError>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        // The queue wait and the delivery timeout together stay within twice
+        // `timeout`; the outer bound is a guard against a stuck client.
+        let send = self.producer.send(record, self.timeout);
+        match tokio::time::timeout(self.timeout * 3, send).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(PublishError::Unavailable(e)),
+            Err(_) => Err(PublishError::Unavailable(KafkaError::MessageProduction(
+                rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
+            ))),
+        }
+    }
+
+    /// Waits for queued writes, up to `deadline`.
+    pub fn flush(&self, deadline: Duration) {
+        use rdkafka::producer::Producer as _;
+        if let Err(e) = self.producer.flush(deadline) {
+            tracing::warn!(error = %e, "producer flush incomplete at shutdown");
+        }
+    }
+}

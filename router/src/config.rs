@@ -1,0 +1,67 @@
+//! The router's configuration.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use service::config::{
+    AdminConfig, ConfigError, KafkaConfig, ShutdownConfig, TelemetryConfig, duration,
+};
+
+/// Everything the router role reads at start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    /// Kafka client.
+    pub kafka: KafkaConfig,
+    /// Logging.
+    pub telemetry: TelemetryConfig,
+    /// Admin port.
+    pub admin: AdminConfig,
+    /// Shutdown.
+    pub shutdown: ShutdownConfig,
+    /// Routing.
+    pub router: RouterSettings,
+}
+
+/// Routing settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterSettings {
+    /// Consumer group; replicas in one group split the partitions.
+    pub group_id: String,
+    /// Consumer session timeout.
+    #[serde(with = "duration")]
+    pub session_timeout: Duration,
+    /// Most events being routed at once.
+    pub max_in_flight: usize,
+    /// Route event types that have no definition (to every destination
+    /// whose filters admit them) instead of dead-lettering them.
+    pub accept_unknown_types: bool,
+    /// A folder of extra event-type definitions.
+    pub types_dir: Option<PathBuf>,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        Self {
+            group_id: "auditstream-router".into(),
+            session_timeout: Duration::from_secs(10),
+            max_in_flight: 1000,
+            accept_unknown_types: false,
+            types_dir: None,
+        }
+    }
+}
+
+impl RouterConfig {
+    /// Checks the values before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.kafka.validate()?;
+        if self.router.group_id.is_empty() || self.router.max_in_flight == 0 {
+            return Err(ConfigError::Invalid(
+                "router.group_id must be set and router.max_in_flight above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
