@@ -30,10 +30,34 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run the reference receiver.
     Receiver(roles::ReceiverArgs),
+    /// Configuration of the roles.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Event-type definitions.
     Types {
         #[command(subcommand)]
         command: TypesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print a role's default configuration as TOML: every key, with its
+    /// default value (a starting point for a config file).
+    Defaults {
+        /// producer, router or deliverer.
+        #[arg(value_parser = ["producer", "router", "deliverer"])]
+        role: String,
+    },
+    /// Load a role's configuration (file and environment) and validate it.
+    Check {
+        /// producer, router or deliverer.
+        #[arg(value_parser = ["producer", "router", "deliverer"])]
+        role: String,
+        #[command(flatten)]
+        args: roles::RoleArgs,
     },
 }
 
@@ -68,6 +92,12 @@ fn main() -> ExitCode {
             Command::Types {
                 command: TypesCommand::Validate { dir },
             } => roles::validate_types(&dir),
+            Command::Config {
+                command: ConfigCommand::Defaults { role },
+            } => roles::print_defaults(&role),
+            Command::Config {
+                command: ConfigCommand::Check { role, args },
+            } => roles::check_config(&role, &args),
         }
     })
 }

@@ -208,3 +208,47 @@ pub fn validate_types(dir: &std::path::Path) -> ExitCode {
         }
     }
 }
+
+fn defaults_toml<T: Serialize + Default>() -> Result<String, String> {
+    toml::to_string_pretty(&T::default()).map_err(|e| e.to_string())
+}
+
+/// `auditstream config defaults ROLE`.
+pub fn print_defaults(role: &str) -> ExitCode {
+    let text = match role {
+        "producer" => defaults_toml::<producer::ProducerConfig>(),
+        "router" => defaults_toml::<router::RouterConfig>(),
+        _ => defaults_toml::<deliverer::DelivererConfig>(),
+    };
+    match text {
+        Ok(t) => {
+            println!(
+                "# auditstream {role}: defaults. Environment: AUDITSTREAM_<SECTION>__<KEY>.\n{t}"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `auditstream config check ROLE`.
+pub fn check_config(role: &str, args: &RoleArgs) -> ExitCode {
+    let result = match role {
+        "producer" => {
+            load::<producer::ProducerConfig>(args, producer::ProducerConfig::validate).map(|_| ())
+        }
+        "router" => load::<router::RouterConfig>(args, router::RouterConfig::validate).map(|_| ()),
+        _ => load::<deliverer::DelivererConfig>(args, deliverer::DelivererConfig::validate)
+            .map(|_| ()),
+    };
+    match result {
+        Ok(()) => {
+            println!("{role} configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}

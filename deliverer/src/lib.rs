@@ -3,9 +3,9 @@
 //! the dead-letter topic with its full attempt history.
 //!
 //! # Layout
-//! - [`config`]: the role's typed configuration.
-//! - [`http`]: one attempt, and the connect-time address guard.
-//! - [`metrics`]: `auditstream_deliverer_*`.
+//! - [`config`] — the role's typed configuration.
+//! - [`http`] — one attempt, and the connect-time address guard.
+//! - [`metrics`] — `auditstream_deliverer_*`.
 //!
 //! A delivery's offset counts as finished only once it was delivered,
 //! written to the next retry topic, or dead-lettered, and Kafka

@@ -50,45 +50,71 @@ impl AppState {
     }
 }
 
-/// A JSON error response.
-pub fn error(status: StatusCode, code: &str, message: impl Into<String>, extra: Value) -> Response {
-    let mut body = json!({ "code": code, "message": message.into() });
-    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
-        b.extend(e);
-    }
-    (status, Json(json!({ "error": body }))).into_response()
+/// An error answer: `{"error": {"code", "message", …extra}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Value,
 }
 
-fn unavailable(message: impl Into<String>, extra: Value) -> Response {
-    let mut r = error(
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "code": self.code, "message": self.message });
+        if let (Value::Object(b), Value::Object(e)) = (&mut body, self.extra) {
+            b.extend(e);
+        }
+        let mut r = (self.status, Json(json!({ "error": body }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+/// An error answer with `status` and a machine-readable `code`.
+pub fn error(
+    status: StatusCode,
+    code: &'static str,
+    message: impl Into<String>,
+    extra: Value,
+) -> ApiError {
+    ApiError {
+        status,
+        code,
+        message: message.into(),
+        extra,
+    }
+}
+
+fn unavailable(message: impl Into<String>, extra: Value) -> ApiError {
+    error(
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
         message,
         extra,
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-    r
+    )
 }
 
-impl IntoResponse for AuthError {
-    fn into_response(self) -> Response {
-        match self {
-            Self::Unauthenticated => {
-                let mut r = error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthenticated",
-                    self.to_string(),
-                    Value::Null,
-                );
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                r
-            }
-            Self::Forbidden(_) => error(
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unauthenticated => error(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                e.to_string(),
+                Value::Null,
+            ),
+            AuthError::Forbidden(_) => error(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                self.to_string(),
+                e.to_string(),
                 Value::Null,
             ),
         }
@@ -129,7 +155,7 @@ fn authorize(state: &AppState, headers: &HeaderMap, right: Right) -> Result<Stri
     state.auth.check(value, right)
 }
 
-async fn read_body(state: &AppState, body: Body) -> Result<Bytes, Response> {
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     let limit = state.config.max_request_bytes;
     axum::body::to_bytes(body, limit).await.map_err(|_| {
         error(
@@ -143,7 +169,7 @@ async fn read_body(state: &AppState, body: Body) -> Result<Bytes, Response> {
 
 /// Splits a body into event texts: NDJSON (one per line), a JSON array, or
 /// one object.
-fn split_events<'a>(body: &'a [u8], ndjson: bool) -> Result<Vec<&'a [u8]>, Response> {
+fn split_events(body: &[u8], ndjson: bool) -> Result<Vec<&[u8]>, ApiError> {
     let bad = |m: String| error(StatusCode::BAD_REQUEST, "invalid_json", m, Value::Null);
     if ndjson {
         return Ok(body
@@ -164,48 +190,49 @@ fn split_events<'a>(body: &'a [u8], ndjson: bool) -> Result<Vec<&'a [u8]>, Respo
 
 async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    let response = publish_events(&state, &headers, body).await;
+    let response = publish_events(&state, &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
     state
         .metrics
         .observe_request("events", response.status().as_u16(), started.elapsed());
     response
 }
 
-async fn publish_events(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
+async fn publish_events(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let Ok(_permit) = state.in_flight.try_acquire() else {
-        return unavailable("too many requests in flight; retry shortly", Value::Null);
+        return Err(unavailable(
+            "too many requests in flight; retry shortly",
+            Value::Null,
+        ));
     };
-    if let Err(e) = authorize(state, headers, Right::Publish) {
-        return e.into_response();
-    }
-    let body = match read_body(state, body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    authorize(state, headers, Right::Publish)?;
+    let body = read_body(state, body).await?;
     let ndjson = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-ndjson"));
-    let texts = match split_events(&body, ndjson) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
+    let texts = split_events(&body, ndjson)?;
     let max = state.config.max_events;
     if texts.is_empty() {
-        return error(
+        return Err(error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "no_events",
             "the request holds no events",
             Value::Null,
-        );
+        ));
     }
     if texts.len() > max {
-        return error(
+        return Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_many_events",
             format!("the request holds {} events, more than {max}", texts.len()),
             Value::Null,
-        );
+        ));
     }
 
     let mut prepared: Vec<PreparedEvent> = Vec::with_capacity(texts.len());
@@ -220,7 +247,7 @@ async fn publish_events(state: &AppState, headers: &HeaderMap, body: Body) -> Re
         state.metrics.events("invalid", invalid.len());
         // All or nothing: a request with any invalid event publishes none,
         // so a publisher can fix and resend the whole request.
-        return error(
+        return Err(error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_events",
             format!(
@@ -229,7 +256,7 @@ async fn publish_events(state: &AppState, headers: &HeaderMap, body: Body) -> Re
                 texts.len()
             ),
             json!({ "events": invalid }),
-        );
+        ));
     }
 
     let produce_started = Instant::now();
@@ -248,20 +275,20 @@ async fn publish_events(state: &AppState, headers: &HeaderMap, body: Body) -> Re
     }
     state.metrics.events("accepted", accepted.len());
     if failed.is_empty() {
-        return (StatusCode::ACCEPTED, Json(json!({ "ids": accepted }))).into_response();
+        return Ok((StatusCode::ACCEPTED, Json(json!({ "ids": accepted }))).into_response());
     }
     state.metrics.events("unavailable", failed.len());
-    unavailable(
+    Err(unavailable(
         format!(
             "Kafka did not acknowledge {} of {} events; resend those",
             failed.len(),
             prepared.len()
         ),
         json!({ "accepted_ids": accepted, "failed_indexes": failed }),
-    )
+    ))
 }
 
-fn namespace_ref(kind: &str, id: &str) -> Result<NamespaceRef, Response> {
+fn namespace_ref(kind: &str, id: &str) -> Result<NamespaceRef, ApiError> {
     let bad = |m: String| error(StatusCode::NOT_FOUND, "not_found", m, Value::Null);
     let kind: NamespaceKind = kind.parse().map_err(bad)?;
     let id: i64 = id
@@ -270,7 +297,7 @@ fn namespace_ref(kind: &str, id: &str) -> Result<NamespaceRef, Response> {
     Ok(NamespaceRef { kind, id })
 }
 
-fn publish_failure(e: PublishError) -> Response {
+fn publish_failure(e: PublishError) -> ApiError {
     match e {
         PublishError::Invalid(errors) => error(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -290,55 +317,43 @@ async fn put_namespace(
     Path((kind, id)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    if let Err(e) = authorize(&state, &headers, Right::Namespaces) {
-        return e.into_response();
-    }
-    let of = match namespace_ref(&kind, &id) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let body = match read_body(&state, body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let record: NamespaceRecord = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid",
-                "the body is not a namespace record",
-                json!({ "errors": [FieldError::new("(body)", e.to_string())] }),
-            );
-        }
-    };
-    match state.publisher.put_namespace(of, Some(&record)).await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(json!({ "key": of.to_string(), "record": record })),
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Right::Namespaces)?;
+    let of = namespace_ref(&kind, &id)?;
+    let body = read_body(&state, body).await?;
+    let record: NamespaceRecord = serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "the body is not a namespace record",
+            json!({ "errors": [FieldError::new("(body)", e.to_string())] }),
         )
-            .into_response(),
-        Err(e) => publish_failure(e),
-    }
+    })?;
+    state
+        .publisher
+        .put_namespace(of, Some(&record))
+        .await
+        .map_err(publish_failure)?;
+    Ok((
+        StatusCode::OK,
+        Json(json!({ "key": of.to_string(), "record": record })),
+    )
+        .into_response())
 }
 
 async fn delete_namespace(
     State(state): State<AppState>,
     Path((kind, id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(e) = authorize(&state, &headers, Right::Namespaces) {
-        return e.into_response();
-    }
-    let of = match namespace_ref(&kind, &id) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    match state.publisher.put_namespace(of, None).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => publish_failure(e),
-    }
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Right::Namespaces)?;
+    let of = namespace_ref(&kind, &id)?;
+    state
+        .publisher
+        .put_namespace(of, None)
+        .await
+        .map_err(publish_failure)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[cfg(test)]
@@ -360,7 +375,7 @@ mod tests {
             vec![&b"{\"a\":1}"[..], &b"{\"b\":2}"[..]]
         );
         assert_eq!(
-            split_events(b"[1,", false).unwrap_err().status(),
+            split_events(b"[1,", false).unwrap_err().status,
             StatusCode::BAD_REQUEST
         );
     }

@@ -3,11 +3,11 @@
 //! ([`Publisher`]) services link to publish straight to Kafka.
 //!
 //! # Layout
-//! - [`config`]: the role's typed configuration.
-//! - [`client`]: validation, id minting, partitioning, the Kafka write.
-//! - [`api`]: the HTTP API.
-//! - [`auth`]: bearer tokens, hashed, compared in constant time.
-//! - [`metrics`]: `auditstream_producer_*`.
+//! - [`config`] — the role's typed configuration.
+//! - [`client`] — validation, id minting, partitioning, the Kafka write.
+//! - [`api`] — the HTTP API.
+//! - [`auth`] — bearer tokens, hashed, compared in constant time.
+//! - [`metrics`] — `auditstream_producer_*`.
 
 pub mod api;
 pub mod auth;

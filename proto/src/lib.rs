@@ -1,15 +1,15 @@
 //! The contracts of auditstream: pure data and validation, no I/O runtime.
 //!
 //! # Layout
-//! - [`event`]: the audit event (SPEC §1), validated and completed without
+//! - [`event`] — the audit event (SPEC §1), validated and completed without
 //!   changing the bytes a publisher sent.
-//! - [`event_type`]: event-type definitions and their registry (SPEC §3).
-//! - [`namespace`]: the namespace tree records (SPEC §4).
-//! - [`destination`]: destination configuration and its rules (SPEC §5).
-//! - [`delivery`]: the delivery envelope carried in Kafka headers.
-//! - [`signature`]: Standard Webhooks v1 signing and verification.
-//! - [`netguard`]: which addresses destinations may reach.
-//! - [`topics`]: topic names.
+//! - [`event_type`] — event-type definitions and their registry (SPEC §3).
+//! - [`namespace`] — the namespace tree records (SPEC §4).
+//! - [`destination`] — destination configuration and its rules (SPEC §5).
+//! - [`delivery`] — the delivery envelope carried in Kafka headers.
+//! - [`signature`] — Standard Webhooks v1 signing and verification.
+//! - [`netguard`] — which addresses destinations may reach.
+//! - [`topics`] — topic names.
 
 pub mod delivery;
 pub mod destination;

@@ -225,17 +225,29 @@ async fn take(
             .ok()
             .filter(|t| !t.contains(['\n', '\r']))
             .and_then(|t| serde_json::value::RawValue::from_string(t.to_owned()).ok());
-        let body_value = match (exact, &event) {
-            (Some(raw), _) => serde_json::to_value(raw).unwrap_or(Value::Null),
-            (None, Some(v)) => v.clone(),
-            (None, None) => Value::String(String::from_utf8_lossy(&body).into_owned()),
+        let fallback = || {
+            let v = event
+                .clone()
+                .unwrap_or_else(|| Value::String(String::from_utf8_lossy(&body).into_owned()));
+            serde_json::value::to_raw_value(&v).ok()
         };
-        let line = json!({
-            "path": uri.path(),
-            "headers": header_list.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
-            "body": body_value,
-            "accepted": accepted,
-        });
+        #[derive(Serialize)]
+        struct LogLine<'a> {
+            path: &'a str,
+            headers: std::collections::BTreeMap<&'a str, &'a str>,
+            body: Option<Box<serde_json::value::RawValue>>,
+            accepted: bool,
+        }
+        let line = LogLine {
+            path: uri.path(),
+            headers: header_list
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            body: exact.or_else(fallback),
+            accepted,
+        };
+        let line = serde_json::to_string(&line).unwrap_or_default();
         let mut f = log.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = writeln!(f, "{line}") {
             tracing::warn!(error = %e, "cannot write receiver log");

@@ -2,10 +2,10 @@
 //! the namespace tree, and writes one delivery per (event, destination).
 //!
 //! # Layout
-//! - [`config`]: the role's typed configuration.
-//! - [`tree`]: the namespace table and root-ancestor resolution.
-//! - [`route`]: the per-event decision (SPEC §4).
-//! - [`metrics`]: `auditstream_router_*`.
+//! - [`config`] — the role's typed configuration.
+//! - [`tree`] — the namespace table and root-ancestor resolution.
+//! - [`route`] — the per-event decision (SPEC §4).
+//! - [`metrics`] — `auditstream_router_*`.
 //!
 //! An input offset is stored only after every delivery produced for it was
 //! acknowledged by Kafka (or the event was dead-lettered), through the

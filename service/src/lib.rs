@@ -3,12 +3,12 @@
 //! settings and the offset watermark that keeps consumers at-least-once.
 //!
 //! # Layout
-//! - [`config`]: defaults → file → `AUDITSTREAM_*` environment, validated.
-//! - [`telemetry`]: build a `tracing` subscriber, then install it.
-//! - [`admin`]: `/live`, `/ready`, `/metrics` on the admin port.
-//! - [`shutdown`]: SIGTERM/SIGINT, and the signal passed into `run`.
-//! - [`kafka`]: client settings, topic creation, the embedded mock cluster.
-//! - [`offsets`]: per-partition contiguous watermarks.
+//! - [`config`] — defaults → file → `AUDITSTREAM_*` environment, validated.
+//! - [`telemetry`] — build a `tracing` subscriber, then install it.
+//! - [`admin`] — `/live`, `/ready`, `/metrics` on the admin port.
+//! - [`shutdown`] — SIGTERM/SIGINT, and the signal passed into `run`.
+//! - [`kafka`] — client settings, topic creation, the embedded mock cluster.
+//! - [`offsets`] — per-partition contiguous watermarks.
 
 pub mod admin;
 pub mod config;
