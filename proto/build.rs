@@ -32,7 +32,6 @@ fn main() {
         writeln!(out, "    (\"{name}.yml\", include_str!({:?})),", abs).expect("write to string");
     }
     out.push_str("];\n");
-    let dest =
-        Path::new(&env::var("OUT_DIR").expect("OUT_DIR set by cargo")).join("event_types.rs");
+    let dest = Path::new(&env::var("OUT_DIR").expect("OUT_DIR set by cargo")).join("event_types.rs");
     fs::write(dest, out).expect("write generated event types");
 }

@@ -7,8 +7,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use proto::{
     destination::{
-        Category, Destination, DestinationName, DestinationUrl, EventTypeFilter, Owner,
-        SigningSecret, VerificationToken,
+        Category, Destination, DestinationName, DestinationUrl, EventTypeFilter, Owner, SigningSecret,
+        VerificationToken,
     },
     namespace::{NamespaceRecord, NamespaceRef},
     topics::Topics,
@@ -51,42 +51,22 @@ pub const INSTANCE_TOKEN: &str = "dev-instance-token-00002";
 pub const GROUP_SECRET: &str = "whsec_ZGV2LW1vZGUtc2lnbmluZy1rZXktbm90LWEtc2VjcmV0";
 
 fn demo_tree() -> Vec<(NamespaceRef, NamespaceRecord)> {
-    let rec = |parent: Option<NamespaceRef>, path: &str| NamespaceRecord {
-        parent,
-        full_path: path.into(),
-    };
+    let rec = |parent: Option<NamespaceRef>, path: &str| NamespaceRecord { parent, full_path: path.into() };
     vec![
         (NamespaceRef::group(1), rec(None, "example-group")),
-        (
-            NamespaceRef::group(2),
-            rec(Some(NamespaceRef::group(1)), "example-group/platform"),
-        ),
-        (
-            NamespaceRef::project(24),
-            rec(
-                Some(NamespaceRef::group(1)),
-                "example-group/example-project",
-            ),
-        ),
-        (
-            NamespaceRef::project(29),
-            rec(Some(NamespaceRef::group(2)), "example-group/platform/api"),
-        ),
+        (NamespaceRef::group(2), rec(Some(NamespaceRef::group(1)), "example-group/platform")),
+        (NamespaceRef::project(24), rec(Some(NamespaceRef::group(1)), "example-group/example-project")),
+        (NamespaceRef::project(29), rec(Some(NamespaceRef::group(2)), "example-group/platform/api")),
         (NamespaceRef::user(50), rec(None, "root")),
         (
             NamespaceRef::project(174),
-            rec(
-                Some(NamespaceRef::user(50)),
-                "root/test-pipelines-disabled-audit-events-security-policy-project",
-            ),
+            rec(Some(NamespaceRef::user(50)), "root/test-pipelines-disabled-audit-events-security-policy-project"),
         ),
     ]
 }
 
 fn demo_destinations(receiver: SocketAddr) -> anyhow::Result<Vec<Destination>> {
-    let url = |path: &str| {
-        DestinationUrl::new(format!("http://{receiver}/{path}")).map_err(anyhow::Error::msg)
-    };
+    let url = |path: &str| DestinationUrl::new(format!("http://{receiver}/{path}")).map_err(anyhow::Error::msg);
     Ok(vec![
         Destination {
             id: "dev-group-siem".into(),
@@ -107,8 +87,7 @@ fn demo_destinations(receiver: SocketAddr) -> anyhow::Result<Vec<Destination>> {
             name: DestinationName::new("instance log store").map_err(anyhow::Error::msg)?,
             category: Category::Http,
             url: url("instance")?,
-            verification_token: VerificationToken::new(INSTANCE_TOKEN)
-                .map_err(anyhow::Error::msg)?,
+            verification_token: VerificationToken::new(INSTANCE_TOKEN).map_err(anyhow::Error::msg)?,
             signing_secret: None,
             headers: Vec::new(),
             event_type_filters: EventTypeFilter::default(),
@@ -120,10 +99,7 @@ fn demo_destinations(receiver: SocketAddr) -> anyhow::Result<Vec<Destination>> {
 
 /// `auditstream dev`.
 pub async fn run(args: DevArgs) -> ExitCode {
-    telemetry::init(&TelemetryConfig {
-        format: LogFormat::Pretty,
-        filter: "info,rdkafka=warn,librdkafka=warn".into(),
-    });
+    telemetry::init(&TelemetryConfig { format: LogFormat::Pretty, filter: "info,rdkafka=warn,librdkafka=warn".into() });
     match start(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -134,17 +110,13 @@ pub async fn run(args: DevArgs) -> ExitCode {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot listen for the {what} on {addr} (choose another with its flag)")
-    })
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for the {what} on {addr} (choose another with its flag)"))
 }
 
 fn reachable(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    }
+    if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr }
 }
 
 async fn start(args: DevArgs) -> anyhow::Result<()> {
@@ -156,20 +128,16 @@ async fn start(args: DevArgs) -> anyhow::Result<()> {
     let api_addr = reachable(api.local_addr()?);
     let admin_addr = reachable(admin_listener.local_addr()?);
 
-    let rungs = deliverer::config::DelivererSettings::default()
-        .retry_delays
-        .len();
+    let rungs = deliverer::config::DelivererSettings::default().retry_delays.len();
     let topics = Topics::new(args.topic_prefix.clone());
     // The mock cluster lives as long as this function: everything runs inside.
     let mock;
     let (brokers, embedded) = match &args.brokers {
         Some(b) => (b.clone(), false),
         None => {
-            mock = rdkafka::mocking::MockCluster::new(1)
-                .context("starting the embedded mock cluster")?;
+            mock = rdkafka::mocking::MockCluster::new(1).context("starting the embedded mock cluster")?;
             for (topic, _) in topics.all(rungs) {
-                mock.create_topic(&topic, 4, 1)
-                    .context("creating a topic on the mock cluster")?;
+                mock.create_topic(&topic, 4, 1).context("creating a topic on the mock cluster")?;
             }
             (mock.bootstrap_servers(), true)
         }
@@ -181,9 +149,7 @@ async fn start(args: DevArgs) -> anyhow::Result<()> {
         ..KafkaConfig::default()
     };
     if !embedded {
-        service::kafka::ensure_topics(&kafka, &topics.all(rungs))
-            .await
-            .context("creating topics")?;
+        service::kafka::ensure_topics(&kafka, &topics.all(rungs)).await.context("creating topics")?;
     }
 
     let admin = Admin::default();
@@ -200,11 +166,7 @@ async fn start(args: DevArgs) -> anyhow::Result<()> {
             token: GROUP_TOKEN.into(),
             secret: Some(SigningSecret::new(GROUP_SECRET).map_err(anyhow::Error::msg)?),
         },
-        receiver::Expected {
-            name: "instance log store".into(),
-            token: INSTANCE_TOKEN.into(),
-            secret: None,
-        },
+        receiver::Expected { name: "instance log store".into(), token: INSTANCE_TOKEN.into(), secret: None },
     ];
     let receiver = receiver::Receiver::new(receiver::ReceiverConfig {
         expected,
@@ -213,86 +175,43 @@ async fn start(args: DevArgs) -> anyhow::Result<()> {
     })
     .context("opening --receiver-log")?;
     let mut stop = shutdown.clone();
-    let receiver_task = tokio::spawn(
-        receiver
-            .clone()
-            .serve(receiver_listener, async move { stop.wait().await }),
-    );
+    let receiver_task = tokio::spawn(receiver.clone().serve(receiver_listener, async move { stop.wait().await }));
 
     // Seed the demo tree and destinations before the router starts, so its
     // tables hold them when it reports ready.
-    let seeder = producer::Publisher::new(
-        &kafka,
-        proto::Registry::embedded(),
-        Default::default(),
-        Duration::from_secs(10),
-    )?;
+    let seeder =
+        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))?;
     for (of, record) in demo_tree() {
-        seeder
-            .put_namespace(of, Some(&record))
-            .await
-            .context("seeding the demo namespace tree")?;
+        seeder.put_namespace(of, Some(&record)).await.context("seeding the demo namespace tree")?;
     }
     for d in demo_destinations(receiver_addr)? {
-        seeder
-            .put_destination(&d)
-            .await
-            .context("seeding the demo destinations")?;
+        seeder.put_destination(&d).await.context("seeding the demo destinations")?;
     }
 
-    let dev_telemetry = TelemetryConfig {
-        format: LogFormat::Pretty,
-        filter: String::new(),
-    };
-    let mut producer_cfg = producer::ProducerConfig {
-        kafka: kafka.clone(),
-        telemetry: dev_telemetry.clone(),
-        ..Default::default()
-    };
+    let dev_telemetry = TelemetryConfig { format: LogFormat::Pretty, filter: String::new() };
+    let mut producer_cfg =
+        producer::ProducerConfig { kafka: kafka.clone(), telemetry: dev_telemetry.clone(), ..Default::default() };
     producer_cfg.auth.required = false;
     producer_cfg.api.listen = api_addr;
-    let mut router_cfg = router::RouterConfig {
-        kafka: kafka.clone(),
-        telemetry: dev_telemetry.clone(),
-        ..Default::default()
-    };
+    let mut router_cfg =
+        router::RouterConfig { kafka: kafka.clone(), telemetry: dev_telemetry.clone(), ..Default::default() };
     router_cfg.router.session_timeout = Duration::from_secs(6);
-    let mut deliverer_cfg = deliverer::DelivererConfig {
-        kafka: kafka.clone(),
-        telemetry: dev_telemetry,
-        ..Default::default()
-    };
+    let mut deliverer_cfg =
+        deliverer::DelivererConfig { kafka: kafka.clone(), telemetry: dev_telemetry, ..Default::default() };
     deliverer_cfg.deliverer.session_timeout = Duration::from_secs(6);
-    deliverer_cfg.deliverer.allowed_networks = vec![
-        "127.0.0.0/8".parse().map_err(anyhow::Error::msg)?,
-        "::1/128".parse().map_err(anyhow::Error::msg)?,
-    ];
+    deliverer_cfg.deliverer.allowed_networks =
+        vec!["127.0.0.0/8".parse().map_err(anyhow::Error::msg)?, "::1/128".parse().map_err(anyhow::Error::msg)?];
 
     let admin_task = tokio::spawn(admin.clone().serve(admin_listener, shutdown.clone()));
-    let mut producer_task = tokio::spawn(producer::run(
-        producer_cfg,
-        admin.clone(),
-        api,
-        shutdown.clone(),
-    ));
+    let mut producer_task = tokio::spawn(producer::run(producer_cfg, admin.clone(), api, shutdown.clone()));
     let mut router_task = tokio::spawn(router::run(router_cfg, admin.clone(), shutdown.clone()));
-    let mut deliverer_task = tokio::spawn(deliverer::run(
-        deliverer_cfg,
-        admin.clone(),
-        shutdown.clone(),
-    ));
+    let mut deliverer_task = tokio::spawn(deliverer::run(deliverer_cfg, admin.clone(), shutdown.clone()));
 
-    let broker_text = if embedded {
-        format!("embedded mock cluster ({brokers})")
-    } else {
-        brokers.clone()
-    };
+    let broker_text = if embedded { format!("embedded mock cluster ({brokers})") } else { brokers.clone() };
     let log_text = args
         .receiver_log
         .as_ref()
-        .map_or(String::from("not written (use --receiver-log FILE)"), |p| {
-            p.display().to_string()
-        });
+        .map_or(String::from("not written (use --receiver-log FILE)"), |p| p.display().to_string());
     println!(
         r#"
 auditstream dev is starting
@@ -321,10 +240,7 @@ Each delivery the receiver takes is printed below as one line. Ctrl-C stops.
         r = &mut deliverer_task => Some(format!("deliverer stopped: {r:?}")),
     };
     let stats = receiver.stats();
-    println!(
-        "receiver: {} unique, {} duplicates, {} rejected",
-        stats.unique, stats.duplicates, stats.rejected
-    );
+    println!("receiver: {} unique, {} duplicates, {} rejected", stats.unique, stats.duplicates, stats.rejected);
     drop(admin_task);
     drop(receiver_task);
     match failed {

@@ -72,10 +72,7 @@ enum TypesCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -89,15 +86,9 @@ fn main() -> ExitCode {
             Command::Deliverer(args) => roles::deliverer(args).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Receiver(args) => roles::receiver(args).await,
-            Command::Types {
-                command: TypesCommand::Validate { dir },
-            } => roles::validate_types(&dir),
-            Command::Config {
-                command: ConfigCommand::Defaults { role },
-            } => roles::print_defaults(&role),
-            Command::Config {
-                command: ConfigCommand::Check { role, args },
-            } => roles::check_config(&role, &args),
+            Command::Types { command: TypesCommand::Validate { dir } } => roles::validate_types(&dir),
+            Command::Config { command: ConfigCommand::Defaults { role } } => roles::print_defaults(&role),
+            Command::Config { command: ConfigCommand::Check { role, args } } => roles::check_config(&role, &args),
         }
     })
 }

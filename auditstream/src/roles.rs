@@ -23,8 +23,8 @@ fn load<T: Serialize + DeserializeOwned + Default>(
     args: &RoleArgs,
     validate: impl Fn(&T) -> Result<(), ConfigError>,
 ) -> Result<T, ExitCode> {
-    let loaded = config::load::<T>(args.config.as_deref(), config::process_env())
-        .and_then(|c| validate(&c).map(|()| c));
+    let loaded =
+        config::load::<T>(args.config.as_deref(), config::process_env()).and_then(|c| validate(&c).map(|()| c));
     loaded.map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(EXIT_CONFIG)
@@ -46,9 +46,7 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
 async fn start_admin(listen: SocketAddr) -> anyhow::Result<(Admin, service::Shutdown)> {
     let admin = Admin::default();
     let shutdown = shutdown::on_signal();
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding the admin port {listen}"))?;
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding the admin port {listen}"))?;
     tracing::info!(addr = %listener.local_addr()?, "admin server listening");
     tokio::spawn(admin.clone().serve(listener, shutdown.clone()));
     Ok((admin, shutdown))
@@ -93,8 +91,7 @@ pub async fn router(args: RoleArgs) -> ExitCode {
 
 /// `auditstream deliverer`.
 pub async fn deliverer(args: RoleArgs) -> ExitCode {
-    let cfg = match load::<deliverer::DelivererConfig>(&args, deliverer::DelivererConfig::validate)
-    {
+    let cfg = match load::<deliverer::DelivererConfig>(&args, deliverer::DelivererConfig::validate) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -134,11 +131,7 @@ pub async fn receiver(args: ReceiverArgs) -> ExitCode {
             eprintln!("error: --expect takes NAME=TOKEN, got {e:?}");
             return ExitCode::from(EXIT_CONFIG);
         };
-        expected.push(receiver::Expected {
-            name: name.into(),
-            token: token.into(),
-            secret: None,
-        });
+        expected.push(receiver::Expected { name: name.into(), token: token.into(), secret: None });
     }
     for s in &args.secrets {
         let parsed = s.split_once('=').and_then(|(name, secret)| {
@@ -157,31 +150,18 @@ pub async fn receiver(args: ReceiverArgs) -> ExitCode {
             }
         }
     }
-    telemetry::init(&config::TelemetryConfig {
-        format: config::LogFormat::Pretty,
-        filter: "info".into(),
-    });
+    telemetry::init(&config::TelemetryConfig { format: config::LogFormat::Pretty, filter: "info".into() });
     finish(
         async {
-            let r = receiver::Receiver::new(receiver::ReceiverConfig {
-                expected,
-                log_file: args.log.clone(),
-                print: true,
-            })
-            .context("opening the receiver log")?;
-            let listener = TcpListener::bind(args.listen)
-                .await
-                .with_context(|| format!("binding {}", args.listen))?;
+            let r =
+                receiver::Receiver::new(receiver::ReceiverConfig { expected, log_file: args.log.clone(), print: true })
+                    .context("opening the receiver log")?;
+            let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
             println!("receiver listening on http://{}", listener.local_addr()?);
             let mut stop = shutdown::on_signal();
-            r.clone()
-                .serve(listener, async move { stop.wait().await })
-                .await?;
+            r.clone().serve(listener, async move { stop.wait().await }).await?;
             let s = r.stats();
-            println!(
-                "receiver stopped: {} unique, {} duplicates, {} rejected",
-                s.unique, s.duplicates, s.rejected
-            );
+            println!("receiver stopped: {} unique, {} duplicates, {} rejected", s.unique, s.duplicates, s.rejected);
             Ok(())
         }
         .await,
@@ -192,11 +172,7 @@ pub async fn receiver(args: ReceiverArgs) -> ExitCode {
 pub fn validate_types(dir: &std::path::Path) -> ExitCode {
     match proto::Registry::load_dir(dir) {
         Ok(r) => {
-            println!(
-                "{} event type definitions valid in {}",
-                r.len(),
-                dir.display()
-            );
+            println!("{} event type definitions valid in {}", r.len(), dir.display());
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -222,9 +198,7 @@ pub fn print_defaults(role: &str) -> ExitCode {
     };
     match text {
         Ok(t) => {
-            println!(
-                "# auditstream {role}: defaults. Environment: AUDITSTREAM_<SECTION>__<KEY>.\n{t}"
-            );
+            println!("# auditstream {role}: defaults. Environment: AUDITSTREAM_<SECTION>__<KEY>.\n{t}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -237,12 +211,9 @@ pub fn print_defaults(role: &str) -> ExitCode {
 /// `auditstream config check ROLE`.
 pub fn check_config(role: &str, args: &RoleArgs) -> ExitCode {
     let result = match role {
-        "producer" => {
-            load::<producer::ProducerConfig>(args, producer::ProducerConfig::validate).map(|_| ())
-        }
+        "producer" => load::<producer::ProducerConfig>(args, producer::ProducerConfig::validate).map(|_| ()),
         "router" => load::<router::RouterConfig>(args, router::RouterConfig::validate).map(|_| ()),
-        _ => load::<deliverer::DelivererConfig>(args, deliverer::DelivererConfig::validate)
-            .map(|_| ()),
+        _ => load::<deliverer::DelivererConfig>(args, deliverer::DelivererConfig::validate).map(|_| ()),
     };
     match result {
         Ok(()) => {

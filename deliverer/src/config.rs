@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use proto::netguard::Network;
 use serde::{Deserialize, Serialize};
-use service::config::{
-    AdminConfig, ConfigError, KafkaConfig, ShutdownConfig, TelemetryConfig, duration, durations,
-};
+use service::config::{AdminConfig, ConfigError, KafkaConfig, ShutdownConfig, TelemetryConfig, duration, durations};
 
 /// Everything the deliverer role reads at start.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -73,15 +71,7 @@ impl Default for DelivererSettings {
             quick_retries: 2,
             quick_retry_delay: Duration::from_millis(500),
             // 10 s, 1 min, 10 min, 1 h, 4 h, 12 h, 12 h: about 29 hours.
-            retry_delays: vec![
-                Duration::from_secs(10),
-                m(1),
-                m(10),
-                m(60),
-                m(240),
-                m(720),
-                m(720),
-            ],
+            retry_delays: vec![Duration::from_secs(10), m(1), m(10), m(60), m(240), m(720), m(720)],
             max_retry_after: Duration::from_secs(3600),
             max_response_bytes: 64 * 1024,
             allowed_networks: Vec::new(),
@@ -100,14 +90,10 @@ impl DelivererConfig {
             ));
         }
         if d.connect_timeout.is_zero() || d.request_timeout.is_zero() {
-            return Err(ConfigError::Invalid(
-                "deliverer timeouts must be above zero".into(),
-            ));
+            return Err(ConfigError::Invalid("deliverer timeouts must be above zero".into()));
         }
         if d.retry_delays.iter().any(Duration::is_zero) {
-            return Err(ConfigError::Invalid(
-                "deliverer.retry_delays must all be above zero".into(),
-            ));
+            return Err(ConfigError::Invalid("deliverer.retry_delays must all be above zero".into()));
         }
         Ok(())
     }

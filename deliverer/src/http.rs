@@ -27,8 +27,7 @@ impl Resolve for GuardedResolver {
         let policy = self.policy.clone();
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let mut refusals = Vec::new();
             let allowed: Vec<SocketAddr> = found
                 .into_iter()
@@ -41,10 +40,7 @@ impl Resolve for GuardedResolver {
                 })
                 .collect();
             if allowed.is_empty() {
-                let why = refusals
-                    .first()
-                    .cloned()
-                    .unwrap_or_else(|| format!("{host} has no address"));
+                let why = refusals.first().cloned().unwrap_or_else(|| format!("{host} has no address"));
                 return Err(format!("refused to connect to {host}: {why}").into());
             }
             let addrs: Addrs = Box::new(allowed.into_iter());
@@ -84,9 +80,7 @@ impl Sender {
     /// A sender with keep-alive pools, no redirects, no proxies, rustls.
     pub fn new(settings: &DelivererSettings) -> Result<Self, reqwest::Error> {
         install_crypto_provider();
-        let policy = Arc::new(Policy {
-            allowed: settings.allowed_networks.clone(),
-        });
+        let policy = Arc::new(Policy { allowed: settings.allowed_networks.clone() });
         let client = Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -94,9 +88,7 @@ impl Sender {
             .timeout(settings.request_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(USER_AGENT)
-            .dns_resolver(Arc::new(GuardedResolver {
-                policy: policy.clone(),
-            }))
+            .dns_resolver(Arc::new(GuardedResolver { policy: policy.clone() }))
             .build()?;
         Ok(Self {
             client,
@@ -108,19 +100,8 @@ impl Sender {
 
     /// POSTs `body` to `destination`. `event_id` and `event_type` come from
     /// the delivery's headers; the body is sent as is.
-    pub async fn attempt(
-        &self,
-        destination: &Destination,
-        event_id: &str,
-        event_type: &str,
-        body: &[u8],
-    ) -> Outcome {
-        let failed = |error: String, retryable| Outcome::Failed {
-            status: None,
-            error,
-            retry_after: None,
-            retryable,
-        };
+    pub async fn attempt(&self, destination: &Destination, event_id: &str, event_type: &str, body: &[u8]) -> Outcome {
+        let failed = |error: String, retryable| Outcome::Failed { status: None, error, retry_after: None, retryable };
         let url = match reqwest::Url::parse(destination.url.expose()) {
             Ok(u) => u,
             Err(e) => return failed(format!("destination URL does not parse: {e}"), false),
@@ -142,14 +123,7 @@ impl Sender {
             Ok(h) => h,
             Err(e) => return failed(e, false),
         };
-        let response = match self
-            .client
-            .post(url)
-            .headers(headers)
-            .body(body.to_vec())
-            .send()
-            .await
-        {
+        let response = match self.client.post(url).headers(headers).body(body.to_vec()).send().await {
             Ok(r) => r,
             Err(e) => {
                 let refused = error_chain(&e).contains("refused to connect to");
@@ -176,11 +150,7 @@ impl Sender {
         if status.is_success() {
             Outcome::Delivered(status.as_u16())
         } else {
-            let what = if status.is_redirection() {
-                "redirect (not followed)"
-            } else {
-                "non-2xx response"
-            };
+            let what = if status.is_redirection() { "redirect (not followed)" } else { "non-2xx response" };
             Outcome::Failed {
                 status: Some(status.as_u16()),
                 error: format!("{what}: {status}"),
@@ -197,18 +167,12 @@ fn build_headers(
     event_type: &str,
     body: &[u8],
 ) -> Result<HeaderMap, String> {
-    let value = |v: &str| {
-        HeaderValue::from_str(v).map_err(|_| "a header value is not valid in HTTP".to_owned())
-    };
+    let value = |v: &str| HeaderValue::from_str(v).map_err(|_| "a header value is not valid in HTTP".to_owned());
     let mut h = HeaderMap::new();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     for custom in destination.active_headers() {
-        let name = HeaderName::from_bytes(custom.name.expose().as_bytes()).map_err(|_| {
-            format!(
-                "header name {:?} is not valid in HTTP",
-                custom.name.expose()
-            )
-        })?;
+        let name = HeaderName::from_bytes(custom.name.expose().as_bytes())
+            .map_err(|_| format!("header name {:?} is not valid in HTTP", custom.name.expose()))?;
         let mut v = value(custom.value.expose())?;
         v.set_sensitive(true);
         h.insert(name, v);
@@ -221,10 +185,7 @@ fn build_headers(
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         h.insert("webhook-id", value(event_id)?);
         h.insert("webhook-timestamp", value(&now.to_string())?);
-        h.insert(
-            "webhook-signature",
-            value(&sign::signature(&[secret], event_id, now, body))?,
-        );
+        h.insert("webhook-signature", value(&sign::signature(&[secret], event_id, now, body))?);
     }
     Ok(h)
 }

@@ -57,11 +57,7 @@ fn now_ms() -> i64 {
 }
 
 /// Runs the deliverer until `shutdown`, then drains within the grace period.
-pub async fn run(
-    config: DelivererConfig,
-    admin: Admin,
-    shutdown: Shutdown,
-) -> Result<(), DelivererError> {
+pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> Result<(), DelivererError> {
     let settings = config.deliverer.clone();
     let topics = Topics::new(config.kafka.topic_prefix.clone());
     let rungs = settings.retry_delays.len();
@@ -70,14 +66,9 @@ pub async fn run(
     }
     let metrics = metrics::Metrics::register(&admin.registry)?;
     let ready = admin.readiness.register("deliverer.destinations");
-    let (destinations, _) = service::table::follow(
-        &config.kafka,
-        &topics.destinations(),
-        Directory::default(),
-        ready,
-        shutdown.clone(),
-    )
-    .await?;
+    let (destinations, _) =
+        service::table::follow(&config.kafka, &topics.destinations(), Directory::default(), ready, shutdown.clone())
+            .await?;
     let mut stop = shutdown.clone();
     tokio::select! {
         _ = destinations.wait_ready() => {}
@@ -91,17 +82,12 @@ pub async fn run(
         settings: settings.clone(),
         metrics,
     });
-    let limits = consume::LoopLimits {
-        max_in_flight: settings.max_in_flight,
-        grace: config.shutdown.grace,
-    };
+    let limits = consume::LoopLimits { max_in_flight: settings.max_in_flight, grace: config.shutdown.grace };
 
     let fresh = kafka::consumer(&config.kafka, &settings.group_id, settings.session_timeout)?;
     fresh.subscribe(&[&topics.deliveries()])?;
     let c = ctx.clone();
-    let fresh_loop = consume::run(fresh, limits, shutdown.clone(), move |m| {
-        handle(c.clone(), m)
-    });
+    let fresh_loop = consume::run(fresh, limits, shutdown.clone(), move |m| handle(c.clone(), m));
 
     // Retries wait in their own consumer, so waiting deliveries never take
     // the places of fresh ones.
@@ -110,17 +96,10 @@ pub async fn run(
         if retry_names.is_empty() {
             return Ok::<(), DelivererError>(());
         }
-        let retry = kafka::consumer(
-            &config.kafka,
-            &format!("{}-retry", settings.group_id),
-            settings.session_timeout,
-        )?;
+        let retry = kafka::consumer(&config.kafka, &format!("{}-retry", settings.group_id), settings.session_timeout)?;
         retry.subscribe(&retry_names.iter().map(String::as_str).collect::<Vec<_>>())?;
         let c = ctx.clone();
-        consume::run(retry, limits, shutdown.clone(), move |m| {
-            handle(c.clone(), m)
-        })
-        .await;
+        consume::run(retry, limits, shutdown.clone(), move |m| handle(c.clone(), m)).await;
         Ok(())
     };
     tracing::info!(group = %settings.group_id, rungs, "deliverer consuming");
@@ -140,14 +119,8 @@ impl Context {
         tracing::warn!(topic = m.topic(), offset = m.offset(), destination = meta.map(|m| m.destination_id.as_str()), %reason, "dead-lettering delivery");
         let meta_headers = meta.map(DeliveryMeta::to_headers).unwrap_or_default();
         let mut headers: Vec<(&str, &[u8])> = match meta {
-            Some(_) => meta_headers
-                .iter()
-                .map(|(k, v)| (*k, v.as_slice()))
-                .collect(),
-            None => kafka::header_pairs(m)
-                .into_iter()
-                .filter_map(|(k, v)| v.map(|v| (k, v)))
-                .collect(),
+            Some(_) => meta_headers.iter().map(|(k, v)| (*k, v.as_slice())).collect(),
+            None => kafka::header_pairs(m).into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect(),
         };
         headers.push((H_REASON, reason.as_bytes()));
         kafka::produce_durably(
@@ -158,10 +131,7 @@ impl Context {
             &headers,
         )
         .await;
-        self.metrics
-            .deliveries
-            .with_label_values(&["dead_lettered"])
-            .inc();
+        self.metrics.deliveries.with_label_values(&["dead_lettered"]).inc();
     }
 }
 
@@ -169,9 +139,7 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
     let mut meta = match DeliveryMeta::from_headers(kafka::header_pairs(&m)) {
         Ok(meta) => meta,
         Err(reason) => {
-            return ctx
-                .dead_letter(&m, None, &format!("unreadable delivery: {reason}"))
-                .await;
+            return ctx.dead_letter(&m, None, &format!("unreadable delivery: {reason}")).await;
         }
     };
     if let Some(due) = meta.due_at_ms {
@@ -196,43 +164,24 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
             return;
         };
         if !destination.active {
-            return ctx
-                .dead_letter(&m, Some(&meta), "destination inactive")
-                .await;
+            return ctx.dead_letter(&m, Some(&meta), "destination inactive").await;
         }
-        let outcome = ctx
-            .sender
-            .attempt(&destination, &meta.event_id, &meta.event_type, body)
-            .await;
+        let outcome = ctx.sender.attempt(&destination, &meta.event_id, &meta.event_type, body).await;
         match outcome {
             Outcome::Delivered(status) => {
                 ctx.metrics.attempt(true, Some(status));
-                ctx.metrics
-                    .deliveries
-                    .with_label_values(&["delivered"])
-                    .inc();
+                ctx.metrics.deliveries.with_label_values(&["delivered"]).inc();
                 return;
             }
-            Outcome::Failed {
-                status,
-                error,
-                retry_after,
-                retryable,
-            } => {
+            Outcome::Failed { status, error, retry_after, retryable } => {
                 ctx.metrics.attempt(false, status);
                 tracing::info!(destination = %meta.destination_id, event_id = %meta.event_id, status, %error, "delivery attempt failed");
-                meta.record(Attempt {
-                    at_ms: now_ms(),
-                    status,
-                    error: Some(error),
-                });
+                meta.record(Attempt { at_ms: now_ms(), status, error: Some(error) });
                 if !retryable {
                     break (None, false);
                 }
                 match backoff.next() {
-                    Some(pause) if retry_after.is_none_or(|ra| ra <= pause) => {
-                        tokio::time::sleep(pause).await
-                    }
+                    Some(pause) if retry_after.is_none_or(|ra| ra <= pause) => tokio::time::sleep(pause).await,
                     _ => break (retry_after, true),
                 }
             }
@@ -240,35 +189,17 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
     };
     let next = ctx.rung_of(m.topic()).map_or(0, |n| n + 1);
     if !retryable {
-        let reason = meta
-            .history
-            .last()
-            .and_then(|a| a.error.clone())
-            .unwrap_or_default();
-        return ctx
-            .dead_letter(&m, Some(&meta), &format!("not retryable: {reason}"))
-            .await;
+        let reason = meta.history.last().and_then(|a| a.error.clone()).unwrap_or_default();
+        return ctx.dead_letter(&m, Some(&meta), &format!("not retryable: {reason}")).await;
     }
     let Some(delay) = ctx.settings.retry_delays.get(next) else {
-        return ctx
-            .dead_letter(
-                &m,
-                Some(&meta),
-                &format!("retries exhausted after {} attempts", meta.attempt),
-            )
-            .await;
+        return ctx.dead_letter(&m, Some(&meta), &format!("retries exhausted after {} attempts", meta.attempt)).await;
     };
     let delay = retry_after.map_or(*delay, |ra| ra.max(*delay));
     meta.due_at_ms = Some(now_ms() + delay.as_millis() as i64);
     let headers = meta.to_headers();
     let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-    kafka::produce_durably(
-        &ctx.producer,
-        &ctx.topics.retry(next),
-        m.key().unwrap_or_default(),
-        Some(body),
-        &headers,
-    )
-    .await;
+    kafka::produce_durably(&ctx.producer, &ctx.topics.retry(next), m.key().unwrap_or_default(), Some(body), &headers)
+        .await;
     ctx.metrics.deliveries.with_label_values(&["retried"]).inc();
 }

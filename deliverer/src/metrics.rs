@@ -18,17 +18,11 @@ impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
             attempts: IntCounterVec::new(
-                Opts::new(
-                    "auditstream_deliverer_attempts_total",
-                    "HTTP attempts by outcome and status class",
-                ),
+                Opts::new("auditstream_deliverer_attempts_total", "HTTP attempts by outcome and status class"),
                 &["outcome", "class"],
             )?,
             deliveries: IntCounterVec::new(
-                Opts::new(
-                    "auditstream_deliverer_deliveries_total",
-                    "Deliveries finished, by outcome",
-                ),
+                Opts::new("auditstream_deliverer_deliveries_total", "Deliveries finished, by outcome"),
                 &["outcome"],
             )?,
         };
@@ -46,8 +40,6 @@ impl Metrics {
                 .unwrap_or("other"),
             None => "none",
         };
-        self.attempts
-            .with_label_values(&[if delivered { "delivered" } else { "failed" }, class])
-            .inc();
+        self.attempts.with_label_values(&[if delivered { "delivered" } else { "failed" }, class]).inc();
     }
 }

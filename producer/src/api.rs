@@ -67,56 +67,31 @@ impl IntoResponse for ApiError {
         }
         let mut r = (self.status, Json(json!({ "error": body }))).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         r
     }
 }
 
 /// An error answer with `status` and a machine-readable `code`.
-pub fn error(
-    status: StatusCode,
-    code: &'static str,
-    message: impl Into<String>,
-    extra: Value,
-) -> ApiError {
-    ApiError {
-        status,
-        code,
-        message: message.into(),
-        extra,
-    }
+pub fn error(status: StatusCode, code: &'static str, message: impl Into<String>, extra: Value) -> ApiError {
+    ApiError { status, code, message: message.into(), extra }
 }
 
 fn unavailable(message: impl Into<String>, extra: Value) -> ApiError {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        message,
-        extra,
-    )
+    error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message, extra)
 }
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
-            AuthError::Unauthenticated => error(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                e.to_string(),
-                Value::Null,
-            ),
-            AuthError::Forbidden(_) => error(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                e.to_string(),
-                Value::Null,
-            ),
+            AuthError::Unauthenticated => {
+                error(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string(), Value::Null)
+            }
+            AuthError::Forbidden(_) => error(StatusCode::FORBIDDEN, "forbidden", e.to_string(), Value::Null),
         }
     }
 }
@@ -125,33 +100,16 @@ impl From<AuthError> for ApiError {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/v1/events", post(post_events))
-        .route(
-            "/api/v1/namespaces/{kind}/{id}",
-            put(put_namespace).delete(delete_namespace),
-        )
-        .fallback(|| async {
-            error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such route",
-                Value::Null,
-            )
-        })
+        .route("/api/v1/namespaces/{kind}/{id}", put(put_namespace).delete(delete_namespace))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route", Value::Null) })
         .method_not_allowed_fallback(|| async {
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed on this route",
-                Value::Null,
-            )
+            error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route", Value::Null)
         })
         .with_state(state)
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap, right: Right) -> Result<String, AuthError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+    let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     state.auth.check(value, right)
 }
 
@@ -180,8 +138,8 @@ fn split_events(body: &[u8], ndjson: bool) -> Result<Vec<&[u8]>, ApiError> {
     }
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
-        let items: Vec<&RawValue> = serde_json::from_slice(body)
-            .map_err(|e| bad(format!("the body is not a JSON array of events: {e}")))?;
+        let items: Vec<&RawValue> =
+            serde_json::from_slice(body).map_err(|e| bad(format!("the body is not a JSON array of events: {e}")))?;
         Ok(items.into_iter().map(|r| r.get().as_bytes()).collect())
     } else {
         Ok(vec![body])
@@ -190,25 +148,14 @@ fn split_events(body: &[u8], ndjson: bool) -> Result<Vec<&[u8]>, ApiError> {
 
 async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    let response = publish_events(&state, &headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response);
-    state
-        .metrics
-        .observe_request("events", response.status().as_u16(), started.elapsed());
+    let response = publish_events(&state, &headers, body).await.unwrap_or_else(IntoResponse::into_response);
+    state.metrics.observe_request("events", response.status().as_u16(), started.elapsed());
     response
 }
 
-async fn publish_events(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+async fn publish_events(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     let Ok(_permit) = state.in_flight.try_acquire() else {
-        return Err(unavailable(
-            "too many requests in flight; retry shortly",
-            Value::Null,
-        ));
+        return Err(unavailable("too many requests in flight; retry shortly", Value::Null));
     };
     authorize(state, headers, Right::Publish)?;
     let body = read_body(state, body).await?;
@@ -219,12 +166,7 @@ async fn publish_events(
     let texts = split_events(&body, ndjson)?;
     let max = state.config.max_events;
     if texts.is_empty() {
-        return Err(error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "no_events",
-            "the request holds no events",
-            Value::Null,
-        ));
+        return Err(error(StatusCode::UNPROCESSABLE_ENTITY, "no_events", "the request holds no events", Value::Null));
     }
     if texts.len() > max {
         return Err(error(
@@ -250,11 +192,7 @@ async fn publish_events(
         return Err(error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_events",
-            format!(
-                "{} of {} events are invalid; none was published",
-                invalid.len(),
-                texts.len()
-            ),
+            format!("{} of {} events are invalid; none was published", invalid.len(), texts.len()),
             json!({ "events": invalid }),
         ));
     }
@@ -279,11 +217,7 @@ async fn publish_events(
     }
     state.metrics.events("unavailable", failed.len());
     Err(unavailable(
-        format!(
-            "Kafka did not acknowledge {} of {} events; resend those",
-            failed.len(),
-            prepared.len()
-        ),
+        format!("Kafka did not acknowledge {} of {} events; resend those", failed.len(), prepared.len()),
         json!({ "accepted_ids": accepted, "failed_indexes": failed }),
     ))
 }
@@ -291,20 +225,15 @@ async fn publish_events(
 fn namespace_ref(kind: &str, id: &str) -> Result<NamespaceRef, ApiError> {
     let bad = |m: String| error(StatusCode::NOT_FOUND, "not_found", m, Value::Null);
     let kind: NamespaceKind = kind.parse().map_err(bad)?;
-    let id: i64 = id
-        .parse()
-        .map_err(|_| bad(format!("{id:?} is not an integer id")))?;
+    let id: i64 = id.parse().map_err(|_| bad(format!("{id:?} is not an integer id")))?;
     Ok(NamespaceRef { kind, id })
 }
 
 fn publish_failure(e: PublishError) -> ApiError {
     match e {
-        PublishError::Invalid(errors) => error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid",
-            "the record is invalid",
-            json!({ "errors": errors }),
-        ),
+        PublishError::Invalid(errors) => {
+            error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", "the record is invalid", json!({ "errors": errors }))
+        }
         PublishError::Unavailable(e) | PublishError::Setup(e) => {
             tracing::warn!(error = %e, "namespace write not acknowledged");
             unavailable("Kafka did not acknowledge the write", Value::Null)
@@ -329,16 +258,8 @@ async fn put_namespace(
             json!({ "errors": [FieldError::new("(body)", e.to_string())] }),
         )
     })?;
-    state
-        .publisher
-        .put_namespace(of, Some(&record))
-        .await
-        .map_err(publish_failure)?;
-    Ok((
-        StatusCode::OK,
-        Json(json!({ "key": of.to_string(), "record": record })),
-    )
-        .into_response())
+    state.publisher.put_namespace(of, Some(&record)).await.map_err(publish_failure)?;
+    Ok((StatusCode::OK, Json(json!({ "key": of.to_string(), "record": record }))).into_response())
 }
 
 async fn delete_namespace(
@@ -348,11 +269,7 @@ async fn delete_namespace(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers, Right::Namespaces)?;
     let of = namespace_ref(&kind, &id)?;
-    state
-        .publisher
-        .put_namespace(of, None)
-        .await
-        .map_err(publish_failure)?;
+    state.publisher.put_namespace(of, None).await.map_err(publish_failure)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -362,10 +279,7 @@ mod tests {
 
     #[test]
     fn split_understands_three_shapes() {
-        assert_eq!(
-            split_events(b"{\"a\":1}", false).unwrap(),
-            vec![&b"{\"a\":1}"[..]]
-        );
+        assert_eq!(split_events(b"{\"a\":1}", false).unwrap(), vec![&b"{\"a\":1}"[..]]);
         assert_eq!(
             split_events(b" [ {\"a\":1} , {\"b\":2} ]", false).unwrap(),
             vec![&b"{\"a\":1}"[..], &b"{\"b\":2}"[..]]
@@ -374,9 +288,6 @@ mod tests {
             split_events(b"{\"a\":1}\r\n\n{\"b\":2}\n", true).unwrap(),
             vec![&b"{\"a\":1}"[..], &b"{\"b\":2}"[..]]
         );
-        assert_eq!(
-            split_events(b"[1,", false).unwrap_err().status,
-            StatusCode::BAD_REQUEST
-        );
+        assert_eq!(split_events(b"[1,", false).unwrap_err().status, StatusCode::BAD_REQUEST);
     }
 }

@@ -39,31 +39,18 @@ impl Auth {
                 for (i, b) in hash.iter_mut().enumerate() {
                     *b = u8::from_str_radix(&t.sha256[2 * i..2 * i + 2], 16).unwrap_or(0);
                 }
-                Token {
-                    name: t.name.clone(),
-                    hash,
-                    rights: t.rights.clone(),
-                }
+                Token { name: t.name.clone(), hash, rights: t.rights.clone() }
             })
             .collect();
-        Self {
-            required: config.required,
-            tokens,
-        }
+        Self { required: config.required, tokens }
     }
 
     /// Checks an `Authorization` header value for `right`; returns the
     /// token holder's name.
     pub fn check(&self, authorization: Option<&str>, right: Right) -> Result<String, AuthError> {
-        let presented = authorization
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+        let presented = authorization.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
         let Some(presented) = presented.filter(|p| !p.is_empty()) else {
-            return if self.required {
-                Err(AuthError::Unauthenticated)
-            } else {
-                Ok("anonymous".into())
-            };
+            return if self.required { Err(AuthError::Unauthenticated) } else { Ok("anonymous".into()) };
         };
         let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         // Compare against every token so timing does not tell which matched.
@@ -86,10 +73,7 @@ impl Auth {
 
 /// The hex SHA-256 of a token, as configuration stores it.
 pub fn hash_token(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -111,31 +95,16 @@ mod tests {
     #[test]
     fn token_rules() {
         let a = auth(true);
-        assert_eq!(
-            a.check(Some("Bearer s3cret-token"), Right::Publish),
-            Ok("svc".into())
-        );
+        assert_eq!(a.check(Some("Bearer s3cret-token"), Right::Publish), Ok("svc".into()));
         assert_eq!(
             a.check(Some("Bearer s3cret-token"), Right::Namespaces),
             Err(AuthError::Forbidden("change namespaces"))
         );
-        assert_eq!(
-            a.check(Some("Bearer wrong"), Right::Publish),
-            Err(AuthError::Unauthenticated)
-        );
-        assert_eq!(
-            a.check(Some("s3cret-token"), Right::Publish),
-            Err(AuthError::Unauthenticated)
-        );
-        assert_eq!(
-            a.check(None, Right::Publish),
-            Err(AuthError::Unauthenticated)
-        );
+        assert_eq!(a.check(Some("Bearer wrong"), Right::Publish), Err(AuthError::Unauthenticated));
+        assert_eq!(a.check(Some("s3cret-token"), Right::Publish), Err(AuthError::Unauthenticated));
+        assert_eq!(a.check(None, Right::Publish), Err(AuthError::Unauthenticated));
         let open = auth(false);
         assert_eq!(open.check(None, Right::Namespaces), Ok("anonymous".into()));
-        assert_eq!(
-            open.check(Some("Bearer wrong"), Right::Publish),
-            Err(AuthError::Unauthenticated)
-        );
+        assert_eq!(open.check(Some("Bearer wrong"), Right::Publish), Err(AuthError::Unauthenticated));
     }
 }

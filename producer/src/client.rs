@@ -81,28 +81,18 @@ impl Publisher {
 
     /// Validates and completes one event without publishing it.
     pub fn prepare(&self, bytes: &[u8]) -> Result<PreparedEvent, Vec<FieldError>> {
-        proto::event::prepare(
-            bytes,
-            &self.registry,
-            &self.limits,
-            time::OffsetDateTime::now_utc(),
-        )
+        proto::event::prepare(bytes, &self.registry, &self.limits, time::OffsetDateTime::now_utc())
     }
 
     /// Writes a prepared event; resolves once the broker acknowledged it
     /// (acks=all, idempotent producer).
     pub async fn send(&self, event: &PreparedEvent) -> Result<(), PublishError> {
         let id = event.id.to_string();
-        let headers = service::kafka::headers([
-            (H_EVENT_ID, id.as_bytes()),
-            (H_EVENT_TYPE, event.event_type.as_bytes()),
-        ]);
+        let headers =
+            service::kafka::headers([(H_EVENT_ID, id.as_bytes()), (H_EVENT_TYPE, event.event_type.as_bytes())]);
         let topic = self.topics.events();
         let key = event.partition_key();
-        let record = FutureRecord::to(&topic)
-            .key(&key)
-            .payload(&event.bytes)
-            .headers(headers);
+        let record = FutureRecord::to(&topic).key(&key).payload(&event.bytes).headers(headers);
         self.write(record).await
     }
 
@@ -114,17 +104,14 @@ impl Publisher {
     }
 
     /// Writes (or, with `None`, deletes) a namespace record.
-    pub async fn put_namespace(
-        &self,
-        of: NamespaceRef,
-        record: Option<&NamespaceRecord>,
-    ) -> Result<(), PublishError> {
+    pub async fn put_namespace(&self, of: NamespaceRef, record: Option<&NamespaceRecord>) -> Result<(), PublishError> {
         let payload = match record {
             Some(r) => {
                 r.validate(of).map_err(|e| PublishError::Invalid(vec![e]))?;
-                Some(serde_json::to_vec(r).map_err(|e| {
-                    PublishError::Invalid(vec![FieldError::new("(record)", e.to_string())])
-                })?)
+                Some(
+                    serde_json::to_vec(r)
+                        .map_err(|e| PublishError::Invalid(vec![FieldError::new("(record)", e.to_string())]))?,
+                )
             }
             None => None,
         };
@@ -138,20 +125,11 @@ impl Publisher {
     }
 
     /// Writes a destination record (validated by the caller).
-    pub async fn put_destination(
-        &self,
-        destination: &proto::destination::Destination,
-    ) -> Result<(), PublishError> {
-        let payload = serde_json::to_vec(destination).map_err(|e| {
-            PublishError::Invalid(vec![FieldError::new("(destination)", e.to_string())])
-        })?;
+    pub async fn put_destination(&self, destination: &proto::destination::Destination) -> Result<(), PublishError> {
+        let payload = serde_json::to_vec(destination)
+            .map_err(|e| PublishError::Invalid(vec![FieldError::new("(destination)", e.to_string())]))?;
         let topic = self.topics.destinations();
-        self.write(
-            FutureRecord::to(&topic)
-                .key(&destination.id)
-                .payload(&payload),
-        )
-        .await
+        self.write(FutureRecord::to(&topic).key(&destination.id).payload(&payload)).await
     }
 
     async fn write<K, P>(&self, record: FutureRecord<'_, K, P>) -> Result<(), PublishError>

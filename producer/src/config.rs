@@ -3,9 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use service::config::{
-    AdminConfig, ConfigError, KafkaConfig, ShutdownConfig, TelemetryConfig, duration,
-};
+use service::config::{AdminConfig, ConfigError, KafkaConfig, ShutdownConfig, TelemetryConfig, duration};
 
 /// Everything the producer role reads at start.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -98,10 +96,7 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self {
-            required: true,
-            tokens: Vec::new(),
-        }
+        Self { required: true, tokens: Vec::new() }
     }
 }
 
@@ -110,17 +105,11 @@ impl ProducerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
         let a = &self.api;
-        if a.max_events == 0
-            || a.max_event_bytes == 0
-            || a.max_request_bytes == 0
-            || a.max_in_flight == 0
-        {
+        if a.max_events == 0 || a.max_event_bytes == 0 || a.max_request_bytes == 0 || a.max_in_flight == 0 {
             return Err(ConfigError::Invalid("api limits must be above zero".into()));
         }
         if a.publish_timeout.is_zero() {
-            return Err(ConfigError::Invalid(
-                "api.publish_timeout must be above zero".into(),
-            ));
+            return Err(ConfigError::Invalid("api.publish_timeout must be above zero".into()));
         }
         for t in &self.auth.tokens {
             if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -46,12 +46,8 @@ pub enum ProducerError {
 pub fn load_registry(types_dir: Option<&std::path::Path>) -> Result<Registry, String> {
     let mut registry = Registry::embedded();
     if let Some(dir) = types_dir {
-        let extra = Registry::load_dir(dir).map_err(|errs| {
-            errs.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
-        })?;
+        let extra = Registry::load_dir(dir)
+            .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))?;
         registry.extend(extra);
     }
     Ok(registry)
@@ -68,11 +64,7 @@ pub async fn run(
     let ready = admin.readiness.register("producer");
     let registry = load_registry(config.api.types_dir.as_deref()).map_err(ProducerError::Types)?;
     if config.kafka.create_topics {
-        service::kafka::ensure_topics(
-            &config.kafka,
-            &Topics::new(config.kafka.topic_prefix.clone()).all(0),
-        )
-        .await?;
+        service::kafka::ensure_topics(&config.kafka, &Topics::new(config.kafka.topic_prefix.clone()).all(0)).await?;
     }
     let limits = EventLimits {
         max_event_bytes: config.api.max_event_bytes,
@@ -85,9 +77,7 @@ pub async fn run(
     tracing::info!(addr = %listener.local_addr()?, "producer API listening");
     ready.set(true);
     let mut stop = shutdown.clone();
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(async move { stop.wait().await })
-        .await?;
+    axum::serve(listener, api::router(state)).with_graceful_shutdown(async move { stop.wait().await }).await?;
     ready.set(false);
     publisher.flush(config.shutdown.grace);
     tracing::info!("producer stopped");

@@ -17,24 +17,15 @@ impl Metrics {
     /// Registers the metrics in `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let events = IntCounterVec::new(
-            Opts::new(
-                "auditstream_producer_events_total",
-                "Events by outcome: accepted, invalid, unavailable",
-            ),
+            Opts::new("auditstream_producer_events_total", "Events by outcome: accepted, invalid, unavailable"),
             &["outcome"],
         )?;
         let requests = IntCounterVec::new(
-            Opts::new(
-                "auditstream_producer_requests_total",
-                "API requests by route and status",
-            ),
+            Opts::new("auditstream_producer_requests_total", "API requests by route and status"),
             &["route", "status"],
         )?;
         let request_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "auditstream_producer_request_duration_seconds",
-                "API request latency",
-            ),
+            HistogramOpts::new("auditstream_producer_request_duration_seconds", "API request latency"),
             &["route"],
         )?;
         let produce_seconds = Histogram::with_opts(HistogramOpts::new(
@@ -45,12 +36,7 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(produce_seconds.clone()))?;
-        Ok(Self {
-            events,
-            requests,
-            request_seconds,
-            produce_seconds,
-        })
+        Ok(Self { events, requests, request_seconds, produce_seconds })
     }
 
     /// Counts `n` events with `outcome`.
@@ -60,12 +46,8 @@ impl Metrics {
 
     /// Records one request.
     pub fn observe_request(&self, route: &str, status: u16, took: Duration) {
-        self.requests
-            .with_label_values(&[route, &status.to_string()])
-            .inc();
-        self.request_seconds
-            .with_label_values(&[route])
-            .observe(took.as_secs_f64());
+        self.requests.with_label_values(&[route, &status.to_string()]).inc();
+        self.request_seconds.with_label_values(&[route]).observe(took.as_secs_f64());
     }
 
     /// Records a Kafka produce round.

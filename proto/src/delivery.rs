@@ -91,20 +91,14 @@ impl DeliveryMeta {
         }
         if !self.history.is_empty() {
             // Serializing plain data cannot fail.
-            h.push((
-                H_HISTORY,
-                serde_json::to_vec(&self.history).unwrap_or_default(),
-            ));
+            h.push((H_HISTORY, serde_json::to_vec(&self.history).unwrap_or_default()));
         }
         h
     }
 
     /// Reads the metadata back from a record's headers.
-    pub fn from_headers<'a>(
-        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
-    ) -> Result<Self, String> {
-        let (mut dest, mut id, mut ty, mut attempt, mut due, mut history) =
-            (None, None, None, 0u32, None, Vec::new());
+    pub fn from_headers<'a>(headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> Result<Self, String> {
+        let (mut dest, mut id, mut ty, mut attempt, mut due, mut history) = (None, None, None, 0u32, None, Vec::new());
         let text = |name: &str, v: Option<&[u8]>| {
             v.and_then(|v| std::str::from_utf8(v).ok())
                 .map(str::to_owned)
@@ -116,15 +110,11 @@ impl DeliveryMeta {
                 H_EVENT_ID => id = Some(text(name, value)?),
                 H_EVENT_TYPE => ty = Some(text(name, value)?),
                 H_ATTEMPT => {
-                    attempt = text(name, value)?
-                        .parse()
-                        .map_err(|_| format!("header {name} is not a count"))?
+                    attempt = text(name, value)?.parse().map_err(|_| format!("header {name} is not a count"))?
                 }
                 H_DUE_AT => {
                     due = Some(
-                        text(name, value)?
-                            .parse()
-                            .map_err(|_| format!("header {name} is not a Unix time in ms"))?,
+                        text(name, value)?.parse().map_err(|_| format!("header {name} is not a Unix time in ms"))?,
                     )
                 }
                 H_HISTORY => {
@@ -134,8 +124,7 @@ impl DeliveryMeta {
                 _ => {}
             }
         }
-        let need =
-            |v: Option<String>, name: &str| v.ok_or_else(|| format!("header {name} is missing"));
+        let need = |v: Option<String>, name: &str| v.ok_or_else(|| format!("header {name} is missing"));
         Ok(Self {
             destination_id: need(dest, H_DESTINATION)?,
             event_id: need(id, H_EVENT_ID)?,
@@ -171,11 +160,7 @@ mod tests {
     fn history_is_capped_but_count_exact() {
         let mut m = DeliveryMeta::new("d", "e", "t");
         for i in 0..40 {
-            m.record(Attempt {
-                at_ms: i,
-                status: Some(500),
-                error: None,
-            });
+            m.record(Attempt { at_ms: i, status: Some(500), error: None });
         }
         assert_eq!(m.attempt, 40);
         assert_eq!(m.history.len(), MAX_HISTORY);

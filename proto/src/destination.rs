@@ -117,9 +117,7 @@ macro_rules! validated_string {
 
 fn check_name(v: &str) -> Result<(), String> {
     if v.trim().is_empty() || v.chars().count() > MAX_NAME_LEN || v.chars().any(char::is_control) {
-        return Err(format!(
-            "must be 1 to {MAX_NAME_LEN} characters without control characters"
-        ));
+        return Err(format!("must be 1 to {MAX_NAME_LEN} characters without control characters"));
     }
     Ok(())
 }
@@ -133,10 +131,7 @@ fn check_token(v: &str) -> Result<(), String> {
 
 fn check_url(v: &str) -> Result<(), String> {
     if v.len() > MAX_URL_LEN {
-        return Err(format!(
-            "is {} characters, more than {MAX_URL_LEN}",
-            v.len()
-        ));
+        return Err(format!("is {} characters, more than {MAX_URL_LEN}", v.len()));
     }
     let url = url::Url::parse(v).map_err(|e| format!("is not a URL: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -154,14 +149,10 @@ fn check_url(v: &str) -> Result<(), String> {
 fn check_header_name(v: &str) -> Result<(), String> {
     let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if v.is_empty() || v.len() > 128 || !v.bytes().all(tchar) {
-        return Err(format!(
-            "{v:?} is not an HTTP header name (an RFC 9110 token of at most 128 characters)"
-        ));
+        return Err(format!("{v:?} is not an HTTP header name (an RFC 9110 token of at most 128 characters)"));
     }
     if RESERVED_HEADERS.contains(&v.to_ascii_lowercase().as_str()) {
-        return Err(format!(
-            "{v:?} is set by auditstream and cannot be a custom header"
-        ));
+        return Err(format!("{v:?} is set by auditstream and cannot be a custom header"));
     }
     Ok(())
 }
@@ -178,12 +169,8 @@ fn check_header_value(v: &str) -> Result<(), String> {
 
 fn check_signing_secret(v: &str) -> Result<(), String> {
     use base64::Engine as _;
-    let b64 = v
-        .strip_prefix("whsec_")
-        .ok_or("must start with whsec_ (Standard Webhooks)")?;
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .map_err(|_| "after whsec_ must be base64")?;
+    let b64 = v.strip_prefix("whsec_").ok_or("must start with whsec_ (Standard Webhooks)")?;
+    let key = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| "after whsec_ must be base64")?;
     if !(24..=64).contains(&key.len()) {
         return Err("must decode to 24 to 64 bytes of key".into());
     }
@@ -221,9 +208,7 @@ impl SigningSecret {
     pub fn key(&self) -> Vec<u8> {
         use base64::Engine as _;
         // Validated on construction.
-        base64::engine::general_purpose::STANDARD
-            .decode(&self.0["whsec_".len()..])
-            .unwrap_or_default()
+        base64::engine::general_purpose::STANDARD.decode(&self.0["whsec_".len()..]).unwrap_or_default()
     }
 }
 
@@ -319,14 +304,8 @@ impl Destination {
     /// rules are enforced by the value types themselves.
     pub fn validate(&self, registry: &Registry) -> Result<(), Vec<FieldError>> {
         let mut errors = Vec::new();
-        if self.id.is_empty()
-            || self.id.len() > 64
-            || !self.id.bytes().all(|b| b.is_ascii_graphic())
-        {
-            errors.push(FieldError::new(
-                "id",
-                "must be 1 to 64 visible ASCII characters",
-            ));
+        if self.id.is_empty() || self.id.len() > 64 || !self.id.bytes().all(|b| b.is_ascii_graphic()) {
+            errors.push(FieldError::new("id", "must be 1 to 64 visible ASCII characters"));
         }
         if let Owner::Group { id } = self.owner
             && id <= 0
@@ -336,10 +315,7 @@ impl Destination {
         if self.headers.len() > MAX_HEADERS {
             errors.push(FieldError::new(
                 "headers",
-                format!(
-                    "has {} headers, more than {MAX_HEADERS}",
-                    self.headers.len()
-                ),
+                format!("has {} headers, more than {MAX_HEADERS}", self.headers.len()),
             ));
         }
         let mut seen = std::collections::HashSet::new();
@@ -355,10 +331,9 @@ impl Destination {
             let field = format!("event_type_filters[{i}]");
             match entry.strip_prefix(CATEGORY_PREFIX) {
                 Some(c) if registry.has_category(c) => {}
-                Some(c) => errors.push(FieldError::new(
-                    field,
-                    format!("no registered event type has feature_category {c:?}"),
-                )),
+                Some(c) => {
+                    errors.push(FieldError::new(field, format!("no registered event type has feature_category {c:?}")))
+                }
                 None if registry.get(entry).is_some() => {}
                 None => {
                     let hint = if EventTypeName::check(entry).is_ok() {
@@ -366,35 +341,22 @@ impl Destination {
                     } else {
                         " (to name a feature category, write category:<name>)"
                     };
-                    errors.push(FieldError::new(
-                        field,
-                        format!("{entry:?} is not a registered event type{hint}"),
-                    ));
+                    errors.push(FieldError::new(field, format!("{entry:?} is not a registered event type{hint}")));
                 }
             }
         }
         if self.namespace_filters.len() > MAX_NAMESPACE_FILTERS {
             errors.push(FieldError::new(
                 "namespace_filters",
-                format!(
-                    "has {} filters, more than {MAX_NAMESPACE_FILTERS}",
-                    self.namespace_filters.len()
-                ),
+                format!("has {} filters, more than {MAX_NAMESPACE_FILTERS}", self.namespace_filters.len()),
             ));
         }
         for (i, f) in self.namespace_filters.iter().enumerate() {
             if f.kind == NamespaceKind::User {
-                errors.push(FieldError::new(
-                    format!("namespace_filters[{i}].kind"),
-                    "must be group or project",
-                ));
+                errors.push(FieldError::new(format!("namespace_filters[{i}].kind"), "must be group or project"));
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
     /// The headers to send: active custom headers only.
@@ -505,24 +467,12 @@ mod tests {
         assert!(VerificationToken::new(format!("{}\n", "a".repeat(16))).is_err());
         assert!(DestinationName::new("n".repeat(73)).is_err());
         assert!(DestinationName::new("n".repeat(72)).is_ok());
-        assert!(
-            DestinationUrl::new("ftp://x")
-                .unwrap_err()
-                .contains("scheme")
-        );
+        assert!(DestinationUrl::new("ftp://x").unwrap_err().contains("scheme"));
         assert!(DestinationUrl::new(format!("https://x/{}", "a".repeat(250))).is_err());
-        assert!(
-            DestinationUrl::new("https://u:p@x/")
-                .unwrap_err()
-                .contains("credentials")
-        );
+        assert!(DestinationUrl::new("https://u:p@x/").unwrap_err().contains("credentials"));
         assert!(DestinationUrl::new("not a url").is_err());
         assert!(HeaderName::new("X Bad").is_err());
-        assert!(
-            HeaderName::new("X-Gitlab-Event-Streaming-Token")
-                .unwrap_err()
-                .contains("set by auditstream")
-        );
+        assert!(HeaderName::new("X-Gitlab-Event-Streaming-Token").unwrap_err().contains("set by auditstream"));
         assert!(HeaderName::new("Content-Type").is_ok());
         assert!(HeaderValue::new("a\r\nInjected: 1").is_err());
         assert!(HeaderValue::new("v".repeat(256)).is_err());
@@ -544,9 +494,7 @@ mod tests {
     fn serde_rejects_invalid_values() {
         let mut v = serde_json::to_value(sample()).unwrap();
         v["verification_token"] = "short".into();
-        let err = serde_json::from_value::<Destination>(v)
-            .unwrap_err()
-            .to_string();
+        let err = serde_json::from_value::<Destination>(v).unwrap_err().to_string();
         assert!(err.contains("16 to 24"), "{err}");
     }
 
@@ -563,11 +511,7 @@ mod tests {
             })
             .collect();
         d.namespace_filters = (0..6).map(NamespaceRef::group).collect();
-        d.event_type_filters = EventTypeFilter::Deny(vec![
-            "nope".into(),
-            "category:nothing".into(),
-            "Bad Name".into(),
-        ]);
+        d.event_type_filters = EventTypeFilter::Deny(vec!["nope".into(), "category:nothing".into(), "Bad Name".into()]);
         let errs = d.validate(&r).unwrap_err();
         let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
         assert!(fields.contains(&"headers"));

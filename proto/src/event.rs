@@ -80,10 +80,7 @@ pub struct FieldError {
 impl FieldError {
     /// A problem with `field`.
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            problem: problem.into(),
-        }
+        Self { field: field.into(), problem: problem.into() }
     }
 
     fn whole(problem: impl Into<String>) -> Self {
@@ -108,10 +105,7 @@ pub struct EventLimits {
 
 impl Default for EventLimits {
     fn default() -> Self {
-        Self {
-            max_event_bytes: 1024 * 1024,
-            accept_unknown_types: false,
-        }
+        Self { max_event_bytes: 1024 * 1024, accept_unknown_types: false }
     }
 }
 
@@ -236,25 +230,13 @@ fn integer(raw: &RawValue) -> Option<i64> {
 }
 
 /// Checks that a present field has one of the allowed kinds.
-fn expect(
-    errors: &mut Vec<FieldError>,
-    field: &str,
-    raw: Option<&RawValue>,
-    allowed: &[Kind],
-    wanted: &str,
-) {
+fn expect(errors: &mut Vec<FieldError>, field: &str, raw: Option<&RawValue>, allowed: &[Kind], wanted: &str) {
     let Some(raw) = raw else { return };
     let kind = Kind::of(raw);
     if !allowed.contains(&kind) {
-        errors.push(FieldError::new(
-            field,
-            format!("must be {wanted}, found {}", kind.name()),
-        ));
+        errors.push(FieldError::new(field, format!("must be {wanted}, found {}", kind.name())));
     } else if kind == Kind::Number && integer(raw).is_none() {
-        errors.push(FieldError::new(
-            field,
-            format!("must be {wanted}; {} is not a 64-bit integer", raw.get()),
-        ));
+        errors.push(FieldError::new(field, format!("must be {wanted}; {} is not a 64-bit integer", raw.get())));
     }
 }
 
@@ -265,10 +247,7 @@ impl<'a> EventView<'a> {
     /// the event type is checked separately ([`EventView::check_type`]).
     pub fn parse(bytes: &'a [u8]) -> Result<Self, Vec<FieldError>> {
         let text = std::str::from_utf8(bytes).map_err(|e| {
-            vec![FieldError::whole(format!(
-                "is not valid UTF-8 (invalid byte at offset {})",
-                e.valid_up_to()
-            ))]
+            vec![FieldError::whole(format!("is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to()))]
         })?;
         // A struct also deserializes from a JSON array, by position: refuse
         // anything but an object before serde sees it.
@@ -278,94 +257,26 @@ impl<'a> EventView<'a> {
             Some(_) => return Err(vec![FieldError::whole("must be a JSON object")]),
         }
         if nests_deeper_than(text, MAX_DEPTH) {
-            return Err(vec![FieldError::whole(format!(
-                "nests arrays and objects deeper than {MAX_DEPTH} levels"
-            ))]);
+            return Err(vec![FieldError::whole(format!("nests arrays and objects deeper than {MAX_DEPTH} levels"))]);
         }
-        let raw: RawFields<'a> = serde_json::from_str(text)
-            .map_err(|e| vec![FieldError::whole(format!("is not valid JSON: {e}"))])?;
+        let raw: RawFields<'a> =
+            serde_json::from_str(text).map_err(|e| vec![FieldError::whole(format!("is not valid JSON: {e}"))])?;
 
         let mut errors = Vec::new();
         use Kind::*;
         let int_or_str = &[Number, String];
         let nullable_str = &[String, Null];
-        expect(
-            &mut errors,
-            "id",
-            raw.id,
-            int_or_str,
-            "a string or an integer (omit it to have one minted)",
-        );
-        expect(
-            &mut errors,
-            "author_id",
-            raw.author_id,
-            &[Number, Null],
-            "an integer",
-        );
-        expect(
-            &mut errors,
-            "author_name",
-            raw.author_name,
-            nullable_str,
-            "a string",
-        );
-        expect(
-            &mut errors,
-            "entity_id",
-            raw.entity_id,
-            &[Number],
-            "an integer",
-        );
-        expect(
-            &mut errors,
-            "entity_type",
-            raw.entity_type,
-            &[String],
-            "a string",
-        );
-        expect(
-            &mut errors,
-            "entity_path",
-            raw.entity_path,
-            nullable_str,
-            "a string",
-        );
-        expect(
-            &mut errors,
-            "target_id",
-            raw.target_id,
-            &[Number, String, Null],
-            "an integer or a string",
-        );
-        expect(
-            &mut errors,
-            "target_type",
-            raw.target_type,
-            nullable_str,
-            "a string",
-        );
-        expect(
-            &mut errors,
-            "target_details",
-            raw.target_details,
-            &[String, Object, Null],
-            "a string or an object",
-        );
-        expect(
-            &mut errors,
-            "event_type",
-            raw.event_type,
-            &[String],
-            "a string",
-        );
-        expect(
-            &mut errors,
-            "ip_address",
-            raw.ip_address,
-            nullable_str,
-            "a string",
-        );
+        expect(&mut errors, "id", raw.id, int_or_str, "a string or an integer (omit it to have one minted)");
+        expect(&mut errors, "author_id", raw.author_id, &[Number, Null], "an integer");
+        expect(&mut errors, "author_name", raw.author_name, nullable_str, "a string");
+        expect(&mut errors, "entity_id", raw.entity_id, &[Number], "an integer");
+        expect(&mut errors, "entity_type", raw.entity_type, &[String], "a string");
+        expect(&mut errors, "entity_path", raw.entity_path, nullable_str, "a string");
+        expect(&mut errors, "target_id", raw.target_id, &[Number, String, Null], "an integer or a string");
+        expect(&mut errors, "target_type", raw.target_type, nullable_str, "a string");
+        expect(&mut errors, "target_details", raw.target_details, &[String, Object, Null], "a string or an object");
+        expect(&mut errors, "event_type", raw.event_type, &[String], "a string");
+        expect(&mut errors, "ip_address", raw.ip_address, nullable_str, "a string");
         expect(
             &mut errors,
             "created_at",
@@ -373,19 +284,11 @@ impl<'a> EventView<'a> {
             &[String],
             "an RFC 3339 timestamp string (omit it to default to now)",
         );
-        expect(
-            &mut errors,
-            "details",
-            raw.details,
-            &[Object, Null],
-            "an object",
-        );
+        expect(&mut errors, "details", raw.details, &[Object, Null], "an object");
 
-        for (field, value) in [
-            ("entity_id", raw.entity_id),
-            ("entity_type", raw.entity_type),
-            ("event_type", raw.event_type),
-        ] {
+        for (field, value) in
+            [("entity_id", raw.entity_id), ("entity_type", raw.entity_type), ("event_type", raw.event_type)]
+        {
             if value.is_none() {
                 errors.push(FieldError::new(field, "is required"));
             }
@@ -394,11 +297,12 @@ impl<'a> EventView<'a> {
         let id = match raw.id {
             Some(r) if Kind::of(r) == String => {
                 let s = string(r);
-                if s.is_empty() || s.len() > MAX_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic())
-                {
+                if s.is_empty() || s.len() > MAX_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic()) {
                     errors.push(FieldError::new(
                         "id",
-                        format!("must be 1 to {MAX_ID_LEN} visible ASCII characters (it is sent as the webhook-id header)"),
+                        format!(
+                            "must be 1 to {MAX_ID_LEN} visible ASCII characters (it is sent as the webhook-id header)"
+                        ),
                     ));
                 }
                 Some(EventId::Str(s.into_owned()))
@@ -413,10 +317,7 @@ impl<'a> EventView<'a> {
         {
             errors.push(FieldError::new("event_type", problem));
         }
-        let entity_type = raw
-            .entity_type
-            .filter(|r| Kind::of(r) == String)
-            .map(string);
+        let entity_type = raw.entity_type.filter(|r| Kind::of(r) == String).map(string);
         if entity_type.as_deref() == Some("") {
             errors.push(FieldError::new("entity_type", "must not be empty"));
         }
@@ -448,21 +349,14 @@ impl<'a> EventView<'a> {
             raw.created_at.is_some(),
             raw.details.is_some(),
         ];
-        let missing = FIELDS
-            .iter()
-            .zip(present)
-            .filter_map(|(f, p)| (!p).then_some(*f))
-            .collect();
+        let missing = FIELDS.iter().zip(present).filter_map(|(f, p)| (!p).then_some(*f)).collect();
         Ok(Self {
             id,
             // Both were checked present and strings above.
             event_type: event_type.unwrap_or_default(),
             entity_type: entity_type.unwrap_or_default(),
             entity_id: raw.entity_id.and_then(integer).unwrap_or_default(),
-            entity_path: raw
-                .entity_path
-                .filter(|r| Kind::of(r) == String)
-                .map(string),
+            entity_path: raw.entity_path.filter(|r| Kind::of(r) == String).map(string),
             missing,
         })
     }
@@ -474,16 +368,10 @@ impl<'a> EventView<'a> {
             Some(def) if def.streamed => Ok(()),
             Some(_) => Err(FieldError::new(
                 "event_type",
-                format!(
-                    "{:?} is registered with streamed: false, so it is never delivered",
-                    self.event_type
-                ),
+                format!("{:?} is registered with streamed: false, so it is never delivered", self.event_type),
             )),
             None if accept_unknown => Ok(()),
-            None => Err(FieldError::new(
-                "event_type",
-                format!("{:?} is not a registered event type", self.event_type),
-            )),
+            None => Err(FieldError::new("event_type", format!("{:?} is not a registered event type", self.event_type))),
         }
     }
 }
@@ -548,15 +436,11 @@ pub fn prepare(
         ))]);
     }
     let view = EventView::parse(bytes)?;
-    view.check_type(registry, limits.accept_unknown_types)
-        .map_err(|e| vec![e])?;
+    view.check_type(registry, limits.accept_unknown_types).map_err(|e| vec![e])?;
 
     // parse() checked the document is UTF-8 and an object.
     let text = std::str::from_utf8(bytes).unwrap_or_default().trim();
-    let id = view
-        .id
-        .clone()
-        .unwrap_or_else(|| EventId::Str(uuid::Uuid::now_v7().to_string()));
+    let id = view.id.clone().unwrap_or_else(|| EventId::Str(uuid::Uuid::now_v7().to_string()));
     let out = if view.missing.is_empty() {
         text.as_bytes().to_vec()
     } else {
@@ -627,13 +511,7 @@ mod tests {
 
     #[test]
     fn missing_fields_are_filled_and_original_text_kept() {
-        let p = prepare(
-            minimal().as_bytes(),
-            &registry(),
-            &EventLimits::default(),
-            NOW,
-        )
-        .unwrap();
+        let p = prepare(minimal().as_bytes(), &registry(), &EventLimits::default(), NOW).unwrap();
         let text = std::str::from_utf8(&p.bytes).unwrap();
         assert!(text.ends_with(&minimal()[1..]), "{text}");
         let v: serde_json::Value = serde_json::from_slice(&p.bytes).unwrap();
@@ -642,9 +520,7 @@ mod tests {
         }
         assert_eq!(v["created_at"], "2026-11-21T10:00:00.123Z");
         assert_eq!(v["author_name"], serde_json::Value::Null);
-        let EventId::Str(id) = &p.id else {
-            panic!("minted id is a string")
-        };
+        let EventId::Str(id) = &p.id else { panic!("minted id is a string") };
         let uuid = uuid::Uuid::parse_str(id).unwrap();
         assert_eq!(uuid.get_version_num(), 7);
         assert_eq!(v["id"], id.as_str());
@@ -664,19 +540,9 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_with_its_field() {
-        let errs = problems(
-            r#"{"id":null,"author_id":"x","entity_id":1.5,"details":[],"created_at":"yesterday"}"#,
-        );
+        let errs = problems(r#"{"id":null,"author_id":"x","entity_id":1.5,"details":[],"created_at":"yesterday"}"#);
         let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
-        for f in [
-            "id",
-            "author_id",
-            "entity_id",
-            "details",
-            "created_at",
-            "entity_type",
-            "event_type",
-        ] {
+        for f in ["id", "author_id", "entity_id", "details", "created_at", "entity_type", "event_type"] {
             assert!(fields.contains(&f), "{f} not reported in {errs:?}");
         }
     }
@@ -685,69 +551,43 @@ mod tests {
     fn rejects_non_objects_and_bad_encoding() {
         assert_eq!(problems("[1,2]")[0].problem, "must be a JSON object");
         assert_eq!(problems("  ")[0].problem, "is empty");
-        assert!(
-            problems("{\"a\":\"\u{0}\"")
-                .first()
-                .unwrap()
-                .problem
-                .contains("not valid JSON")
-        );
-        let errs = prepare(
-            b"{\"a\":\"\xff\"}",
-            &registry(),
-            &EventLimits::default(),
-            NOW,
-        )
-        .unwrap_err();
+        assert!(problems("{\"a\":\"\u{0}\"").first().unwrap().problem.contains("not valid JSON"));
+        let errs = prepare(b"{\"a\":\"\xff\"}", &registry(), &EventLimits::default(), NOW).unwrap_err();
         assert!(errs[0].problem.contains("UTF-8"), "{errs:?}");
     }
 
     #[test]
     fn rejects_duplicate_known_fields() {
-        let errs = problems(
-            r#"{"event_type":"audit_operation","event_type":"x","entity_type":"Project","entity_id":6}"#,
-        );
+        let errs =
+            problems(r#"{"event_type":"audit_operation","event_type":"x","entity_type":"Project","entity_id":6}"#);
         assert!(errs[0].problem.contains("duplicate field"), "{errs:?}");
     }
 
     #[test]
     fn rejects_unknown_and_unstreamed_types() {
-        let errs =
-            problems(r#"{"event_type":"no_such_type","entity_type":"Project","entity_id":6}"#);
+        let errs = problems(r#"{"event_type":"no_such_type","entity_type":"Project","entity_id":6}"#);
         assert!(errs[0].problem.contains("not a registered event type"));
-        let errs = problems(
-            r#"{"event_type":"login_failed_with_otp_authentication","entity_type":"User","entity_id":6}"#,
-        );
+        let errs =
+            problems(r#"{"event_type":"login_failed_with_otp_authentication","entity_type":"User","entity_id":6}"#);
         assert!(errs[0].problem.contains("streamed: false"));
-        let accept = EventLimits {
-            accept_unknown_types: true,
-            ..EventLimits::default()
-        };
+        let accept = EventLimits { accept_unknown_types: true, ..EventLimits::default() };
         let body = r#"{"event_type":"no_such_type","entity_type":"Project","entity_id":6}"#;
         assert!(prepare(body.as_bytes(), &registry(), &accept, NOW).is_ok());
     }
 
     #[test]
     fn rejects_header_unsafe_type_and_id() {
-        let accept = EventLimits {
-            accept_unknown_types: true,
-            ..EventLimits::default()
-        };
+        let accept = EventLimits { accept_unknown_types: true, ..EventLimits::default() };
         let body = r#"{"event_type":"x\r\nInjected: 1","entity_type":"Project","entity_id":6}"#;
         let errs = prepare(body.as_bytes(), &registry(), &accept, NOW).unwrap_err();
         assert_eq!(errs[0].field, "event_type");
-        let errs = problems(
-            r#"{"id":"a b","event_type":"audit_operation","entity_type":"Project","entity_id":6}"#,
-        );
+        let errs = problems(r#"{"id":"a b","event_type":"audit_operation","entity_type":"Project","entity_id":6}"#);
         assert_eq!(errs[0].field, "id");
     }
 
     #[test]
     fn rejects_oversized_events() {
-        let limits = EventLimits {
-            max_event_bytes: 10,
-            ..EventLimits::default()
-        };
+        let limits = EventLimits { max_event_bytes: 10, ..EventLimits::default() };
         let errs = prepare(minimal().as_bytes(), &registry(), &limits, NOW).unwrap_err();
         assert!(errs[0].problem.contains("more than the limit of 10 bytes"));
     }

@@ -33,9 +33,7 @@ impl EventTypeName {
     pub fn check(name: &str) -> Result<(), String> {
         let ok = name.len() <= Self::MAX_LEN
             && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if ok {
             Ok(())
         } else {
@@ -135,8 +133,8 @@ impl EventTypeDefinition {
             field: field.map(str::to_owned),
             problem,
         };
-        let value: Value = serde_norway::from_str(yaml)
-            .map_err(|e| vec![err(None, format!("is not valid YAML: {e}"))])?;
+        let value: Value =
+            serde_norway::from_str(yaml).map_err(|e| vec![err(None, format!("is not valid YAML: {e}"))])?;
         let Value::Mapping(map) = value else {
             return Err(vec![err(None, "must be a YAML mapping of fields".into())]);
         };
@@ -175,10 +173,7 @@ impl EventTypeDefinition {
                 errors.push(err(Some("name"), problem));
             }
             if name != stem {
-                errors.push(err(
-                    Some("name"),
-                    format!("{name:?} must equal the file name {stem:?}"),
-                ));
+                errors.push(err(Some("name"), format!("{name:?} must equal the file name {stem:?}")));
             }
         }
         if !file_name.ends_with(".yml") {
@@ -216,9 +211,7 @@ impl EventTypeDefinition {
         };
         let saved_to_database = flag("saved_to_database");
         let streamed = flag("streamed");
-        if get("saved_to_database") == Some(&Value::Bool(false))
-            && get("streamed") == Some(&Value::Bool(false))
-        {
+        if get("saved_to_database") == Some(&Value::Bool(false)) && get("streamed") == Some(&Value::Bool(false)) {
             errors.push(err(
                 Some("streamed"),
                 "saved_to_database and streamed are both false: the event would go nowhere".into(),
@@ -237,19 +230,14 @@ impl EventTypeDefinition {
                         Some("Group") => scope.push(Scope::Group),
                         Some("Project") => scope.push(Scope::Project),
                         Some("User") => scope.push(Scope::User),
-                        _ => errors.push(err(
-                            Some("scope"),
-                            format!("{item:?} is not one of Instance, Group, Project, User"),
-                        )),
+                        _ => errors
+                            .push(err(Some("scope"), format!("{item:?} is not one of Instance, Group, Project, User"))),
                     }
                 }
                 scope
             }
             Some(_) => {
-                errors.push(err(
-                    Some("scope"),
-                    "must be a non-empty list of Instance, Group, Project, User".into(),
-                ));
+                errors.push(err(Some("scope"), "must be a non-empty list of Instance, Group, Project, User".into()));
                 Vec::new()
             }
         };
@@ -271,15 +259,13 @@ impl EventTypeDefinition {
 }
 
 fn is_https_url(s: &str) -> bool {
-    s.strip_prefix("https://")
-        .is_some_and(|rest| rest.split('/').next().is_some_and(|host| !host.is_empty()))
+    s.strip_prefix("https://").is_some_and(|rest| rest.split('/').next().is_some_and(|host| !host.is_empty()))
         && !s.chars().any(char::is_whitespace)
 }
 
 fn is_milestone(s: &str) -> bool {
     let mut parts = s.split('.');
-    let ok =
-        |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let ok = |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
 }
 
@@ -305,15 +291,8 @@ impl Registry {
     /// Reads every `*.yml` file of a folder. All problems of all files are
     /// reported, each naming its file and field.
     pub fn load_dir(dir: &Path) -> Result<Self, Vec<DefinitionError>> {
-        let dir_err = |problem: String| {
-            vec![DefinitionError {
-                file: dir.display().to_string(),
-                field: None,
-                problem,
-            }]
-        };
-        let entries =
-            std::fs::read_dir(dir).map_err(|e| dir_err(format!("cannot read folder: {e}")))?;
+        let dir_err = |problem: String| vec![DefinitionError { file: dir.display().to_string(), field: None, problem }];
+        let entries = std::fs::read_dir(dir).map_err(|e| dir_err(format!("cannot read folder: {e}")))?;
         let mut paths: Vec<_> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
@@ -327,10 +306,7 @@ impl Registry {
         let mut errors = Vec::new();
         for path in paths {
             let label = path.display().to_string();
-            let file_name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
+            let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             match std::fs::read_to_string(&path) {
                 Ok(yaml) => match EventTypeDefinition::parse(file_name, &label, &yaml) {
                     Ok(def) => {
@@ -338,18 +314,12 @@ impl Registry {
                     }
                     Err(e) => errors.extend(e),
                 },
-                Err(e) => errors.push(DefinitionError {
-                    file: label,
-                    field: None,
-                    problem: format!("cannot read file: {e}"),
-                }),
+                Err(e) => {
+                    errors.push(DefinitionError { file: label, field: None, problem: format!("cannot read file: {e}") })
+                }
             }
         }
-        if errors.is_empty() {
-            Ok(registry)
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(registry) } else { Err(errors) }
     }
 
     /// Adds (or replaces) the definitions of another registry.
@@ -424,15 +394,8 @@ mod tests {
 
     #[test]
     fn generated_constants_match_definitions() {
-        assert_eq!(
-            crate::types::MERGE_REQUEST_CREATE.as_str(),
-            "merge_request_create"
-        );
-        assert!(
-            Registry::embedded()
-                .get(crate::types::AUDIT_OPERATION.as_str())
-                .is_some()
-        );
+        assert_eq!(crate::types::MERGE_REQUEST_CREATE.as_str(), "merge_request_create");
+        assert!(Registry::embedded().get(crate::types::AUDIT_OPERATION.as_str()).is_some());
     }
 
     #[test]
@@ -443,11 +406,7 @@ mod tests {
     }
 
     fn fields_in_error(file: &str, yaml: &str) -> Vec<Option<String>> {
-        EventTypeDefinition::parse(file, file, yaml)
-            .unwrap_err()
-            .into_iter()
-            .map(|e| e.field)
-            .collect()
+        EventTypeDefinition::parse(file, file, yaml).unwrap_err().into_iter().map(|e| e.field).collect()
     }
 
     #[test]
@@ -463,16 +422,12 @@ mod tests {
             ("scope", "[Namespace]"),
         ];
         for (field, bad) in cases {
-            let yaml: String = GOOD
-                .lines()
-                .map(|l| {
-                    if l.starts_with(&format!("{field}:")) {
-                        format!("{field}: {bad}\n")
-                    } else {
-                        format!("{l}\n")
-                    }
-                })
-                .collect();
+            let yaml: String =
+                GOOD.lines()
+                    .map(|l| {
+                        if l.starts_with(&format!("{field}:")) { format!("{field}: {bad}\n") } else { format!("{l}\n") }
+                    })
+                    .collect();
             let got = fields_in_error("merge_request_create.yml", &yaml);
             assert!(got.contains(&Some(field.to_string())), "{field}: {got:?}");
         }
@@ -485,10 +440,7 @@ mod tests {
         assert!(got.contains(&Some("milestone".into())));
         assert!(got.contains(&Some("colour".into())));
         let yaml = GOOD.replace("streamed: true", "streamed: false");
-        assert_eq!(
-            fields_in_error("merge_request_create.yml", &yaml),
-            vec![Some("streamed".into())]
-        );
+        assert_eq!(fields_in_error("merge_request_create.yml", &yaml), vec![Some("streamed".into())]);
         assert_eq!(fields_in_error("x.yml", "- a\n- b\n"), vec![None]);
         assert_eq!(fields_in_error("x.yml", ":\n  - [\n"), vec![None]);
     }
@@ -500,18 +452,8 @@ mod tests {
         std::fs::write(dir.path().join("bad_one.yml"), GOOD).unwrap();
         std::fs::write(dir.path().join("bad_two.yml"), "name: bad_two\n").unwrap();
         let errs = Registry::load_dir(dir.path()).unwrap_err();
-        assert!(
-            errs.iter()
-                .any(|e| e.file.ends_with("bad_one.yml") && e.field.as_deref() == Some("name"))
-        );
-        assert!(
-            errs.iter()
-                .any(|e| e.file.ends_with("bad_two.yml") && e.field.as_deref() == Some("scope"))
-        );
-        assert!(
-            !errs
-                .iter()
-                .any(|e| e.file.ends_with("merge_request_create.yml"))
-        );
+        assert!(errs.iter().any(|e| e.file.ends_with("bad_one.yml") && e.field.as_deref() == Some("name")));
+        assert!(errs.iter().any(|e| e.file.ends_with("bad_two.yml") && e.field.as_deref() == Some("scope")));
+        assert!(!errs.iter().any(|e| e.file.ends_with("merge_request_create.yml")));
     }
 }

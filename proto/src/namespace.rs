@@ -36,9 +36,7 @@ impl FromStr for NamespaceKind {
             "group" => Ok(Self::Group),
             "project" => Ok(Self::Project),
             "user" => Ok(Self::User),
-            other => Err(format!(
-                "{other:?} is not a namespace kind (group, project, user)"
-            )),
+            other => Err(format!("{other:?} is not a namespace kind (group, project, user)")),
         }
     }
 }
@@ -55,24 +53,15 @@ pub struct NamespaceRef {
 impl NamespaceRef {
     /// A group.
     pub fn group(id: i64) -> Self {
-        Self {
-            kind: NamespaceKind::Group,
-            id,
-        }
+        Self { kind: NamespaceKind::Group, id }
     }
     /// A project.
     pub fn project(id: i64) -> Self {
-        Self {
-            kind: NamespaceKind::Project,
-            id,
-        }
+        Self { kind: NamespaceKind::Project, id }
     }
     /// A user's namespace.
     pub fn user(id: i64) -> Self {
-        Self {
-            kind: NamespaceKind::User,
-            id,
-        }
+        Self { kind: NamespaceKind::User, id }
     }
 }
 
@@ -85,15 +74,8 @@ impl fmt::Display for NamespaceRef {
 impl FromStr for NamespaceRef {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, id) = s
-            .split_once(':')
-            .ok_or_else(|| format!("{s:?} is not a namespace key like group:12"))?;
-        Ok(Self {
-            kind: kind.parse()?,
-            id: id
-                .parse()
-                .map_err(|_| format!("{id:?} is not an integer id"))?,
-        })
+        let (kind, id) = s.split_once(':').ok_or_else(|| format!("{s:?} is not a namespace key like group:12"))?;
+        Ok(Self { kind: kind.parse()?, id: id.parse().map_err(|_| format!("{id:?} is not an integer id"))? })
     }
 }
 
@@ -131,22 +113,14 @@ impl NamespaceRecord {
             ));
         }
         match (of.kind, self.parent.map(|p| p.kind)) {
-            (_, Some(_)) if self.parent == Some(of) => Err(crate::FieldError::new(
-                "parent",
-                "a namespace cannot be its own parent",
-            )),
+            (_, Some(_)) if self.parent == Some(of) => {
+                Err(crate::FieldError::new("parent", "a namespace cannot be its own parent"))
+            }
             (Group, None | Some(Group)) | (Project, Some(Group | User)) | (User, None) => Ok(()),
-            (Project, None) => Err(crate::FieldError::new(
-                "parent",
-                "a project needs a parent group or user",
-            )),
+            (Project, None) => Err(crate::FieldError::new("parent", "a project needs a parent group or user")),
             (kind, Some(parent)) => Err(crate::FieldError::new(
                 "parent",
-                format!(
-                    "a {} cannot have a {} as parent",
-                    kind.as_str(),
-                    parent.as_str()
-                ),
+                format!("a {} cannot have a {} as parent", kind.as_str(), parent.as_str()),
             )),
         }
     }
@@ -159,67 +133,23 @@ mod tests {
 
     #[test]
     fn parent_rules() {
-        let rec = |parent| NamespaceRecord {
-            parent,
-            full_path: "a/b".into(),
-        };
+        let rec = |parent| NamespaceRecord { parent, full_path: "a/b".into() };
         assert!(rec(None).validate(NamespaceRef::group(1)).is_ok());
-        assert!(
-            rec(Some(NamespaceRef::group(1)))
-                .validate(NamespaceRef::group(2))
-                .is_ok()
-        );
-        assert!(
-            rec(Some(NamespaceRef::user(1)))
-                .validate(NamespaceRef::project(2))
-                .is_ok()
-        );
+        assert!(rec(Some(NamespaceRef::group(1))).validate(NamespaceRef::group(2)).is_ok());
+        assert!(rec(Some(NamespaceRef::user(1))).validate(NamespaceRef::project(2)).is_ok());
         assert!(rec(None).validate(NamespaceRef::project(2)).is_err());
-        assert!(
-            rec(Some(NamespaceRef::project(1)))
-                .validate(NamespaceRef::group(2))
-                .is_err()
-        );
-        assert!(
-            rec(Some(NamespaceRef::group(1)))
-                .validate(NamespaceRef::user(2))
-                .is_err()
-        );
-        assert!(
-            rec(Some(NamespaceRef::group(2)))
-                .validate(NamespaceRef::group(2))
-                .is_err()
-        );
-        let bad = NamespaceRecord {
-            parent: None,
-            full_path: "a//b".into(),
-        };
-        assert_eq!(
-            bad.validate(NamespaceRef::group(1)).unwrap_err().field,
-            "full_path"
-        );
+        assert!(rec(Some(NamespaceRef::project(1))).validate(NamespaceRef::group(2)).is_err());
+        assert!(rec(Some(NamespaceRef::group(1))).validate(NamespaceRef::user(2)).is_err());
+        assert!(rec(Some(NamespaceRef::group(2))).validate(NamespaceRef::group(2)).is_err());
+        let bad = NamespaceRecord { parent: None, full_path: "a//b".into() };
+        assert_eq!(bad.validate(NamespaceRef::group(1)).unwrap_err().field, "full_path");
     }
 
     #[test]
     fn key_errors_are_named() {
-        assert!(
-            "folder:1"
-                .parse::<NamespaceRef>()
-                .unwrap_err()
-                .contains("namespace kind")
-        );
-        assert!(
-            "group:x"
-                .parse::<NamespaceRef>()
-                .unwrap_err()
-                .contains("integer")
-        );
-        assert!(
-            "group"
-                .parse::<NamespaceRef>()
-                .unwrap_err()
-                .contains("like group:12")
-        );
+        assert!("folder:1".parse::<NamespaceRef>().unwrap_err().contains("namespace kind"));
+        assert!("group:x".parse::<NamespaceRef>().unwrap_err().contains("integer"));
+        assert!("group".parse::<NamespaceRef>().unwrap_err().contains("like group:12"));
     }
 
     proptest! {

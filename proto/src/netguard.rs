@@ -19,18 +19,12 @@ impl FromStr for Network {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (addr, prefix) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{s:?} is not a network like 10.0.0.0/8"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?} is not a network like 10.0.0.0/8"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = if prefix.is_empty() {
             max
         } else {
-            prefix
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?} has a bad prefix length"))?
+            prefix.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?} has a bad prefix length"))?
         };
         Ok(Self { addr, prefix })
     }
@@ -50,9 +44,7 @@ impl serde::Serialize for Network {
 
 impl<'de> serde::Deserialize<'de> for Network {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -61,15 +53,11 @@ impl Network {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, canonical(ip)) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -138,9 +126,9 @@ impl Policy {
     pub fn check(&self, ip: IpAddr) -> Result<(), String> {
         match special_purpose(ip) {
             Some(_) if self.allowed.iter().any(|n| n.contains(ip)) => Ok(()),
-            Some(why) => Err(format!(
-                "{ip} is a {why} address; destinations may not reach it unless an operator allow-lists it"
-            )),
+            Some(why) => {
+                Err(format!("{ip} is a {why} address; destinations may not reach it unless an operator allow-lists it"))
+            }
             None => Ok(()),
         }
     }
@@ -175,20 +163,14 @@ mod tests {
         ] {
             assert!(refused(a), "{a} should be refused");
         }
-        for a in [
-            "93.184.216.34",
-            "2606:2800:220:1:248:1893:25c8:1946",
-            "8.8.8.8",
-        ] {
+        for a in ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "8.8.8.8"] {
             assert!(!refused(a), "{a} should be allowed");
         }
     }
 
     #[test]
     fn allow_list_opens_only_its_network() {
-        let p = Policy {
-            allowed: vec!["127.0.0.0/8".parse().unwrap()],
-        };
+        let p = Policy { allowed: vec!["127.0.0.0/8".parse().unwrap()] };
         assert!(p.check("127.0.0.1".parse().unwrap()).is_ok());
         assert!(p.check("::ffff:127.0.0.2".parse().unwrap()).is_ok());
         assert!(p.check("10.0.0.1".parse().unwrap()).is_err());

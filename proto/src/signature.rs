@@ -14,8 +14,8 @@ pub fn signature(secrets: &[&SigningSecret], id: &str, timestamp: i64, body: &[u
         .map(|secret| {
             let key = secret.key();
             // HMAC takes keys of any length.
-            let mut mac = Hmac::<Sha256>::new_from_slice(&key)
-                .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+            let mut mac =
+                Hmac::<Sha256>::new_from_slice(&key).unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
             mac.update(id.as_bytes());
             mac.update(b".");
             mac.update(timestamp.to_string().as_bytes());
@@ -32,9 +32,9 @@ pub fn signature(secrets: &[&SigningSecret], id: &str, timestamp: i64, body: &[u
 pub fn verify(secret: &SigningSecret, header: &str, id: &str, timestamp: i64, body: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     let expected = signature(&[secret], id, timestamp, body);
-    header.split(' ').fold(false, |found, candidate| {
-        found | bool::from(candidate.as_bytes().ct_eq(expected.as_bytes()))
-    })
+    header
+        .split(' ')
+        .fold(false, |found, candidate| found | bool::from(candidate.as_bytes().ct_eq(expected.as_bytes())))
 }
 
 #[cfg(test)]
@@ -45,12 +45,7 @@ mod tests {
     #[test]
     fn matches_the_specification_vector() {
         let secret = SigningSecret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
-        let sig = signature(
-            &[&secret],
-            "msg_p5jXN8AQM9LWM0D4loKWxJek",
-            1614265330,
-            br#"{"test": 2432232314}"#,
-        );
+        let sig = signature(&[&secret], "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
     }
 

@@ -10,9 +10,7 @@ pub struct Topics {
 impl Topics {
     /// Topics named with `prefix` (may be empty).
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self {
-            prefix: prefix.into(),
-        }
+        Self { prefix: prefix.into() }
     }
 
     fn name(&self, base: &str) -> String {

@@ -12,22 +12,12 @@ fn every_example_round_trips() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let bytes = std::fs::read(&path).unwrap();
-        let prepared = prepare(
-            &bytes,
-            &registry,
-            &EventLimits::default(),
-            time::OffsetDateTime::now_utc(),
-        )
-        .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        let prepared = prepare(&bytes, &registry, &EventLimits::default(), time::OffsetDateTime::now_utc())
+            .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
         let before: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         let after: serde_json::Value = serde_json::from_slice(&prepared.bytes).unwrap();
         assert_eq!(before, after, "{}", path.display());
-        assert_eq!(
-            prepared.bytes,
-            String::from_utf8(bytes).unwrap().trim().as_bytes(),
-            "{}",
-            path.display()
-        );
+        assert_eq!(prepared.bytes, String::from_utf8(bytes).unwrap().trim().as_bytes(), "{}", path.display());
         assert_eq!(prepared.event_type, before["event_type"]);
         seen += 1;
     }
@@ -43,9 +33,8 @@ fn golden_copy_matches_shared_examples() {
     };
     for entry in entries {
         let path = entry.unwrap().path();
-        let ours = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/golden")
-            .join(path.file_name().unwrap());
+        let ours =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(path.file_name().unwrap());
         assert_eq!(
             std::fs::read(&path).unwrap(),
             std::fs::read(&ours).unwrap_or_default(),

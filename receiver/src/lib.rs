@@ -77,10 +77,7 @@ pub struct Received {
 impl Received {
     /// The first value of a header.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -103,19 +100,10 @@ impl Receiver {
     /// A receiver with `config`. Fails when the log file cannot be opened.
     pub fn new(config: ReceiverConfig) -> std::io::Result<Self> {
         let log = match &config.log_file {
-            Some(path) => Some(Arc::new(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ))),
+            Some(path) => Some(Arc::new(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?))),
             None => None,
         };
-        Ok(Self {
-            config: Arc::new(config),
-            inner: Arc::default(),
-            log,
-        })
+        Ok(Self { config: Arc::new(config), inner: Arc::default(), log })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -134,10 +122,7 @@ impl Receiver {
 
     /// The routes: `POST` anywhere takes a delivery; `GET /stats` reports.
     pub fn router(&self) -> Router {
-        Router::new()
-            .route("/stats", get(stats))
-            .fallback(post(take))
-            .with_state(self.clone())
+        Router::new().route("/stats", get(stats)).fallback(post(take)).with_state(self.clone())
     }
 
     /// Serves on `listener` until `stop` resolves.
@@ -146,9 +131,7 @@ impl Receiver {
         listener: TcpListener,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(stop)
-            .await
+        axum::serve(listener, self.router()).with_graceful_shutdown(stop).await
     }
 
     fn match_token(&self, presented: Option<&str>) -> Option<&Expected> {
@@ -173,49 +156,26 @@ fn check_signature(expected: &Expected, headers: &HeaderMap, body: &[u8]) -> &'s
         return "unsigned";
     };
     let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    match (
-        get("webhook-id"),
-        get("webhook-timestamp").and_then(|t| t.parse::<i64>().ok()),
-        get("webhook-signature"),
-    ) {
-        (Some(id), Some(ts), Some(sig)) if proto::signature::verify(secret, sig, id, ts, body) => {
-            "verified"
-        }
+    match (get("webhook-id"), get("webhook-timestamp").and_then(|t| t.parse::<i64>().ok()), get("webhook-signature")) {
+        (Some(id), Some(ts), Some(sig)) if proto::signature::verify(secret, sig, id, ts, body) => "verified",
         _ => "invalid",
     }
 }
 
-async fn take(
-    State(r): State<Receiver>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> impl IntoResponse {
-    let token = headers
-        .get("x-gitlab-event-streaming-token")
-        .and_then(|v| v.to_str().ok());
+async fn take(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
+    let token = headers.get("x-gitlab-event-streaming-token").and_then(|v| v.to_str().ok());
     let expected = r.match_token(token).cloned();
-    let signature = expected
-        .as_ref()
-        .map_or("unsigned", |e| check_signature(e, &headers, &body));
+    let signature = expected.as_ref().map_or("unsigned", |e| check_signature(e, &headers, &body));
     let header_list: Vec<(String, String)> = headers
         .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
+        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
     let event: Option<Value> = serde_json::from_slice(&body).ok();
     let id = event.as_ref().and_then(|e| e.get("id")).map(|v| match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     });
-    let event_type = headers
-        .get("x-gitlab-audit-event-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("?");
+    let event_type = headers.get("x-gitlab-audit-event-type").and_then(|v| v.to_str().ok()).unwrap_or("?");
     let accepted = expected.is_some() && signature != "invalid";
 
     if let Some(log) = &r.log {
@@ -226,9 +186,7 @@ async fn take(
             .filter(|t| !t.contains(['\n', '\r']))
             .and_then(|t| serde_json::value::RawValue::from_string(t.to_owned()).ok());
         let fallback = || {
-            let v = event
-                .clone()
-                .unwrap_or_else(|| Value::String(String::from_utf8_lossy(&body).into_owned()));
+            let v = event.clone().unwrap_or_else(|| Value::String(String::from_utf8_lossy(&body).into_owned()));
             serde_json::value::to_raw_value(&v).ok()
         };
         #[derive(Serialize)]
@@ -240,10 +198,7 @@ async fn take(
         }
         let line = LogLine {
             path: uri.path(),
-            headers: header_list
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect(),
+            headers: header_list.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
             body: exact.or_else(fallback),
             accepted,
         };
@@ -254,17 +209,12 @@ async fn take(
         }
     }
 
-    let name = expected
-        .as_ref()
-        .map_or("unknown".to_owned(), |e| e.name.clone());
+    let name = expected.as_ref().map_or("unknown".to_owned(), |e| e.name.clone());
     let mut inner = r.lock();
     let (status, verdict) = if !accepted {
         inner.stats.rejected += 1;
         (StatusCode::UNAUTHORIZED, "rejected")
-    } else if inner
-        .seen
-        .insert((name.clone(), id.clone().unwrap_or_default()))
-    {
+    } else if inner.seen.insert((name.clone(), id.clone().unwrap_or_default())) {
         inner.stats.unique += 1;
         (StatusCode::OK, "new")
     } else {
@@ -282,11 +232,7 @@ async fn take(
     }
     drop(inner);
     if r.config.print {
-        let token_state = if expected.is_some() {
-            "verified"
-        } else {
-            "REJECTED"
-        };
+        let token_state = if expected.is_some() { "verified" } else { "REJECTED" };
         println!(
             "received id={} type={event_type} destination={name} token={token_state} signature={signature} ({verdict})",
             id.as_deref().unwrap_or("?"),

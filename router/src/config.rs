@@ -3,9 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use service::config::{
-    AdminConfig, ConfigError, KafkaConfig, ShutdownConfig, TelemetryConfig, duration,
-};
+use service::config::{AdminConfig, ConfigError, KafkaConfig, ShutdownConfig, TelemetryConfig, duration};
 
 /// Everything the router role reads at start.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -58,9 +56,7 @@ impl RouterConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
         if self.router.group_id.is_empty() || self.router.max_in_flight == 0 {
-            return Err(ConfigError::Invalid(
-                "router.group_id must be set and router.max_in_flight above zero".into(),
-            ));
+            return Err(ConfigError::Invalid("router.group_id must be set and router.max_in_flight above zero".into()));
         }
         Ok(())
     }

@@ -58,21 +58,14 @@ struct Context {
 }
 
 /// Runs the router until `shutdown`, then drains within the grace period.
-pub async fn run(
-    config: RouterConfig,
-    admin: Admin,
-    shutdown: Shutdown,
-) -> Result<(), RouterError> {
+pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Result<(), RouterError> {
     let mut registry = Registry::embedded();
     if let Some(dir) = &config.router.types_dir {
-        registry.extend(Registry::load_dir(dir).map_err(|errs| {
-            RouterError::Types(
-                errs.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            )
-        })?);
+        registry.extend(
+            Registry::load_dir(dir).map_err(|errs| {
+                RouterError::Types(errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
+            })?,
+        );
     }
     let topics = Topics::new(config.kafka.topic_prefix.clone());
     if config.kafka.create_topics {
@@ -81,14 +74,9 @@ pub async fn run(
     let metrics = metrics::Metrics::register(&admin.registry)?;
     let ready_tree = admin.readiness.register("router.namespaces");
     let ready_dest = admin.readiness.register("router.destinations");
-    let (tree, _) = service::table::follow(
-        &config.kafka,
-        &topics.namespaces(),
-        Tree::default(),
-        ready_tree,
-        shutdown.clone(),
-    )
-    .await?;
+    let (tree, _) =
+        service::table::follow(&config.kafka, &topics.namespaces(), Tree::default(), ready_tree, shutdown.clone())
+            .await?;
     let (destinations, _) = service::table::follow(
         &config.kafka,
         &topics.destinations(),
@@ -104,11 +92,7 @@ pub async fn run(
         _ = async { tree.wait_ready().await; destinations.wait_ready().await } => {}
         _ = stop.wait() => return Ok(()),
     }
-    let consumer = kafka::consumer(
-        &config.kafka,
-        &config.router.group_id,
-        config.router.session_timeout,
-    )?;
+    let consumer = kafka::consumer(&config.kafka, &config.router.group_id, config.router.session_timeout)?;
     consumer.subscribe(&[&topics.events()])?;
     let ctx = Arc::new(Context {
         tree,
@@ -120,10 +104,7 @@ pub async fn run(
         metrics,
     });
     tracing::info!(group = %config.router.group_id, "router consuming");
-    let limits = consume::LoopLimits {
-        max_in_flight: config.router.max_in_flight,
-        grace: config.shutdown.grace,
-    };
+    let limits = consume::LoopLimits { max_in_flight: config.router.max_in_flight, grace: config.shutdown.grace };
     consume::run(consumer, limits, shutdown, move |m| handle(ctx.clone(), m)).await;
     tracing::info!("router stopped");
     Ok(())
@@ -140,39 +121,19 @@ fn plan(ctx: &Context, payload: &[u8]) -> Plan {
     let view = match EventView::parse(payload) {
         Ok(v) => v,
         Err(errors) => {
-            let reason = errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ");
+            let reason = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
             return Plan::Poison(format!("invalid event: {reason}"));
         }
     };
     let tree = ctx.tree.read();
     let destinations = ctx.destinations.read();
-    ctx.metrics
-        .table_size
-        .with_label_values(&["namespaces"])
-        .set(tree.len() as i64);
-    ctx.metrics
-        .table_size
-        .with_label_values(&["destinations"])
-        .set(destinations.len() as i64);
+    ctx.metrics.table_size.with_label_values(&["namespaces"]).set(tree.len() as i64);
+    ctx.metrics.table_size.with_label_values(&["destinations"]).set(destinations.len() as i64);
     let mut out = Vec::new();
-    match route::route(
-        &view,
-        &tree,
-        &destinations,
-        &ctx.registry,
-        ctx.accept_unknown,
-        &mut out,
-    ) {
+    match route::route(&view, &tree, &destinations, &ctx.registry, ctx.accept_unknown, &mut out) {
         Err(reason) => Plan::Poison(reason),
         Ok(Decision::NotStreamed) => {
-            ctx.metrics
-                .events
-                .with_label_values(&["not_streamed"])
-                .inc();
+            ctx.metrics.events.with_label_values(&["not_streamed"]).inc();
             Plan::Nothing
         }
         Ok(Decision::Route(resolution)) => {
@@ -187,15 +148,8 @@ fn plan(ctx: &Context, payload: &[u8]) -> Plan {
                 }
             };
             ctx.metrics.resolution.with_label_values(&[via]).inc();
-            let targets = out
-                .iter()
-                .map(|d| (d.id.clone(), d.owner == Owner::Instance))
-                .collect();
-            let id = view
-                .id
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            let targets = out.iter().map(|d| (d.id.clone(), d.owner == Owner::Instance)).collect();
+            let id = view.id.as_ref().map(ToString::to_string).unwrap_or_default();
             Plan::Deliver(targets, id, view.event_type.into_owned())
         }
     }
@@ -207,24 +161,12 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
         Plan::Nothing => {}
         Plan::Poison(reason) => {
             tracing::warn!(partition = m.partition(), offset = m.offset(), %reason, "dead-lettering event");
-            let mut headers: Vec<(&str, &[u8])> = kafka::header_pairs(&m)
-                .into_iter()
-                .filter_map(|(k, v)| v.map(|v| (k, v)))
-                .collect();
+            let mut headers: Vec<(&str, &[u8])> =
+                kafka::header_pairs(&m).into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
             headers.push((H_REASON, reason.as_bytes()));
             let key = m.key().unwrap_or_default();
-            kafka::produce_durably(
-                &ctx.producer,
-                &ctx.topics.events_dlq(),
-                key,
-                Some(payload),
-                &headers,
-            )
-            .await;
-            ctx.metrics
-                .events
-                .with_label_values(&["dead_lettered"])
-                .inc();
+            kafka::produce_durably(&ctx.producer, &ctx.topics.events_dlq(), key, Some(payload), &headers).await;
+            ctx.metrics.events.with_label_values(&["dead_lettered"]).inc();
         }
         Plan::Deliver(targets, event_id, event_type) => {
             let topic = ctx.topics.deliveries();
@@ -233,28 +175,13 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
                 let topic = &topic;
                 let ctx = &ctx;
                 async move {
-                    let headers: Vec<(&str, &[u8])> =
-                        meta.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-                    kafka::produce_durably(
-                        &ctx.producer,
-                        topic,
-                        dest.as_bytes(),
-                        Some(payload),
-                        &headers,
-                    )
-                    .await;
-                    ctx.metrics
-                        .deliveries
-                        .with_label_values(&[if *instance { "instance" } else { "group" }])
-                        .inc();
+                    let headers: Vec<(&str, &[u8])> = meta.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+                    kafka::produce_durably(&ctx.producer, topic, dest.as_bytes(), Some(payload), &headers).await;
+                    ctx.metrics.deliveries.with_label_values(&[if *instance { "instance" } else { "group" }]).inc();
                 }
             });
             futures_util::future::join_all(writes).await;
-            let outcome = if targets.is_empty() {
-                "unrouted"
-            } else {
-                "routed"
-            };
+            let outcome = if targets.is_empty() { "unrouted" } else { "routed" };
             ctx.metrics.events.with_label_values(&[outcome]).inc();
         }
     }

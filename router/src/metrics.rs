@@ -26,24 +26,15 @@ impl Metrics {
                 &["outcome"],
             )?,
             deliveries: IntCounterVec::new(
-                Opts::new(
-                    "auditstream_router_deliveries_total",
-                    "Deliveries written, by destination level",
-                ),
+                Opts::new("auditstream_router_deliveries_total", "Deliveries written, by destination level"),
                 &["level"],
             )?,
             resolution: IntCounterVec::new(
-                Opts::new(
-                    "auditstream_router_root_resolution_total",
-                    "How each event's root group was found",
-                ),
+                Opts::new("auditstream_router_root_resolution_total", "How each event's root group was found"),
                 &["via"],
             )?,
             table_size: IntGaugeVec::new(
-                Opts::new(
-                    "auditstream_router_table_entries",
-                    "Entries in the in-memory tables",
-                ),
+                Opts::new("auditstream_router_table_entries", "Entries in the in-memory tables"),
                 &["table"],
             )?,
         };

@@ -27,10 +27,7 @@ pub struct Chain {
 
 impl Default for Chain {
     fn default() -> Self {
-        Self {
-            items: [NamespaceRef::group(0); MAX_DEPTH + 1],
-            len: 0,
-        }
+        Self { items: [NamespaceRef::group(0); MAX_DEPTH + 1], len: 0 }
     }
 }
 
@@ -173,9 +170,7 @@ impl TableState for Tree {
             Some(bytes) => {
                 let record: NamespaceRecord =
                     serde_json::from_slice(bytes).map_err(|e| format!("namespace {key}: {e}"))?;
-                record
-                    .validate(of)
-                    .map_err(|e| format!("namespace {key}: {e}"))?;
+                record.validate(of).map_err(|e| format!("namespace {key}: {e}"))?;
                 self.upsert(of, record);
             }
         }
@@ -188,93 +183,51 @@ mod tests {
     use super::*;
 
     fn rec(parent: Option<NamespaceRef>, path: &str) -> NamespaceRecord {
-        NamespaceRecord {
-            parent,
-            full_path: path.into(),
-        }
+        NamespaceRecord { parent, full_path: path.into() }
     }
 
     #[test]
     fn resolves_through_subgroups_and_follows_transfers() {
         let mut t = Tree::default();
         t.upsert(NamespaceRef::group(1), rec(None, "a"));
-        t.upsert(
-            NamespaceRef::group(2),
-            rec(Some(NamespaceRef::group(1)), "a/b"),
-        );
-        t.upsert(
-            NamespaceRef::project(3),
-            rec(Some(NamespaceRef::group(2)), "a/b/p"),
-        );
+        t.upsert(NamespaceRef::group(2), rec(Some(NamespaceRef::group(1)), "a/b"));
+        t.upsert(NamespaceRef::project(3), rec(Some(NamespaceRef::group(2)), "a/b/p"));
         let (root, chain) = t.resolve(NamespaceRef::project(3)).unwrap().unwrap();
         assert_eq!(root, Root::Group(1));
         assert_eq!(chain.as_slice().len(), 3);
         t.upsert(NamespaceRef::group(9), rec(None, "z"));
-        t.upsert(
-            NamespaceRef::group(2),
-            rec(Some(NamespaceRef::group(9)), "z/b"),
-        );
-        assert_eq!(
-            t.resolve(NamespaceRef::project(3)).unwrap().unwrap().0,
-            Root::Group(9)
-        );
+        t.upsert(NamespaceRef::group(2), rec(Some(NamespaceRef::group(9)), "z/b"));
+        assert_eq!(t.resolve(NamespaceRef::project(3)).unwrap().unwrap().0, Root::Group(9));
     }
 
     #[test]
     fn personal_namespaces_go_to_instance_only() {
         let mut t = Tree::default();
         t.upsert(NamespaceRef::user(5), rec(None, "alice"));
-        t.upsert(
-            NamespaceRef::project(6),
-            rec(Some(NamespaceRef::user(5)), "alice/p"),
-        );
-        assert_eq!(
-            t.resolve(NamespaceRef::project(6)).unwrap().unwrap().0,
-            Root::InstanceOnly
-        );
+        t.upsert(NamespaceRef::project(6), rec(Some(NamespaceRef::user(5)), "alice/p"));
+        assert_eq!(t.resolve(NamespaceRef::project(6)).unwrap().unwrap().0, Root::InstanceOnly);
     }
 
     #[test]
     fn cycles_and_deep_chains_are_bad_data() {
         let mut t = Tree::default();
-        t.upsert(
-            NamespaceRef::group(1),
-            rec(Some(NamespaceRef::group(2)), "x"),
-        );
-        t.upsert(
-            NamespaceRef::group(2),
-            rec(Some(NamespaceRef::group(1)), "y"),
-        );
-        assert_eq!(
-            t.resolve(NamespaceRef::group(1)).unwrap_err(),
-            BadTree::Cycle
-        );
+        t.upsert(NamespaceRef::group(1), rec(Some(NamespaceRef::group(2)), "x"));
+        t.upsert(NamespaceRef::group(2), rec(Some(NamespaceRef::group(1)), "y"));
+        assert_eq!(t.resolve(NamespaceRef::group(1)).unwrap_err(), BadTree::Cycle);
         let mut t = Tree::default();
         t.upsert(NamespaceRef::group(0), rec(None, "g0"));
         for i in 1..=21 {
-            t.upsert(
-                NamespaceRef::group(i),
-                rec(Some(NamespaceRef::group(i - 1)), "g"),
-            );
+            t.upsert(NamespaceRef::group(i), rec(Some(NamespaceRef::group(i - 1)), "g"));
         }
-        assert!(
-            t.resolve(NamespaceRef::group(20)).unwrap().is_some(),
-            "20 levels up is fine"
-        );
-        assert_eq!(
-            t.resolve(NamespaceRef::group(21)).unwrap_err(),
-            BadTree::TooDeep
-        );
+        assert!(t.resolve(NamespaceRef::group(20)).unwrap().is_some(), "20 levels up is fine");
+        assert_eq!(t.resolve(NamespaceRef::group(21)).unwrap_err(), BadTree::TooDeep);
     }
 
     #[test]
     fn unknown_entities_and_ancestors_are_none() {
         let mut t = Tree::default();
         assert!(t.resolve(NamespaceRef::project(1)).unwrap().is_none());
-        t.upsert(
-            NamespaceRef::project(1),
-            rec(Some(NamespaceRef::group(77)), "g/p"),
-        );
+        t.upsert(NamespaceRef::project(1), rec(Some(NamespaceRef::group(77)), "g/p"));
         assert!(t.resolve(NamespaceRef::project(1)).unwrap().is_none());
     }
 
@@ -289,9 +242,6 @@ mod tests {
         assert_eq!(t.top_level_by_path("new"), None);
         assert!(t.apply(b"group:1", Some(b"{}")).is_err());
         assert!(t.apply(b"folder:1", Some(b"{}")).is_err());
-        assert!(
-            t.apply(b"project:1", Some(br#"{"parent":null,"full_path":"p"}"#))
-                .is_err()
-        );
+        assert!(t.apply(b"project:1", Some(br#"{"parent":null,"full_path":"p"}"#)).is_err());
     }
 }

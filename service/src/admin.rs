@@ -47,10 +47,7 @@ impl Readiness {
 
     /// Every check and whether it passes.
     pub fn report(&self) -> BTreeMap<String, bool> {
-        self.lock()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.load(Ordering::Acquire)))
-            .collect()
+        self.lock().iter().map(|(k, v)| (k.clone(), v.load(Ordering::Acquire))).collect()
     }
 
     /// Whether every check passes.
@@ -80,39 +77,22 @@ impl Admin {
 
     /// Serves until `shutdown` fires.
     pub async fn serve(self, listener: TcpListener, mut shutdown: Shutdown) -> std::io::Result<()> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move { shutdown.wait().await })
-            .await
+        axum::serve(listener, self.router()).with_graceful_shutdown(async move { shutdown.wait().await }).await
     }
 }
 
 async fn ready(State(admin): State<Admin>) -> impl IntoResponse {
     let report = admin.readiness.report();
     let ok = report.values().all(|r| *r);
-    let status = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        axum::Json(serde_json::json!({ "ready": ok, "checks": report })),
-    )
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(serde_json::json!({ "ready": ok, "checks": report })))
 }
 
 async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
     let mut buf = Vec::new();
     match TextEncoder::new().encode(&admin.registry.gather(), &mut buf) {
-        Ok(()) => (
-            StatusCode::OK,
-            [("content-type", "text/plain; version=0.0.4")],
-            buf,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [("content-type", "text/plain")],
-            e.to_string().into_bytes(),
-        ),
+        Ok(()) => (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], buf),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], e.to_string().into_bytes()),
     }
 }
 

@@ -40,24 +40,17 @@ pub enum ConfigError {
 }
 
 /// Loads a role's config: `T::default()`, then `file`, then `env`.
-pub fn load<T>(
-    file: Option<&Path>,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<T, ConfigError>
+pub fn load<T>(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<T, ConfigError>
 where
     T: Serialize + DeserializeOwned + Default,
 {
     let mut merged = toml::Value::try_from(T::default())
         .map_err(|e| ConfigError::Invalid(format!("defaults do not serialize: {e}")))?;
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let table: toml::Table = toml::from_str(&text)
+            .map_err(|e| ConfigError::Syntax { path: path.display().to_string(), message: e.to_string() })?;
         merge(&mut merged, toml::Value::Table(table));
     }
     for (key, value) in env {
@@ -118,9 +111,8 @@ pub mod duration {
     /// Reads humantime text.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!("{text:?} is not a duration like 30s: {e}"))
-        })
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like 30s: {e}")))
     }
 }
 
@@ -210,10 +202,7 @@ impl KafkaConfig {
             ));
         }
         for key in self.properties.keys() {
-            if matches!(
-                key.as_str(),
-                "bootstrap.servers" | "group.id" | "enable.auto.offset.store"
-            ) {
+            if matches!(key.as_str(), "bootstrap.servers" | "group.id" | "enable.auto.offset.store") {
                 return Err(ConfigError::Invalid(format!(
                     "kafka.properties.{key} is managed by auditstream; use kafka.brokers or the role's settings"
                 )));
@@ -245,10 +234,7 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self {
-            format: LogFormat::Json,
-            filter: "info".into(),
-        }
+        Self { format: LogFormat::Json, filter: "info".into() }
     }
 }
 
@@ -262,9 +248,7 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
-        }
+        Self { listen: SocketAddr::from(([0, 0, 0, 0], 9090)) }
     }
 }
 
@@ -279,9 +263,7 @@ pub struct ShutdownConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self {
-            grace: Duration::from_secs(20),
-        }
+        Self { grace: Duration::from_secs(20) }
     }
 }
 
@@ -304,9 +286,7 @@ impl Common {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
         if self.shutdown.grace.is_zero() {
-            return Err(ConfigError::Invalid(
-                "shutdown.grace must be above zero".into(),
-            ));
+            return Err(ConfigError::Invalid("shutdown.grace must be above zero".into()));
         }
         Ok(())
     }
@@ -324,30 +304,20 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn defaults_then_file_then_env() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(
-            &file,
-            "limit = 5\n[common.kafka]\nbrokers = \"file:1\"\ntopic_prefix = \"f.\"\n",
-        )
-        .unwrap();
+        std::fs::write(&file, "limit = 5\n[common.kafka]\nbrokers = \"file:1\"\ntopic_prefix = \"f.\"\n").unwrap();
         let c: Role = load(
             Some(&file),
             env(&[
                 ("AUDITSTREAM_COMMON__KAFKA__BROKERS", "env:2"),
                 ("AUDITSTREAM_COMMON__SHUTDOWN__GRACE", "5s"),
-                (
-                    "AUDITSTREAM_COMMON__KAFKA__PROPERTIES__SASL.PASSWORD",
-                    "hunter2",
-                ),
+                ("AUDITSTREAM_COMMON__KAFKA__PROPERTIES__SASL.PASSWORD", "hunter2"),
                 ("AUDITSTREAM_TEST_BROKERS", "not config"),
                 ("PATH", "/bin"),
             ]),
@@ -369,31 +339,21 @@ mod tests {
         std::fs::write(&file, "limmit = 5\n").unwrap();
         let err = load::<Role>(Some(&file), env(&[])).unwrap_err().to_string();
         assert!(err.contains("limmit"), "{err}");
-        let err = load::<Role>(None, env(&[("AUDITSTREAM_COMMON__KAFKA__BROKER", "x")]))
-            .unwrap_err()
-            .to_string();
+        let err = load::<Role>(None, env(&[("AUDITSTREAM_COMMON__KAFKA__BROKER", "x")])).unwrap_err().to_string();
         assert!(err.contains("broker"), "{err}");
     }
 
     #[test]
     fn bad_values_are_named() {
-        let err = load::<Role>(
-            None,
-            env(&[
-                ("AUDITSTREAM_LIMIT", "1"),
-                ("AUDITSTREAM_COMMON__SHUTDOWN__GRACE", "soon"),
-            ]),
-        )
-        .unwrap_err()
-        .to_string();
+        let err =
+            load::<Role>(None, env(&[("AUDITSTREAM_LIMIT", "1"), ("AUDITSTREAM_COMMON__SHUTDOWN__GRACE", "soon")]))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("soon"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "limit = [").unwrap();
-        assert!(matches!(
-            load::<Role>(Some(&file), env(&[])),
-            Err(ConfigError::Syntax { .. })
-        ));
+        assert!(matches!(load::<Role>(Some(&file), env(&[])), Err(ConfigError::Syntax { .. })));
         assert!(matches!(
             load::<Role>(Some(&dir.path().join("missing.toml")), env(&[])),
             Err(ConfigError::Read { .. })

@@ -29,12 +29,8 @@ pub struct LoopLimits {
 }
 
 /// Runs until `shutdown`, spawning `handler(message)` for each message.
-pub async fn run<H, F>(
-    consumer: StreamConsumer,
-    limits: LoopLimits,
-    mut shutdown: Shutdown,
-    handler: H,
-) where
+pub async fn run<H, F>(consumer: StreamConsumer, limits: LoopLimits, mut shutdown: Shutdown, handler: H)
+where
     H: Fn(OwnedMessage) -> F,
     F: Future<Output = ()> + Send + 'static,
 {

@@ -29,16 +29,10 @@ pub fn base(config: &KafkaConfig) -> ClientConfig {
 /// A producer whose acknowledgement means every in-sync replica has the
 /// record, without duplicates from its own retries. A record not
 /// acknowledged within `delivery_timeout` fails (and is not written later).
-pub fn producer(
-    config: &KafkaConfig,
-    delivery_timeout: Duration,
-) -> Result<FutureProducer, KafkaError> {
+pub fn producer(config: &KafkaConfig, delivery_timeout: Duration) -> Result<FutureProducer, KafkaError> {
     let mut c = base(config);
     c.set("acks", "all")
-        .set(
-            "message.timeout.ms",
-            delivery_timeout.as_millis().max(1).to_string(),
-        )
+        .set("message.timeout.ms", delivery_timeout.as_millis().max(1).to_string())
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("compression.type", "lz4");
@@ -47,25 +41,15 @@ pub fn producer(
 
 /// A group consumer that stores offsets only when told to (the watermark
 /// decides), and auto-commits what was stored.
-pub fn consumer(
-    config: &KafkaConfig,
-    group: &str,
-    session_timeout: Duration,
-) -> Result<StreamConsumer, KafkaError> {
+pub fn consumer(config: &KafkaConfig, group: &str, session_timeout: Duration) -> Result<StreamConsumer, KafkaError> {
     let mut c = base(config);
     c.set("group.id", group)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set(
-            "session.timeout.ms",
-            session_timeout.as_millis().to_string(),
-        )
-        .set(
-            "heartbeat.interval.ms",
-            (session_timeout.as_millis() / 3).max(100).to_string(),
-        );
+        .set("session.timeout.ms", session_timeout.as_millis().to_string())
+        .set("heartbeat.interval.ms", (session_timeout.as_millis() / 3).max(100).to_string());
     c.create()
 }
 
@@ -81,24 +65,13 @@ pub fn reader(config: &KafkaConfig) -> Result<StreamConsumer, KafkaError> {
 
 /// Creates the topics that do not exist yet. Compacted topics get
 /// `cleanup.policy=compact`.
-pub async fn ensure_topics(
-    config: &KafkaConfig,
-    topics: &[(String, bool)],
-) -> Result<(), KafkaError> {
+pub async fn ensure_topics(config: &KafkaConfig, topics: &[(String, bool)]) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = base(config).create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, compacted)| {
-            let t = NewTopic::new(
-                name,
-                config.partitions,
-                TopicReplication::Fixed(config.replication_factor),
-            );
-            if *compacted {
-                t.set("cleanup.policy", "compact")
-            } else {
-                t
-            }
+            let t = NewTopic::new(name, config.partitions, TopicReplication::Fixed(config.replication_factor));
+            if *compacted { t.set("cleanup.policy", "compact") } else { t }
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -117,11 +90,7 @@ pub async fn ensure_topics(
 
 /// Waits until `topic`'s metadata lists partitions (a fresh topic takes a
 /// moment to appear on every broker), and returns their count.
-pub async fn partitions(
-    consumer: &StreamConsumer,
-    topic: &str,
-    deadline: Duration,
-) -> Result<i32, KafkaError> {
+pub async fn partitions(consumer: &StreamConsumer, topic: &str, deadline: Duration) -> Result<i32, KafkaError> {
     let start = tokio::time::Instant::now();
     loop {
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
@@ -133,34 +102,23 @@ pub async fn partitions(
             return Ok(t.partitions().len() as i32);
         }
         if start.elapsed() > deadline {
-            return Err(md.err().unwrap_or(KafkaError::MetadataFetch(
-                RDKafkaErrorCode::UnknownTopicOrPartition,
-            )));
+            return Err(md.err().unwrap_or(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition)));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// Kafka record headers from name/value pairs.
-pub fn headers<'a>(
-    pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-) -> rdkafka::message::OwnedHeaders {
-    pairs
-        .into_iter()
-        .fold(rdkafka::message::OwnedHeaders::new(), |h, (key, value)| {
-            h.insert(rdkafka::message::Header {
-                key,
-                value: Some(value),
-            })
-        })
+pub fn headers<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> rdkafka::message::OwnedHeaders {
+    pairs.into_iter().fold(rdkafka::message::OwnedHeaders::new(), |h, (key, value)| {
+        h.insert(rdkafka::message::Header { key, value: Some(value) })
+    })
 }
 
 /// The name/value pairs of a message's headers.
 pub fn header_pairs<M: rdkafka::Message>(m: &M) -> Vec<(&str, Option<&[u8]>)> {
     use rdkafka::message::Headers as _;
-    m.headers()
-        .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-        .unwrap_or_default()
+    m.headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect()).unwrap_or_default()
 }
 
 /// Writes a record and waits for the acknowledgement, retrying with

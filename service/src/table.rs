@@ -29,10 +29,7 @@ pub struct Table<S> {
 
 impl<S> Clone for Table<S> {
     fn clone(&self) -> Self {
-        Self {
-            state: self.state.clone(),
-            ready: self.ready.clone(),
-        }
+        Self { state: self.state.clone(), ready: self.ready.clone() }
     }
 }
 
@@ -42,10 +39,7 @@ impl<S> Table<S> {
     pub fn new(state: S) -> Self {
         let (tx, ready) = tokio::sync::watch::channel(true);
         std::mem::forget(tx);
-        Self {
-            state: Arc::new(RwLock::new(state)),
-            ready,
-        }
+        Self { state: Arc::new(RwLock::new(state)), ready }
     }
 
     /// Waits until the table was read to the end once.
@@ -62,10 +56,7 @@ impl<S> Table<S> {
     where
         S: TableState,
     {
-        self.state
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .apply(key, value)
+        self.state.write().unwrap_or_else(|e| e.into_inner()).apply(key, value)
     }
 }
 
@@ -89,10 +80,7 @@ pub async fn follow<S: TableState>(
     }
     consumer.assign(&tpl)?;
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
-    let table = Table {
-        state: Arc::new(RwLock::new(state)),
-        ready: ready_rx,
-    };
+    let table = Table { state: Arc::new(RwLock::new(state)), ready: ready_rx };
     let follower = table.clone();
     let mark_ready = move |r: bool| {
         ready.set(r);
@@ -149,10 +137,7 @@ impl TableState for proto::destination::Directory {
                 let d: proto::destination::Destination =
                     serde_json::from_slice(bytes).map_err(|e| format!("destination {id}: {e}"))?;
                 if d.id != id {
-                    return Err(format!(
-                        "destination record id {:?} differs from its key {id:?}",
-                        d.id
-                    ));
+                    return Err(format!("destination record id {:?} differs from its key {id:?}", d.id));
                 }
                 self.upsert(d);
                 Ok(())

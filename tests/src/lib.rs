@@ -7,6 +7,7 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -28,16 +29,10 @@ impl TestBroker {
     /// mock cluster.
     pub fn start() -> Self {
         match std::env::var(BROKERS_ENV) {
-            Ok(b) if !b.is_empty() => Self {
-                brokers: b,
-                mock: None,
-            },
+            Ok(b) if !b.is_empty() => Self { brokers: b, mock: None },
             _ => {
                 let mock = MockCluster::new(1).expect("mock cluster starts");
-                Self {
-                    brokers: mock.bootstrap_servers(),
-                    mock: Some(mock),
-                }
+                Self { brokers: mock.bootstrap_servers(), mock: Some(mock) }
             }
         }
     }
@@ -77,20 +72,16 @@ impl TestBroker {
                     mock.create_topic(&t, 2, 1).expect("mock topic");
                 }
             }
-            None => service::kafka::ensure_topics(&self.kafka(prefix), &topics.all(rungs))
-                .await
-                .expect("topics created"),
+            None => {
+                service::kafka::ensure_topics(&self.kafka(prefix), &topics.all(rungs)).await.expect("topics created")
+            }
         }
     }
 }
 
 /// A name no other test uses: `t<pid>-<random>`.
 pub fn unique(what: &str) -> String {
-    format!(
-        "{what}-{}-{}",
-        std::process::id(),
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    )
+    format!("{what}-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
 /// A loopback address with a free port (free when asked; tests tolerate
@@ -105,11 +96,7 @@ pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join("auditstream");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p auditstream` first (scripts/test does)",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: run `cargo build -p auditstream` first (scripts/test does)", bin.display());
     bin
 }
 
@@ -118,25 +105,35 @@ pub struct Process {
     /// What it is, for messages.
     pub name: String,
     child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl Process {
     /// Starts `auditstream <args>` with `env` (and a quiet log filter).
+    /// Its stdout lines are collected ([`Process::stdout`]).
     pub fn spawn(name: &str, args: &[&str], env: &[(&str, String)]) -> Self {
         let mut cmd = Command::new(binary());
-        cmd.args(args)
-            .env("AUDITSTREAM_TELEMETRY__FILTER", "warn,auditstream=info")
-            .stdin(Stdio::null());
+        cmd.args(args).env("AUDITSTREAM_TELEMETRY__FILTER", "warn").stdin(Stdio::null()).stdout(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self {
-            name: name.into(),
-            child,
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        if let Some(out) = child.stdout.take() {
+            let lines = stdout.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            });
         }
+        Self { name: name.into(), child, stdout }
+    }
+
+    /// The stdout lines so far.
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// SIGKILL, no drain.
@@ -147,9 +144,7 @@ impl Process {
 
     /// SIGTERM, then wait up to `deadline` for exit; returns the status.
     pub fn terminate(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let start = std::time::Instant::now();
         while start.elapsed() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -193,10 +188,7 @@ where
 /// An HTTP client for tests.
 pub fn http() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("http client")
+    reqwest::Client::builder().no_proxy().build().expect("http client")
 }
 
 /// Waits until `http://addr/ready` answers 200.

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use proto::{
     destination::{
-        Category, CustomHeader, Destination, DestinationName, DestinationUrl, EventTypeFilter,
-        HeaderName, HeaderValue, Owner, SigningSecret, VerificationToken,
+        Category, CustomHeader, Destination, DestinationName, DestinationUrl, EventTypeFilter, HeaderName, HeaderValue,
+        Owner, SigningSecret, VerificationToken,
     },
     namespace::{NamespaceRecord, NamespaceRef},
 };
@@ -50,11 +50,7 @@ async fn three_processes_deliver_exact_body_and_headers() {
                 token: GROUP_TOKEN.into(),
                 secret: Some(SigningSecret::new(SECRET).unwrap()),
             },
-            receiver::Expected {
-                name: "instance".into(),
-                token: INSTANCE_TOKEN.into(),
-                secret: None,
-            },
+            receiver::Expected { name: "instance".into(), token: INSTANCE_TOKEN.into(), secret: None },
         ],
         log_file: None,
         print: false,
@@ -63,38 +59,19 @@ async fn three_processes_deliver_exact_body_and_headers() {
     tokio::spawn(receiver.clone().serve(listener, std::future::pending()));
 
     // The tree and two destinations.
-    let seed = producer::Publisher::new(
-        &kafka,
-        proto::Registry::embedded(),
-        Default::default(),
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    let rec = |parent, path: &str| NamespaceRecord {
-        parent,
-        full_path: path.into(),
-    };
-    seed.put_namespace(NamespaceRef::group(100), Some(&rec(None, "acme")))
+    let seed =
+        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
+            .unwrap();
+    let rec = |parent, path: &str| NamespaceRecord { parent, full_path: path.into() };
+    seed.put_namespace(NamespaceRef::group(100), Some(&rec(None, "acme"))).await.unwrap();
+    seed.put_namespace(NamespaceRef::group(101), Some(&rec(Some(NamespaceRef::group(100)), "acme/platform")))
         .await
         .unwrap();
-    seed.put_namespace(
-        NamespaceRef::group(101),
-        Some(&rec(Some(NamespaceRef::group(100)), "acme/platform")),
-    )
-    .await
-    .unwrap();
-    seed.put_namespace(
-        NamespaceRef::project(200),
-        Some(&rec(Some(NamespaceRef::group(101)), "acme/platform/app")),
-    )
-    .await
-    .unwrap();
-    let mut group = destination(
-        "e2e-group",
-        Owner::Group { id: 100 },
-        format!("http://{receiver_addr}/g"),
-        GROUP_TOKEN,
-    );
+    seed.put_namespace(NamespaceRef::project(200), Some(&rec(Some(NamespaceRef::group(101)), "acme/platform/app")))
+        .await
+        .unwrap();
+    let mut group =
+        destination("e2e-group", Owner::Group { id: 100 }, format!("http://{receiver_addr}/g"), GROUP_TOKEN);
     group.signing_secret = Some(SigningSecret::new(SECRET).unwrap());
     group.event_type_filters = EventTypeFilter::Allow(vec!["merge_request_create".into()]);
     group.headers = vec![
@@ -103,11 +80,7 @@ async fn three_processes_deliver_exact_body_and_headers() {
             value: HeaderValue::new("acme").unwrap(),
             active: true,
         },
-        CustomHeader {
-            name: HeaderName::new("X-Off").unwrap(),
-            value: HeaderValue::new("no").unwrap(),
-            active: false,
-        },
+        CustomHeader { name: HeaderName::new("X-Off").unwrap(), value: HeaderValue::new("no").unwrap(), active: false },
     ];
     seed.put_destination(&group).await.unwrap();
     seed.put_destination(&destination(
@@ -125,9 +98,7 @@ async fn three_processes_deliver_exact_body_and_headers() {
         ("AUDITSTREAM_KAFKA__TOPIC_PREFIX", prefix.clone()),
         ("AUDITSTREAM_KAFKA__CREATE_TOPICS", "false".to_owned()),
     ];
-    let with = |extra: Vec<(&'static str, String)>| {
-        common.iter().cloned().chain(extra).collect::<Vec<_>>()
-    };
+    let with = |extra: Vec<(&'static str, String)>| common.iter().cloned().chain(extra).collect::<Vec<_>>();
     let (p_admin, r_admin, d_admin, api) = (free_addr(), free_addr(), free_addr(), free_addr());
     let token_hash = producer::auth::hash_token(PUBLISH_TOKEN);
     let _producer = Process::spawn(
@@ -158,25 +129,12 @@ async fn three_processes_deliver_exact_body_and_headers() {
             ("AUDITSTREAM_ADMIN__LISTEN", d_admin.to_string()),
             ("AUDITSTREAM_DELIVERER__GROUP_ID", unique("deliverer")),
             ("AUDITSTREAM_DELIVERER__SESSION_TIMEOUT", "6s".into()),
-            (
-                "AUDITSTREAM_DELIVERER__ALLOWED_NETWORKS",
-                r#"["127.0.0.0/8"]"#.into(),
-            ),
-            (
-                "AUDITSTREAM_DELIVERER__RETRY_DELAYS",
-                r#"["1s", "2s"]"#.into(),
-            ),
+            ("AUDITSTREAM_DELIVERER__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#.into()),
+            ("AUDITSTREAM_DELIVERER__RETRY_DELAYS", r#"["1s", "2s"]"#.into()),
         ]),
     );
-    for (name, addr) in [
-        ("producer", p_admin),
-        ("router", r_admin),
-        ("deliverer", d_admin),
-    ] {
-        assert!(
-            wait_ready(addr, Duration::from_secs(60)).await,
-            "{name} not ready"
-        );
+    for (name, addr) in [("producer", p_admin), ("router", r_admin), ("deliverer", d_admin)] {
+        assert!(wait_ready(addr, Duration::from_secs(60)).await, "{name} not ready");
     }
 
     let client = http();
@@ -189,26 +147,14 @@ async fn three_processes_deliver_exact_body_and_headers() {
     let golden = include_str!("../../proto/tests/golden/merge_request_create.json")
         .replacen("\"id\": 1,", &format!("\"id\": \"{event_id}\","), 1)
         .replacen("\"entity_id\": 24,", "\"entity_id\": 200,", 1);
-    let accepted = client
-        .post(&url)
-        .bearer_auth(PUBLISH_TOKEN)
-        .body(golden.clone())
-        .send()
-        .await
-        .unwrap();
+    let accepted = client.post(&url).bearer_auth(PUBLISH_TOKEN).body(golden.clone()).send().await.unwrap();
     assert_eq!(accepted.status(), 202, "{}", accepted.text().await.unwrap());
     // Filtered out by the group destination's allow-list: instance only.
     let other_id = unique("evt");
     let other = format!(
         r#"{{"id":"{other_id}","event_type":"audit_operation","entity_type":"Project","entity_id":200,"entity_path":"acme/platform/app"}}"#
     );
-    let accepted = client
-        .post(&url)
-        .bearer_auth(PUBLISH_TOKEN)
-        .body(other)
-        .send()
-        .await
-        .unwrap();
+    let accepted = client.post(&url).bearer_auth(PUBLISH_TOKEN).body(other).send().await.unwrap();
     assert_eq!(accepted.status(), 202);
 
     assert!(
@@ -218,11 +164,7 @@ async fn three_processes_deliver_exact_body_and_headers() {
         })
         .await,
         "deliveries missing: {:?}",
-        receiver
-            .received()
-            .iter()
-            .map(|r| (&r.path, r.header("x-gitlab-audit-event-type")))
-            .collect::<Vec<_>>()
+        receiver.received().iter().map(|r| (&r.path, r.header("x-gitlab-audit-event-type"))).collect::<Vec<_>>()
     );
     // Give a wrongly routed extra delivery the chance to show up.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -231,51 +173,21 @@ async fn three_processes_deliver_exact_body_and_headers() {
     assert_eq!(receiver.stats().rejected, 0);
 
     let to_group: Vec<_> = got.iter().filter(|r| r.path == "/g").collect();
-    assert_eq!(
-        to_group.len(),
-        1,
-        "group destination gets only merge_request_create"
-    );
+    assert_eq!(to_group.len(), 1, "group destination gets only merge_request_create");
     let g = to_group[0];
-    assert_eq!(
-        g.body,
-        golden.trim().as_bytes(),
-        "the receiver gets the exact bytes published"
-    );
+    assert_eq!(g.body, golden.trim().as_bytes(), "the receiver gets the exact bytes published");
     assert_eq!(g.header("content-type"), Some("application/json"));
-    assert_eq!(
-        g.header("x-gitlab-event-streaming-token"),
-        Some(GROUP_TOKEN)
-    );
-    assert_eq!(
-        g.header("x-gitlab-audit-event-type"),
-        Some("merge_request_create")
-    );
+    assert_eq!(g.header("x-gitlab-event-streaming-token"), Some(GROUP_TOKEN));
+    assert_eq!(g.header("x-gitlab-audit-event-type"), Some("merge_request_create"));
     assert_eq!(g.header("x-tenant"), Some("acme"));
     assert_eq!(g.header("x-off"), None, "inactive headers are not sent");
-    assert!(
-        g.header("user-agent")
-            .is_some_and(|ua| ua.starts_with("auditstream/"))
-    );
+    assert!(g.header("user-agent").is_some_and(|ua| ua.starts_with("auditstream/")));
     assert_eq!(g.header("webhook-id"), Some(event_id.as_str()));
     assert_eq!(g.signature, "verified");
 
     let to_instance: Vec<_> = got.iter().filter(|r| r.path == "/i").collect();
     assert_eq!(to_instance.len(), 2);
-    assert!(
-        to_instance
-            .iter()
-            .any(|r| r.body == golden.trim().as_bytes())
-    );
-    assert!(
-        to_instance
-            .iter()
-            .all(|r| r.header("x-gitlab-event-streaming-token") == Some(INSTANCE_TOKEN))
-    );
-    assert!(
-        to_instance
-            .iter()
-            .all(|r| r.header("webhook-signature").is_none()),
-        "unsigned destination"
-    );
+    assert!(to_instance.iter().any(|r| r.body == golden.trim().as_bytes()));
+    assert!(to_instance.iter().all(|r| r.header("x-gitlab-event-streaming-token") == Some(INSTANCE_TOKEN)));
+    assert!(to_instance.iter().all(|r| r.header("webhook-signature").is_none()), "unsigned destination");
 }

@@ -1,0 +1,79 @@
+//! The binary's command-line contract: exit codes and error messages.
+
+use std::process::Command;
+
+use tests::binary;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(binary());
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn types_validate_accepts_the_shipped_definitions() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/event_types");
+    let (code, out, err) = run(&["types", "validate", dir], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("event type definitions valid"), "{out}");
+}
+
+#[test]
+fn types_validate_names_file_and_field_of_every_error() {
+    let dir = std::env::temp_dir().join(tests::unique("types"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/event_types/audit_operation.yml"))
+            .unwrap();
+    std::fs::write(dir.join("audit_operation.yml"), &good).unwrap();
+    std::fs::write(dir.join("wrong_name.yml"), &good).unwrap();
+    std::fs::write(
+        dir.join("no_scope.yml"),
+        good.replace("name: audit_operation", "name: no_scope").replace("scope:", "colour:"),
+    )
+    .unwrap();
+    let (code, _, err) = run(&["types", "validate", dir.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("wrong_name.yml: field `name`"), "{err}");
+    assert!(err.contains("no_scope.yml: field `scope`: is required"), "{err}");
+    assert!(err.contains("no_scope.yml: field `colour`: is not a known field"), "{err}");
+    assert!(!err.contains("audit_operation.yml"), "{err}");
+    let (code, _, err) = run(&["types", "validate", "/nonexistent-dir"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read folder"), "{err}");
+}
+
+#[test]
+fn bad_configuration_exits_64_before_touching_the_network() {
+    let (code, _, err) = run(&["config", "check", "router"], &[("AUDITSTREAM_ROUTER__GROUP_IDD", "x")]);
+    assert_eq!(code, 64);
+    assert!(err.contains("group_idd"), "{err}");
+    // A role with an invalid value stops at once, naming it.
+    let (code, _, err) = run(&["producer"], &[("AUDITSTREAM_API__MAX_EVENTS", "0")]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("api limits"), "{err}");
+    let (code, _, err) = run(&["deliverer"], &[("AUDITSTREAM_DELIVERER__RETRY_DELAYS", r#"["soon"]"#)]);
+    assert_eq!(code, 64);
+    assert!(err.contains("soon"), "{err}");
+    let (code, _, err) = run(&["router", "--config", "/nonexistent.toml"], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("/nonexistent.toml"), "{err}");
+    let (code, out, _) = run(&["config", "check", "deliverer"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("valid"));
+}
+
+#[test]
+fn production_auth_needs_tokens() {
+    let (code, _, err) = run(&["config", "check", "producer"], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("auth.tokens is empty"), "{err}");
+}
