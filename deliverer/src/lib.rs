@@ -84,10 +84,11 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
     });
     let limits = consume::LoopLimits { max_in_flight: settings.max_in_flight, grace: config.shutdown.grace };
 
-    let fresh = kafka::consumer(&config.kafka, &settings.group_id, settings.session_timeout)?;
+    let fresh_settings = kafka::consumer_config(&config.kafka, &settings.group_id, settings.session_timeout);
+    let (fresh, fresh_tracker) = consume::consumer(&fresh_settings, limits)?;
     fresh.subscribe(&[&topics.deliveries()])?;
     let c = ctx.clone();
-    let fresh_loop = consume::run(fresh, limits, shutdown.clone(), move |m| handle(c.clone(), m));
+    let fresh_loop = consume::run(fresh, fresh_tracker, limits, shutdown.clone(), move |m| handle(c.clone(), m));
 
     // Retries wait in their own consumer, so waiting deliveries never take
     // the places of fresh ones.
@@ -96,10 +97,12 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
         if retry_names.is_empty() {
             return Ok::<(), DelivererError>(());
         }
-        let retry = kafka::consumer(&config.kafka, &format!("{}-retry", settings.group_id), settings.session_timeout)?;
+        let retry_settings =
+            kafka::consumer_config(&config.kafka, &format!("{}-retry", settings.group_id), settings.session_timeout);
+        let (retry, retry_tracker) = consume::consumer(&retry_settings, limits)?;
         retry.subscribe(&retry_names.iter().map(String::as_str).collect::<Vec<_>>())?;
         let c = ctx.clone();
-        consume::run(retry, limits, shutdown.clone(), move |m| handle(c.clone(), m)).await;
+        consume::run(retry, retry_tracker, limits, shutdown.clone(), move |m| handle(c.clone(), m)).await;
         Ok(())
     };
     tracing::info!(group = %settings.group_id, rungs, "deliverer consuming");

@@ -92,7 +92,9 @@ pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Resu
         _ = async { tree.wait_ready().await; destinations.wait_ready().await } => {}
         _ = stop.wait() => return Ok(()),
     }
-    let consumer = kafka::consumer(&config.kafka, &config.router.group_id, config.router.session_timeout)?;
+    let limits = consume::LoopLimits { max_in_flight: config.router.max_in_flight, grace: config.shutdown.grace };
+    let settings = kafka::consumer_config(&config.kafka, &config.router.group_id, config.router.session_timeout);
+    let (consumer, tracker) = consume::consumer(&settings, limits)?;
     consumer.subscribe(&[&topics.events()])?;
     let ctx = Arc::new(Context {
         tree,
@@ -104,8 +106,7 @@ pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Resu
         metrics,
     });
     tracing::info!(group = %config.router.group_id, "router consuming");
-    let limits = consume::LoopLimits { max_in_flight: config.router.max_in_flight, grace: config.shutdown.grace };
-    consume::run(consumer, limits, shutdown, move |m| handle(ctx.clone(), m)).await;
+    consume::run(consumer, tracker, limits, shutdown, move |m| handle(ctx.clone(), m)).await;
     tracing::info!("router stopped");
     Ok(())
 }

@@ -3,19 +3,31 @@
 //! Each message is handed to a task that must *finish* it: do its work, or
 //! move it somewhere durable (a retry or dead-letter topic). Only then does
 //! its offset count as done, and the stored offset only ever advances to
-//! just below the lowest unfinished one ([`Watermarks`]). In-flight work is
-//! bounded: at the bound the loop stops reading. At shutdown it stops
-//! reading, waits for the tasks in flight up to the grace deadline, stores
-//! what finished and commits.
+//! just below the lowest unfinished one ([`Watermarks`]).
+//!
+//! - In-flight work is bounded: at the bound the loop pauses its partitions
+//!   but keeps polling, so group membership never lapses however long the
+//!   work takes.
+//! - When partitions are revoked (a rebalance), the rebalance callback waits
+//!   for their in-flight work up to the grace deadline and commits, so the
+//!   next owner starts where this one finished.
+//! - At shutdown the loop stops reading, waits for the work in flight up to
+//!   the grace deadline, and commits. Unfinished work is read again by
+//!   whoever owns the partition next: a duplicate at worst, never a loss.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, Condvar, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
 
 use rdkafka::{
-    Message,
-    consumer::{CommitMode, Consumer, StreamConsumer},
+    ClientConfig, ClientContext, Message,
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    error::KafkaError,
     message::OwnedMessage,
 };
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::{offsets::Watermarks, shutdown::Shutdown};
 
@@ -24,43 +36,146 @@ use crate::{offsets::Watermarks, shutdown::Shutdown};
 pub struct LoopLimits {
     /// Most messages in flight at once.
     pub max_in_flight: usize,
-    /// How long to wait for in-flight work at shutdown.
+    /// How long to wait for in-flight work at shutdown and on revocation.
     pub grace: Duration,
 }
 
+/// In-flight offsets, shared by the loop, its tasks and the rebalance
+/// callback.
+#[derive(Default)]
+pub struct Tracker {
+    marks: Mutex<Watermarks>,
+    finished: Condvar,
+    capacity: Notify,
+}
+
+impl Tracker {
+    fn lock(&self) -> MutexGuard<'_, Watermarks> {
+        self.marks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.lock().in_flight()
+    }
+
+    fn finish<C: Consumer<LoopContext>>(&self, consumer: &C, topic: &str, partition: i32, offset: i64) {
+        let next = self.lock().finish(topic, partition, offset);
+        if let Some(next) = next
+            && let Err(e) = consumer.store_offset(topic, partition, next)
+        {
+            // Revoked meanwhile: the new owner re-reads from the last commit.
+            tracing::debug!(%topic, partition, error = %e, "offset not stored");
+        }
+        self.finished.notify_all();
+        self.capacity.notify_one();
+    }
+
+    /// Blocks until no message of `parts` is in flight, or `grace` passed;
+    /// returns how many are left.
+    fn drain(&self, parts: &[(String, i32)], grace: Duration) -> usize {
+        let deadline = Instant::now() + grace;
+        let mut marks = self.lock();
+        loop {
+            let left: usize = parts.iter().map(|(t, p)| marks.in_flight_in(t, *p)).sum();
+            let now = Instant::now();
+            if left == 0 || now >= deadline {
+                return left;
+            }
+            marks = self.finished.wait_timeout(marks, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
+/// The consumer context: drains revoked partitions before they move.
+pub struct LoopContext {
+    tracker: Arc<Tracker>,
+    grace: Duration,
+}
+
+impl ClientContext for LoopContext {}
+
+impl ConsumerContext for LoopContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else { return };
+        let parts: Vec<(String, i32)> = list.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+        let drain = || self.tracker.drain(&parts, self.grace);
+        // Blocking here holds up this worker thread; on a multi-threaded
+        // runtime let tokio move its other tasks away meanwhile.
+        let left = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(drain)
+            }
+            _ => drain(),
+        };
+        if left > 0 {
+            tracing::warn!(left, "partitions revoked with work in flight; the next owner repeats it");
+        }
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(error = %e, "commit on revoke");
+        }
+        let mut marks = self.tracker.lock();
+        for (t, p) in &parts {
+            marks.forget(t, *p);
+        }
+    }
+}
+
+/// A consumer driven by [`run`].
+pub type LoopConsumer = StreamConsumer<LoopContext>;
+
+/// Creates a consumer from `config` (see [`crate::kafka::consumer_config`])
+/// with the draining context.
+pub fn consumer(config: &ClientConfig, limits: LoopLimits) -> Result<(Arc<LoopConsumer>, Arc<Tracker>), KafkaError> {
+    let tracker = Arc::new(Tracker::default());
+    let consumer: LoopConsumer =
+        config.create_with_context(LoopContext { tracker: tracker.clone(), grace: limits.grace })?;
+    Ok((Arc::new(consumer), tracker))
+}
+
+fn set_paused(consumer: &LoopConsumer, pause: bool) {
+    let result = consumer.assignment().and_then(|a| if pause { consumer.pause(&a) } else { consumer.resume(&a) });
+    if let Err(e) = result {
+        tracing::warn!(error = %e, pause, "cannot change the partitions' pause state");
+    }
+}
+
 /// Runs until `shutdown`, spawning `handler(message)` for each message.
-pub async fn run<H, F>(consumer: StreamConsumer, limits: LoopLimits, mut shutdown: Shutdown, handler: H)
-where
+pub async fn run<H, F>(
+    consumer: Arc<LoopConsumer>,
+    tracker: Arc<Tracker>,
+    limits: LoopLimits,
+    mut shutdown: Shutdown,
+    handler: H,
+) where
     H: Fn(OwnedMessage) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, i32, i64)>();
-    let mut marks = Watermarks::default();
-    let finish = |marks: &mut Watermarks, (topic, partition, offset): (String, i32, i64)| {
-        if let Some(next) = marks.finish(&topic, partition, offset)
-            && let Err(e) = consumer.store_offset(&topic, partition, next)
-        {
-            // The partition was revoked meanwhile: its new owner re-reads
-            // from the last commit, so nothing is lost (a duplicate at most).
-            tracing::debug!(%topic, partition, error = %e, "offset not stored");
-        }
-    };
+    let mut paused = false;
     loop {
         tokio::select! {
             biased;
             _ = shutdown.wait() => break,
-            Some(done) = done_rx.recv() => finish(&mut marks, done),
-            received = consumer.recv(), if marks.in_flight() < limits.max_in_flight => match received {
+            _ = tracker.capacity.notified(), if paused => {
+                if tracker.in_flight() < limits.max_in_flight {
+                    set_paused(&consumer, false);
+                    paused = false;
+                }
+            }
+            received = consumer.recv() => match received {
                 Ok(m) => {
                     let m = m.detach();
-                    let key = (m.topic().to_owned(), m.partition(), m.offset());
-                    marks.start(&key.0, key.1, key.2);
+                    let (topic, partition, offset) = (m.topic().to_owned(), m.partition(), m.offset());
+                    tracker.lock().start(&topic, partition, offset);
                     let work = handler(m);
-                    let tx = done_tx.clone();
+                    let (t, c) = (tracker.clone(), consumer.clone());
                     tokio::spawn(async move {
                         work.await;
-                        let _ = tx.send(key);
+                        t.finish(c.as_ref(), &topic, partition, offset);
                     });
+                    if !paused && tracker.in_flight() >= limits.max_in_flight {
+                        set_paused(&consumer, true);
+                        paused = true;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "consume error");
@@ -70,17 +185,18 @@ where
         }
     }
     let deadline = tokio::time::Instant::now() + limits.grace;
-    while marks.in_flight() > 0 {
+    while tracker.in_flight() > 0 {
         tokio::select! {
-            Some(done) = done_rx.recv() => finish(&mut marks, done),
-            _ = tokio::time::sleep_until(deadline) => {
-                tracing::warn!(in_flight = marks.in_flight(), "grace deadline reached; unfinished messages will be read again");
-                break;
-            }
+            _ = tracker.capacity.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
-    }
-    while let Ok(done) = done_rx.try_recv() {
-        finish(&mut marks, done);
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                in_flight = tracker.in_flight(),
+                "grace deadline reached; unfinished messages will be read again"
+            );
+            break;
+        }
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final commit");

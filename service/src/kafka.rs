@@ -39,9 +39,10 @@ pub fn producer(config: &KafkaConfig, delivery_timeout: Duration) -> Result<Futu
     c.create()
 }
 
-/// A group consumer that stores offsets only when told to (the watermark
-/// decides), and auto-commits what was stored.
-pub fn consumer(config: &KafkaConfig, group: &str, session_timeout: Duration) -> Result<StreamConsumer, KafkaError> {
+/// Settings of a group consumer that stores offsets only when told to
+/// (the watermark decides), and auto-commits what was stored. Create it
+/// with [`crate::consume::consumer`].
+pub fn consumer_config(config: &KafkaConfig, group: &str, session_timeout: Duration) -> ClientConfig {
     let mut c = base(config);
     c.set("group.id", group)
         .set("enable.auto.commit", "true")
@@ -50,7 +51,7 @@ pub fn consumer(config: &KafkaConfig, group: &str, session_timeout: Duration) ->
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", session_timeout.as_millis().to_string())
         .set("heartbeat.interval.ms", (session_timeout.as_millis() / 3).max(100).to_string());
-    c.create()
+    c
 }
 
 /// A consumer outside any group, for reading a whole topic (tables, tools).

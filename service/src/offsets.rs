@@ -57,6 +57,11 @@ impl Watermarks {
         self.parts.values().map(|p| p.in_flight.len()).sum()
     }
 
+    /// How many messages of one partition are in flight.
+    pub fn in_flight_in(&self, topic: &str, partition: i32) -> usize {
+        self.parts.get(&(topic.to_owned(), partition)).map_or(0, |p| p.in_flight.len())
+    }
+
     /// Forgets a partition (after it was revoked).
     pub fn forget(&mut self, topic: &str, partition: i32) {
         self.parts.remove(&(topic.to_owned(), partition));

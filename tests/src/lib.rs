@@ -12,7 +12,7 @@ use std::{
 };
 
 use proto::topics::Topics;
-use rdkafka::{mocking::MockCluster, producer::DefaultProducerContext};
+use rdkafka::{message::OwnedMessage, mocking::MockCluster, producer::DefaultProducerContext};
 use service::config::KafkaConfig;
 
 /// The environment variable naming a real broker for tests.
@@ -200,4 +200,122 @@ pub async fn wait_ready(addr: SocketAddr, deadline: Duration) -> bool {
         async move { req.await.is_ok_and(|r| r.status().is_success()) }
     })
     .await
+}
+
+/// Writes one raw record and waits for the acknowledgement.
+pub async fn produce_raw(kafka: &KafkaConfig, topic: &str, key: &str, payload: &[u8], headers: &[(&str, &[u8])]) {
+    let producer = service::kafka::producer(kafka, Duration::from_secs(10)).expect("producer");
+    service::kafka::produce_durably(&producer, topic, key.as_bytes(), Some(payload), headers).await;
+}
+
+/// Reads `topic` from the beginning until `want` records arrived or
+/// `deadline` passed; returns what was read.
+pub async fn read_topic(kafka: &KafkaConfig, topic: &str, want: usize, deadline: Duration) -> Vec<OwnedMessage> {
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        consumer::{Consumer as _, StreamConsumer},
+    };
+    let consumer: StreamConsumer = service::kafka::reader(kafka).expect("reader");
+    let n = service::kafka::partitions(&consumer, topic, Duration::from_secs(20)).await.expect("topic exists");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let end = tokio::time::Instant::now() + deadline;
+    while out.len() < want {
+        match tokio::time::timeout_at(end, consumer.recv()).await {
+            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Err(e)) => panic!("reading {topic}: {e}"),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// The value of a record's header.
+pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    service::kafka::header_pairs(m)
+        .into_iter()
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| std::str::from_utf8(v?).ok())
+}
+
+/// A destination with test defaults.
+pub fn destination(
+    id: &str,
+    owner: proto::destination::Owner,
+    url: &str,
+    token: &str,
+) -> proto::destination::Destination {
+    use proto::destination::*;
+    Destination {
+        id: id.into(),
+        owner,
+        name: DestinationName::new(id).expect("name"),
+        category: Category::Http,
+        url: DestinationUrl::new(url).expect("url"),
+        verification_token: VerificationToken::new(token).expect("token"),
+        signing_secret: None,
+        headers: Vec::new(),
+        event_type_filters: EventTypeFilter::default(),
+        namespace_filters: Vec::new(),
+        active: true,
+    }
+}
+
+/// A role of the real binary, with its admin address.
+pub struct Role {
+    /// The process.
+    pub process: Process,
+    /// Its admin address (`/ready`, `/metrics`).
+    pub admin: SocketAddr,
+}
+
+/// Starts `auditstream <role>` on `broker` with topic `prefix`, a free admin
+/// port, a short session timeout, and `extra` settings.
+pub fn spawn_role(role: &str, broker: &TestBroker, prefix: &str, extra: &[(&str, String)]) -> Role {
+    let admin = free_addr();
+    let mut env = vec![
+        ("AUDITSTREAM_KAFKA__BROKERS", broker.brokers().to_owned()),
+        ("AUDITSTREAM_KAFKA__TOPIC_PREFIX", prefix.to_owned()),
+        ("AUDITSTREAM_KAFKA__CREATE_TOPICS", "false".to_owned()),
+        ("AUDITSTREAM_ADMIN__LISTEN", admin.to_string()),
+    ];
+    match role {
+        "router" => env.push(("AUDITSTREAM_ROUTER__SESSION_TIMEOUT", "6s".into())),
+        "deliverer" => env.push(("AUDITSTREAM_DELIVERER__SESSION_TIMEOUT", "6s".into())),
+        _ => {}
+    }
+    env.extend(extra.iter().cloned());
+    Role { process: Process::spawn(role, &[role], &env), admin }
+}
+
+/// Sums the samples of a metric whose line starts with `prefix` (name and
+/// optionally labels) on an admin server; 0 when absent.
+pub async fn metric(admin: SocketAddr, prefix: &str) -> f64 {
+    let Ok(r) = http().get(format!("http://{admin}/metrics")).send().await else { return 0.0 };
+    let text = r.text().await.unwrap_or_default();
+    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+/// Writes `events` (key, payload) to a topic, all in flight at once.
+pub async fn produce_many(kafka: &KafkaConfig, topic: &str, events: &[(String, Vec<u8>)]) {
+    use rdkafka::producer::FutureRecord;
+    let producer = service::kafka::producer(kafka, Duration::from_secs(30)).expect("producer");
+    let sends =
+        events.iter().map(|(k, v)| producer.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(30)));
+    for r in futures_join(sends).await {
+        r.expect("event written");
+    }
+}
+
+async fn futures_join<F: std::future::Future>(fs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = fs.into_iter().collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await);
+    }
+    out
 }

@@ -4,34 +4,15 @@
 use std::time::Duration;
 
 use proto::{
-    destination::{
-        Category, CustomHeader, Destination, DestinationName, DestinationUrl, EventTypeFilter, HeaderName, HeaderValue,
-        Owner, SigningSecret, VerificationToken,
-    },
+    destination::{CustomHeader, EventTypeFilter, HeaderName, HeaderValue, Owner, SigningSecret},
     namespace::{NamespaceRecord, NamespaceRef},
 };
-use tests::{Process, TestBroker, free_addr, http, unique, wait_ready, wait_until};
+use tests::{Process, TestBroker, destination, free_addr, http, unique, wait_ready, wait_until};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const GROUP_TOKEN: &str = "e2e-group-token-0000001";
 const INSTANCE_TOKEN: &str = "e2e-instance-token-00001";
 const PUBLISH_TOKEN: &str = "e2e-publisher-secret";
-
-fn destination(id: &str, owner: Owner, url: String, token: &str) -> Destination {
-    Destination {
-        id: id.into(),
-        owner,
-        name: DestinationName::new(id).unwrap(),
-        category: Category::Http,
-        url: DestinationUrl::new(url).unwrap(),
-        verification_token: VerificationToken::new(token).unwrap(),
-        signing_secret: None,
-        headers: Vec::new(),
-        event_type_filters: EventTypeFilter::default(),
-        namespace_filters: Vec::new(),
-        active: true,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_deliver_exact_body_and_headers() {
@@ -71,7 +52,7 @@ async fn three_processes_deliver_exact_body_and_headers() {
         .await
         .unwrap();
     let mut group =
-        destination("e2e-group", Owner::Group { id: 100 }, format!("http://{receiver_addr}/g"), GROUP_TOKEN);
+        destination("e2e-group", Owner::Group { id: 100 }, &format!("http://{receiver_addr}/g"), GROUP_TOKEN);
     group.signing_secret = Some(SigningSecret::new(SECRET).unwrap());
     group.event_type_filters = EventTypeFilter::Allow(vec!["merge_request_create".into()]);
     group.headers = vec![
@@ -86,7 +67,7 @@ async fn three_processes_deliver_exact_body_and_headers() {
     seed.put_destination(&destination(
         "e2e-instance",
         Owner::Instance,
-        format!("http://{receiver_addr}/i"),
+        &format!("http://{receiver_addr}/i"),
         INSTANCE_TOKEN,
     ))
     .await

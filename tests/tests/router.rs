@@ -1,0 +1,168 @@
+//! The router as a real process: poison input, crashes and scale-out.
+
+use std::{collections::HashSet, time::Duration};
+
+use proto::{
+    delivery::{H_EVENT_ID, H_REASON},
+    destination::Owner,
+    namespace::{NamespaceRecord, NamespaceRef},
+    topics::Topics,
+};
+use tests::{
+    TestBroker, destination, header, metric, produce_many, produce_raw, read_topic, spawn_role, unique, wait_ready,
+    wait_until,
+};
+
+async fn setup(broker: &TestBroker) -> (String, service::config::KafkaConfig) {
+    let prefix = format!("{}.", unique("router"));
+    broker.create_topics(&prefix, 0).await;
+    let kafka = broker.kafka(&prefix);
+    let seed =
+        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
+            .unwrap();
+    seed.put_namespace(NamespaceRef::group(1), Some(&NamespaceRecord { parent: None, full_path: "acme".into() }))
+        .await
+        .unwrap();
+    seed.put_destination(&destination("inst", Owner::Instance, "https://siem.example.com/", "0123456789abcdef"))
+        .await
+        .unwrap();
+    (prefix, kafka)
+}
+
+fn event(id: &str, entity: i64) -> Vec<u8> {
+    format!(r#"{{"id":"{id}","event_type":"audit_operation","entity_type":"Project","entity_id":{entity},"entity_path":"acme/p{entity}"}}"#)
+        .into_bytes()
+}
+
+/// Event ids found in the deliveries topic.
+async fn delivered_ids(kafka: &service::config::KafkaConfig, topics: &Topics, want: usize) -> (HashSet<String>, usize) {
+    let records = read_topic(kafka, &topics.deliveries(), want, Duration::from_secs(5)).await;
+    let n = records.len();
+    (records.iter().filter_map(|m| header(m, H_EVENT_ID).map(str::to_owned)).collect(), n)
+}
+
+/// Polls the deliveries topic until `n` distinct events are there or the
+/// deadline passes; returns the ids and the record count.
+async fn all_delivered(
+    kafka: &service::config::KafkaConfig,
+    topics: &Topics,
+    n: usize,
+    deadline: Duration,
+) -> (HashSet<String>, usize) {
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        let (ids, records) = delivered_ids(kafka, topics, n * 2).await;
+        if ids.len() >= n || tokio::time::Instant::now() > end {
+            return (ids, records);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_are_dead_lettered_and_consumption_continues() {
+    let broker = TestBroker::start();
+    let (prefix, kafka) = setup(&broker).await;
+    let topics = Topics::new(&prefix);
+    let poison: Vec<(&str, Vec<u8>)> = vec![
+        ("not json", b"{not json".to_vec()),
+        ("invalid utf-8", b"{\"a\":\"\xff\"}".to_vec()),
+        (
+            "unregistered type",
+            br#"{"id":"x","event_type":"no_such_type","entity_type":"Project","entity_id":1}"#.to_vec(),
+        ),
+        (
+            "schema violation",
+            br#"{"id":"y","event_type":"audit_operation","entity_type":"Project","entity_id":"one"}"#.to_vec(),
+        ),
+        ("no id", br#"{"event_type":"audit_operation","entity_type":"Project","entity_id":1}"#.to_vec()),
+    ];
+    for (_, bytes) in &poison {
+        produce_raw(&kafka, &topics.events(), "Project:1", bytes, &[("origin", b"test")]).await;
+    }
+    produce_raw(&kafka, &topics.events(), "Project:1", &event("good-after-poison", 1), &[]).await;
+
+    let router = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", unique("g"))]);
+    assert!(wait_ready(router.admin, Duration::from_secs(60)).await);
+
+    let dlq = read_topic(&kafka, &topics.events_dlq(), poison.len(), Duration::from_secs(30)).await;
+    assert_eq!(dlq.len(), poison.len());
+    // Dead letters of concurrent messages may be written in any order:
+    // find each poison input's record by its bytes.
+    let reason_of = |what: &str, bytes: &[u8]| -> String {
+        let m = dlq
+            .iter()
+            .find(|m| rdkafka::Message::payload(*m) == Some(bytes))
+            .unwrap_or_else(|| panic!("{what}: not dead-lettered with its original bytes"));
+        assert_eq!(header(m, "origin"), Some("test"), "{what}: original headers kept");
+        header(m, H_REASON).unwrap_or_default().to_owned()
+    };
+    let reasons: Vec<String> = poison.iter().map(|(what, bytes)| reason_of(what, bytes)).collect();
+    assert!(reasons[0].contains("not valid JSON"), "{}", reasons[0]);
+    assert!(reasons[1].contains("UTF-8"), "{}", reasons[1]);
+    assert!(reasons[2].contains("not registered"), "{}", reasons[2]);
+    assert!(reasons[3].contains("entity_id"), "{}", reasons[3]);
+    assert!(reasons[4].contains("no id"), "{}", reasons[4]);
+
+    let (ids, _) = delivered_ids(&kafka, &topics, 1).await;
+    assert!(ids.contains("good-after-poison"), "consumption continued past the poison");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            metric(router.admin, "auditstream_router_events_total{outcome=\"dead_lettered\"}").await >= 5.0
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_killed_mid_stream_loses_nothing() {
+    let broker = TestBroker::start();
+    let (prefix, kafka) = setup(&broker).await;
+    let topics = Topics::new(&prefix);
+    const N: usize = 3000;
+    let events: Vec<(String, Vec<u8>)> =
+        (0..N).map(|i| (format!("Project:{}", i % 50), event(&format!("k{i}"), (i % 50) as i64))).collect();
+    produce_many(&kafka, &topics.events(), &events).await;
+
+    let group = unique("g");
+    let mut first = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", group.clone())]);
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            metric(first.admin, "auditstream_router_events_total{outcome=\"routed\"}").await >= (N / 5) as f64
+        })
+        .await,
+        "the first router routed too little"
+    );
+    first.process.kill9();
+
+    let second = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", group)]);
+    assert!(wait_ready(second.admin, Duration::from_secs(60)).await);
+    let (seen, records) = all_delivered(&kafka, &topics, N, Duration::from_secs(90)).await;
+    let missing: Vec<_> = (0..N).map(|i| format!("k{i}")).filter(|id| !seen.contains(id)).collect();
+    assert!(missing.is_empty(), "{} events never routed, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    eprintln!("router crash: {N} events, {records} deliveries ({} duplicates)", records - N);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_routers_split_the_partitions_and_route_everything() {
+    let broker = TestBroker::start();
+    let (prefix, kafka) = setup(&broker).await;
+    let topics = Topics::new(&prefix);
+    let group = unique("g");
+    let a = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", group.clone())]);
+    let b = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", group)]);
+    assert!(wait_ready(a.admin, Duration::from_secs(60)).await && wait_ready(b.admin, Duration::from_secs(60)).await);
+    // Let the group settle with both members before the load arrives.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    const N: usize = 1000;
+    let events: Vec<(String, Vec<u8>)> =
+        (0..N).map(|i| (format!("Project:{i}"), event(&format!("s{i}"), i as i64))).collect();
+    produce_many(&kafka, &topics.events(), &events).await;
+    let (seen, _) = all_delivered(&kafka, &topics, N, Duration::from_secs(60)).await;
+    assert_eq!(seen.len(), N, "every event routed at least once");
+    let routed_a = metric(a.admin, "auditstream_router_events_total{outcome=\"routed\"}").await;
+    let routed_b = metric(b.admin, "auditstream_router_events_total{outcome=\"routed\"}").await;
+    assert!(routed_a > 0.0 && routed_b > 0.0, "both routers took a share: {routed_a} and {routed_b}");
+    assert!(routed_a + routed_b >= N as f64);
+}
