@@ -157,6 +157,10 @@ fn plan(ctx: &Context, payload: &[u8]) -> Plan {
 }
 
 async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
+    if let Some(at) = m.timestamp().to_millis() {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        ctx.metrics.lag.observe(((now as i64 - at).max(0) as f64) / 1000.0);
+    }
     let payload = m.payload().unwrap_or_default();
     match plan(&ctx, payload) {
         Plan::Nothing => {}

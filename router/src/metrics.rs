@@ -1,6 +1,6 @@
 //! The router's metrics, registered under `auditstream_router_`.
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// Handles to the router's metrics.
 #[derive(Clone)]
@@ -15,6 +15,8 @@ pub struct Metrics {
     pub resolution: IntCounterVec,
     /// Size of the in-memory tables: namespaces, destinations.
     pub table_size: IntGaugeVec,
+    /// Seconds from an event's arrival in Kafka to its routing.
+    pub lag: Histogram,
 }
 
 impl Metrics {
@@ -37,7 +39,15 @@ impl Metrics {
                 Opts::new("auditstream_router_table_entries", "Entries in the in-memory tables"),
                 &["table"],
             )?,
+            lag: Histogram::with_opts(
+                HistogramOpts::new(
+                    "auditstream_router_lag_seconds",
+                    "Time from an event's arrival in Kafka to its routing",
+                )
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            )?,
         };
+        registry.register(Box::new(m.lag.clone()))?;
         registry.register(Box::new(m.events.clone()))?;
         registry.register(Box::new(m.deliveries.clone()))?;
         registry.register(Box::new(m.resolution.clone()))?;

@@ -166,3 +166,70 @@ async fn two_routers_split_the_partitions_and_route_everything() {
     assert!(routed_a > 0.0 && routed_b > 0.0, "both routers took a share: {routed_a} and {routed_b}");
     assert!(routed_a + routed_b >= N as f64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_changes_reach_routing_within_seconds() {
+    let broker = TestBroker::start();
+    let (prefix, kafka) = setup(&broker).await;
+    let topics = Topics::new(&prefix);
+    let seed =
+        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
+            .unwrap();
+    let rec = |parent, path: &str| NamespaceRecord { parent, full_path: path.into() };
+    seed.put_namespace(NamespaceRef::project(5), Some(&rec(Some(NamespaceRef::group(1)), "acme/app"))).await.unwrap();
+    seed.put_namespace(NamespaceRef::group(2), Some(&rec(None, "beta"))).await.unwrap();
+    seed.put_destination(&destination("acme-d", Owner::Group { id: 1 }, "https://a.example.com/", "0123456789abcdef"))
+        .await
+        .unwrap();
+    let router = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", unique("g"))]);
+    assert!(wait_ready(router.admin, Duration::from_secs(60)).await);
+
+    let destinations_of = |id: String| {
+        let (kafka, topics) = (kafka.clone(), topics.clone());
+        async move {
+            let records = read_topic(&kafka, &topics.deliveries(), 100, Duration::from_secs(2)).await;
+            records
+                .iter()
+                .filter(|m| header(m, H_EVENT_ID) == Some(id.as_str()))
+                .filter_map(|m| header(m, proto::delivery::H_DESTINATION).map(str::to_owned))
+                .collect::<HashSet<_>>()
+        }
+    };
+    produce_raw(&kafka, &topics.events(), "Project:5", &event("before", 5), &[]).await;
+    let want: HashSet<String> = ["inst".into(), "acme-d".into()].into();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let f = destinations_of("before".into());
+            let w = want.clone();
+            async move { f.await == w }
+        })
+        .await
+    );
+
+    // While the router runs: the project moves to beta, beta gets a
+    // destination, the instance destination is deactivated.
+    seed.put_namespace(NamespaceRef::project(5), Some(&rec(Some(NamespaceRef::group(2)), "beta/app"))).await.unwrap();
+    seed.put_destination(&destination("beta-d", Owner::Group { id: 2 }, "https://b.example.com/", "0123456789abcdef"))
+        .await
+        .unwrap();
+    let mut inactive = destination("inst", Owner::Instance, "https://siem.example.com/", "0123456789abcdef");
+    inactive.active = false;
+    seed.put_destination(&inactive).await.unwrap();
+    let started = std::time::Instant::now();
+    let want: HashSet<String> = ["beta-d".into()].into();
+    let mut n = 0;
+    let changed = wait_until(Duration::from_secs(30), || {
+        n += 1;
+        let id = format!("after-{n}");
+        let (kafka, topics, w) = (kafka.clone(), topics.clone(), want.clone());
+        let check = destinations_of(id.clone());
+        async move {
+            produce_raw(&kafka, &topics.events(), "Project:5", &event(&id, 5), &[]).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            check.await == w
+        }
+    })
+    .await;
+    assert!(changed, "routing never followed the changes");
+    eprintln!("table changes reached routing within {:?}", started.elapsed());
+}
