@@ -16,10 +16,10 @@ pub const EXIT_CONFIG: u8 = 64;
 pub struct RoleArgs {
     /// A TOML config file; `AUDITSTREAM_*` variables override it.
     #[arg(long, short)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
 }
 
-fn load<T: Serialize + DeserializeOwned + Default>(
+pub fn load<T: Serialize + DeserializeOwned + Default>(
     args: &RoleArgs,
     validate: impl Fn(&T) -> Result<(), ConfigError>,
 ) -> Result<T, ExitCode> {
@@ -121,6 +121,45 @@ pub struct ReceiverArgs {
     /// Append every request to this NDJSON file.
     #[arg(long)]
     log: Option<PathBuf>,
+    /// Fault injection: share of requests (0 to 1) answered with --fail-status.
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
+    fail_rate: f64,
+    /// Fault injection: the status of injected failures.
+    #[arg(long, default_value_t = 503)]
+    fail_status: u16,
+    /// Fault injection: Retry-After seconds sent with injected failures.
+    #[arg(long)]
+    retry_after: Option<u64>,
+    /// Fault injection: delay added to every answer (e.g. 200ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    delay: Option<std::time::Duration>,
+    /// Fault injection: share of connections (0 to 1) reset at once.
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
+    reset_rate: f64,
+    /// Fault injection: reset every connection for this long after start (e.g. 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    down_for: Option<std::time::Duration>,
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|v| (0.0..=1.0).contains(v))
+        .ok_or_else(|| format!("{text:?} is not a share from 0 to 1"))
+}
+
+impl ReceiverArgs {
+    fn faults(&self) -> receiver::Faults {
+        receiver::Faults {
+            fail_rate: self.fail_rate,
+            fail_status: self.fail_status,
+            retry_after: self.retry_after,
+            delay: self.delay.unwrap_or_default(),
+            reset_rate: self.reset_rate,
+            down_for: self.down_for,
+            ..Default::default()
+        }
+    }
 }
 
 /// `auditstream receiver`.
@@ -153,15 +192,22 @@ pub async fn receiver(args: ReceiverArgs) -> ExitCode {
     telemetry::init(&config::TelemetryConfig { format: config::LogFormat::Pretty, filter: "info".into() });
     finish(
         async {
-            let r =
-                receiver::Receiver::new(receiver::ReceiverConfig { expected, log_file: args.log.clone(), print: true })
-                    .context("opening the receiver log")?;
+            let r = receiver::Receiver::new(receiver::ReceiverConfig {
+                expected,
+                log_file: args.log.clone(),
+                print: true,
+                faults: args.faults(),
+            })
+            .context("opening the receiver log")?;
             let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
             println!("receiver listening on http://{}", listener.local_addr()?);
             let mut stop = shutdown::on_signal();
             r.clone().serve(listener, async move { stop.wait().await }).await?;
             let s = r.stats();
-            println!("receiver stopped: {} unique, {} duplicates, {} rejected", s.unique, s.duplicates, s.rejected);
+            println!(
+                "receiver stopped: {} unique, {} duplicates, {} rejected, {} faults injected",
+                s.unique, s.duplicates, s.rejected, s.faults_injected
+            );
             Ok(())
         }
         .await,

@@ -3,12 +3,19 @@
 //! the Standard Webhooks signature; deduplicates by event `id`; counts
 //! unique, duplicate and rejected deliveries; prints one line per delivery
 //! and can write every request to an NDJSON log.
+//!
+//! For tests and chaos runs it injects faults ([`Faults`]): failure
+//! statuses (with `Retry-After`), added delay, connection resets, redirects
+//! and whole periods of being down. While any fault is configured it closes
+//! each connection after one response, so every request meets the faults
+//! afresh (a pooled connection would skip the accept-time ones).
 
 use std::{
     collections::HashSet,
     io::Write,
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -36,6 +43,124 @@ pub struct Expected {
     pub secret: Option<SigningSecret>,
 }
 
+/// Faults to inject. The default injects none.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Share of requests (0 to 1) answered with `fail_status`.
+    pub fail_rate: f64,
+    /// The next this-many requests are answered with `fail_status`.
+    pub fail_first: u64,
+    /// The failure status (503 when 0).
+    pub fail_status: u16,
+    /// `Retry-After` seconds sent with failures.
+    pub retry_after: Option<u64>,
+    /// Added before every answer.
+    pub delay: Duration,
+    /// Share of connections (0 to 1) reset at once.
+    pub reset_rate: f64,
+    /// The next this-many connections are reset at once.
+    pub reset_first: u64,
+    /// Every connection is reset for this long after the faults are set.
+    pub down_for: Option<Duration>,
+    /// Answer every request with `307` to this location.
+    pub redirect_to: Option<String>,
+}
+
+impl Faults {
+    fn any(&self) -> bool {
+        self.fail_rate > 0.0
+            || self.fail_first > 0
+            || !self.delay.is_zero()
+            || self.reset_rate > 0.0
+            || self.reset_first > 0
+            || self.down_for.is_some()
+            || self.redirect_to.is_some()
+    }
+}
+
+struct FaultState {
+    faults: Faults,
+    since: Instant,
+    rng: u64,
+    injected: u64,
+}
+
+impl FaultState {
+    /// A uniform draw in [0, 1) (xorshift; deterministic per run).
+    fn draw(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn reset_connection(&mut self) -> bool {
+        let f = &mut self.faults;
+        let hit = if f.down_for.is_some_and(|d| self.since.elapsed() < d) {
+            true
+        } else if f.reset_first > 0 {
+            f.reset_first -= 1;
+            true
+        } else {
+            let rate = f.reset_rate;
+            rate > 0.0 && self.draw() < rate
+        };
+        self.injected += u64::from(hit);
+        hit
+    }
+
+    fn fail_request(&mut self) -> Option<(u16, Option<u64>)> {
+        let f = &mut self.faults;
+        let status = if f.fail_status == 0 { 503 } else { f.fail_status };
+        let retry_after = f.retry_after;
+        let hit = if f.fail_first > 0 {
+            f.fail_first -= 1;
+            true
+        } else {
+            let rate = f.fail_rate;
+            rate > 0.0 && self.draw() < rate
+        };
+        self.injected += u64::from(hit);
+        hit.then_some((status, retry_after))
+    }
+}
+
+/// A listener that resets connections the faults say to reset.
+struct FaultyListener {
+    inner: TcpListener,
+    faults: Arc<Mutex<FaultState>>,
+}
+
+impl axum::serve::Listener for FaultyListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = match self.inner.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let reset = self.faults.lock().unwrap_or_else(|e| e.into_inner()).reset_connection();
+            if reset {
+                // Zero linger: closing sends RST, as a crashed peer would.
+                let _ = stream.set_zero_linger();
+                drop(stream);
+                continue;
+            }
+            return (stream, addr);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
 /// Receiver settings.
 #[derive(Debug, Clone, Default)]
 pub struct ReceiverConfig {
@@ -45,6 +170,8 @@ pub struct ReceiverConfig {
     pub log_file: Option<PathBuf>,
     /// Print one line per delivery on stdout.
     pub print: bool,
+    /// Faults to inject from the start.
+    pub faults: Faults,
 }
 
 /// Delivery counts.
@@ -56,6 +183,8 @@ pub struct Stats {
     pub duplicates: u64,
     /// Refused: unknown token or bad signature.
     pub rejected: u64,
+    /// Requests and connections that met an injected fault.
+    pub faults_injected: u64,
 }
 
 /// One request as received.
@@ -94,6 +223,7 @@ pub struct Receiver {
     config: Arc<ReceiverConfig>,
     inner: Arc<Mutex<Inner>>,
     log: Option<Arc<Mutex<std::fs::File>>>,
+    faults: Arc<Mutex<FaultState>>,
 }
 
 impl Receiver {
@@ -103,7 +233,24 @@ impl Receiver {
             Some(path) => Some(Arc::new(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?))),
             None => None,
         };
-        Ok(Self { config: Arc::new(config), inner: Arc::default(), log })
+        let faults = FaultState {
+            faults: config.faults.clone(),
+            since: Instant::now(),
+            rng: 0x9E37_79B9_7F4A_7C15,
+            injected: 0,
+        };
+        Ok(Self { config: Arc::new(config), inner: Arc::default(), log, faults: Arc::new(Mutex::new(faults)) })
+    }
+
+    fn fault_state(&self) -> std::sync::MutexGuard<'_, FaultState> {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the faults; `down_for` counts from now.
+    pub fn set_faults(&self, faults: Faults) {
+        let mut f = self.fault_state();
+        f.faults = faults;
+        f.since = Instant::now();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -112,7 +259,9 @@ impl Receiver {
 
     /// The counts so far.
     pub fn stats(&self) -> Stats {
-        self.lock().stats
+        let mut stats = self.lock().stats;
+        stats.faults_injected = self.fault_state().injected;
+        stats
     }
 
     /// Every accepted request so far, in arrival order.
@@ -131,6 +280,7 @@ impl Receiver {
         listener: TcpListener,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let listener = FaultyListener { inner: listener, faults: self.faults.clone() };
         axum::serve(listener, self.router()).with_graceful_shutdown(stop).await
     }
 
@@ -162,15 +312,43 @@ fn check_signature(expected: &Expected, headers: &HeaderMap, body: &[u8]) -> &'s
     }
 }
 
-async fn take(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
+async fn take(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Bytes) -> axum::response::Response {
+    let (delay, failure, redirect, close) = {
+        let mut f = r.fault_state();
+        let failure = f.fail_request();
+        (f.faults.delay, failure, f.faults.redirect_to.clone(), f.faults.any())
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let mut response = if let Some(location) = redirect {
+        r.fault_state().injected += 1;
+        (StatusCode::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, location)]).into_response()
+    } else if let Some((status, retry_after)) = failure {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut resp = (status, Json(json!({ "status": "injected failure" }))).into_response();
+        if let Some(secs) = retry_after {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
+    } else {
+        take_delivery(&r, &uri, &headers, &body).into_response()
+    };
+    if close {
+        response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    }
+    response
+}
+
+fn take_delivery(r: &Receiver, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> impl IntoResponse {
     let token = headers.get("x-gitlab-event-streaming-token").and_then(|v| v.to_str().ok());
     let expected = r.match_token(token).cloned();
-    let signature = expected.as_ref().map_or("unsigned", |e| check_signature(e, &headers, &body));
+    let signature = expected.as_ref().map_or("unsigned", |e| check_signature(e, headers, body));
     let header_list: Vec<(String, String)> = headers
         .iter()
         .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
-    let event: Option<Value> = serde_json::from_slice(&body).ok();
+    let event: Option<Value> = serde_json::from_slice(body).ok();
     let id = event.as_ref().and_then(|e| e.get("id")).map(|v| match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
@@ -181,12 +359,12 @@ async fn take(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Byt
     if let Some(log) = &r.log {
         // The exact bytes when they fit on one NDJSON line; otherwise the
         // parsed value (or the text, when it is not JSON).
-        let exact = std::str::from_utf8(&body)
+        let exact = std::str::from_utf8(body)
             .ok()
             .filter(|t| !t.contains(['\n', '\r']))
             .and_then(|t| serde_json::value::RawValue::from_string(t.to_owned()).ok());
         let fallback = || {
-            let v = event.clone().unwrap_or_else(|| Value::String(String::from_utf8_lossy(&body).into_owned()));
+            let v = event.clone().unwrap_or_else(|| Value::String(String::from_utf8_lossy(body).into_owned()));
             serde_json::value::to_raw_value(&v).ok()
         };
         #[derive(Serialize)]
