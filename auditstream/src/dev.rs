@@ -76,6 +76,7 @@ fn demo_destinations(receiver: SocketAddr) -> anyhow::Result<Vec<Destination>> {
             url: url("group")?,
             verification_token: VerificationToken::new(GROUP_TOKEN).map_err(anyhow::Error::msg)?,
             signing_secret: Some(SigningSecret::new(GROUP_SECRET).map_err(anyhow::Error::msg)?),
+            previous_signing_secret: None,
             headers: Vec::new(),
             event_type_filters: EventTypeFilter::default(),
             namespace_filters: Vec::new(),
@@ -89,6 +90,7 @@ fn demo_destinations(receiver: SocketAddr) -> anyhow::Result<Vec<Destination>> {
             url: url("instance")?,
             verification_token: VerificationToken::new(INSTANCE_TOKEN).map_err(anyhow::Error::msg)?,
             signing_secret: None,
+            previous_signing_secret: None,
             headers: Vec::new(),
             event_type_filters: EventTypeFilter::default(),
             namespace_filters: Vec::new(),
@@ -172,6 +174,7 @@ async fn start(args: DevArgs) -> anyhow::Result<()> {
         expected,
         log_file: args.receiver_log.clone(),
         print: true,
+        faults: Default::default(),
     })
     .context("opening --receiver-log")?;
     let mut stop = shutdown.clone();

@@ -4,6 +4,7 @@
 //! the rest are admin tools.
 
 mod dev;
+mod dlq;
 mod roles;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -30,6 +31,11 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run the reference receiver.
     Receiver(roles::ReceiverArgs),
+    /// Dead-lettered deliveries: list and replay.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
     /// Configuration of the roles.
     Config {
         #[command(subcommand)]
@@ -87,6 +93,7 @@ fn main() -> ExitCode {
             Command::Dev(args) => dev::run(args).await,
             Command::Receiver(args) => roles::receiver(args).await,
             Command::Types { command: TypesCommand::Validate { dir } } => roles::validate_types(&dir),
+            Command::Dlq { command } => dlq::run(command).await,
             Command::Config { command: ConfigCommand::Defaults { role } } => roles::print_defaults(&role),
             Command::Config { command: ConfigCommand::Check { role, args } } => roles::check_config(&role, &args),
         }

@@ -57,6 +57,17 @@ pub struct DelivererSettings {
     /// Special-purpose networks destinations may reach anyway
     /// (e.g. `127.0.0.0/8` in development).
     pub allowed_networks: Vec<Network>,
+    /// Attempts in flight to one destination.
+    pub per_destination_concurrency: usize,
+    /// Deliveries that may wait for one of those places; beyond it they are
+    /// set aside on their current retry rung. Keep `concurrency + queue` well
+    /// below `max_in_flight`, so a slow destination cannot take every place.
+    pub per_destination_queue: usize,
+    /// Consecutive failed attempts that open a destination's circuit.
+    pub circuit_failures: u32,
+    /// How long an open circuit stays open before one trial attempt.
+    #[serde(with = "duration")]
+    pub circuit_open_for: Duration,
 }
 
 impl Default for DelivererSettings {
@@ -75,6 +86,10 @@ impl Default for DelivererSettings {
             max_retry_after: Duration::from_secs(3600),
             max_response_bytes: 64 * 1024,
             allowed_networks: Vec::new(),
+            per_destination_concurrency: 32,
+            per_destination_queue: 224,
+            circuit_failures: 5,
+            circuit_open_for: Duration::from_secs(30),
         }
     }
 }
@@ -91,6 +106,12 @@ impl DelivererConfig {
         }
         if d.connect_timeout.is_zero() || d.request_timeout.is_zero() {
             return Err(ConfigError::Invalid("deliverer timeouts must be above zero".into()));
+        }
+        if d.per_destination_concurrency == 0 || d.circuit_failures == 0 || d.circuit_open_for.is_zero() {
+            return Err(ConfigError::Invalid(
+                "deliverer.per_destination_concurrency, circuit_failures and circuit_open_for must be above zero"
+                    .into(),
+            ));
         }
         if d.retry_delays.iter().any(Duration::is_zero) {
             return Err(ConfigError::Invalid("deliverer.retry_delays must all be above zero".into()));

@@ -181,11 +181,13 @@ fn build_headers(
     token.set_sensitive(true);
     h.insert("x-gitlab-event-streaming-token", token);
     h.insert("x-gitlab-audit-event-type", value(event_type)?);
-    if let Some(secret) = &destination.signing_secret {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let secrets = destination.signing_secrets(now_ms);
+    if !secrets.is_empty() {
+        let now = now_ms / 1000;
         h.insert("webhook-id", value(event_id)?);
         h.insert("webhook-timestamp", value(&now.to_string())?);
-        h.insert("webhook-signature", value(&sign::signature(&[secret], event_id, now, body))?);
+        h.insert("webhook-signature", value(&sign::signature(&secrets, event_id, now, body))?);
     }
     Ok(h)
 }

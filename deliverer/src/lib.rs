@@ -5,6 +5,8 @@
 //! # Layout
 //! - [`config`] — the role's typed configuration.
 //! - [`http`] — one attempt, and the connect-time address guard.
+//! - [`isolation`] — per-destination concurrency limit and circuit breaker.
+//! - [`dlq`] — listing and replaying dead-lettered deliveries.
 //! - [`metrics`] — `auditstream_deliverer_*`.
 //!
 //! A delivery's offset counts as finished only once it was delivered,
@@ -12,7 +14,9 @@
 //! acknowledged that write.
 
 pub mod config;
+pub mod dlq;
 pub mod http;
+pub mod isolation;
 pub mod metrics;
 
 use std::{sync::Arc, time::Duration};
@@ -45,6 +49,7 @@ pub enum DelivererError {
 
 struct Context {
     destinations: Table<Directory>,
+    isolation: isolation::Isolation,
     sender: Sender,
     producer: FutureProducer,
     topics: Topics,
@@ -74,8 +79,15 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
         _ = destinations.wait_ready() => {}
         _ = stop.wait() => return Ok(()),
     }
+    let limits = isolation::Limits {
+        concurrency: settings.per_destination_concurrency,
+        queue: settings.per_destination_queue,
+        failures_to_open: settings.circuit_failures,
+        open_for: settings.circuit_open_for,
+    };
     let ctx = Arc::new(Context {
         destinations,
+        isolation: isolation::Isolation::new(limits, metrics.circuit_open.clone()),
         sender: Sender::new(&settings)?,
         producer: kafka::producer(&config.kafka, Duration::from_secs(30))?,
         topics: topics.clone(),
@@ -85,7 +97,8 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
     let limits = consume::LoopLimits { max_in_flight: settings.max_in_flight, grace: config.shutdown.grace };
 
     let fresh_settings = kafka::consumer_config(&config.kafka, &settings.group_id, settings.session_timeout);
-    let (fresh, fresh_tracker) = consume::consumer(&fresh_settings, limits)?;
+    let (fresh, fresh_tracker) =
+        consume::consumer(&fresh_settings, limits, admin.readiness.register("deliverer.group"))?;
     fresh.subscribe(&[&topics.deliveries()])?;
     let c = ctx.clone();
     let fresh_loop = consume::run(fresh, fresh_tracker, limits, shutdown.clone(), move |m| handle(c.clone(), m));
@@ -99,7 +112,8 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
         }
         let retry_settings =
             kafka::consumer_config(&config.kafka, &format!("{}-retry", settings.group_id), settings.session_timeout);
-        let (retry, retry_tracker) = consume::consumer(&retry_settings, limits)?;
+        let (retry, retry_tracker) =
+            consume::consumer(&retry_settings, limits, admin.readiness.register("deliverer.retry_group"))?;
         retry.subscribe(&retry_names.iter().map(String::as_str).collect::<Vec<_>>())?;
         let c = ctx.clone();
         consume::run(retry, retry_tracker, limits, shutdown.clone(), move |m| handle(c.clone(), m)).await;
@@ -112,7 +126,55 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
     Ok(())
 }
 
+/// What the destinations table says about an id.
+enum Lookup {
+    Found(Arc<proto::destination::Destination>),
+    /// Its tombstone was seen.
+    Deleted,
+    /// Never seen: the table may lag behind the router's.
+    Unknown,
+}
+
+/// How long a delivery waits for the table to learn a destination it does
+/// not know yet (the router may have seen it first).
+const UNKNOWN_GRACE: Duration = Duration::from_secs(5);
+
 impl Context {
+    async fn lookup(&self, id: &str) -> Lookup {
+        let deadline = tokio::time::Instant::now() + UNKNOWN_GRACE;
+        loop {
+            {
+                let table = self.destinations.read();
+                if let Some(d) = table.get(id) {
+                    return Lookup::Found(d.clone());
+                }
+                if table.was_removed(id) {
+                    return Lookup::Deleted;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Lookup::Unknown;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Writes the delivery to retry rung `rung`, due after `delay`.
+    async fn requeue(&self, m: &OwnedMessage, meta: &mut DeliveryMeta, body: &[u8], rung: usize, delay: Duration) {
+        meta.due_at_ms = Some(now_ms() + delay.as_millis() as i64);
+        let headers = meta.to_headers();
+        let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        kafka::produce_durably(
+            &self.producer,
+            &self.topics.retry(rung),
+            m.key().unwrap_or_default(),
+            Some(body),
+            &headers,
+        )
+        .await;
+        self.metrics.deliveries.with_label_values(&["retried"]).inc();
+    }
+
     /// Which retry rung a topic is (`None` for fresh deliveries).
     fn rung_of(&self, topic: &str) -> Option<usize> {
         (0..self.settings.retry_delays.len()).find(|n| self.topics.retry(*n) == topic)
@@ -138,71 +200,124 @@ impl Context {
     }
 }
 
+/// How the attempts of one turn ended.
+enum Turn {
+    /// Delivered, dropped or dead-lettered: finished.
+    Done,
+    /// Down the ladder, after `retry_after` if the receiver asked.
+    Ladder(Option<Duration>),
+    /// Set aside on the same rung: the destination is busy, not failing.
+    Bounce,
+    /// Dead-letter: retrying cannot help.
+    Hopeless(String),
+}
+
 async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
     let mut meta = match DeliveryMeta::from_headers(kafka::header_pairs(&m)) {
         Ok(meta) => meta,
-        Err(reason) => {
-            return ctx.dead_letter(&m, None, &format!("unreadable delivery: {reason}")).await;
-        }
+        Err(reason) => return ctx.dead_letter(&m, None, &format!("unreadable delivery: {reason}")).await,
     };
+    let rung = ctx.rung_of(m.topic());
     if let Some(due) = meta.due_at_ms {
         let wait = due - now_ms();
         if wait > 0 {
+            let label = rung.map_or_else(|| "fresh".to_owned(), |n| n.to_string());
+            let waiting = ctx.metrics.retry_waiting.with_label_values(&[&label]);
+            waiting.inc();
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+            waiting.dec();
         }
     }
     let body = m.payload().unwrap_or_default();
+    match attempts(&ctx, &m, &mut meta, body).await {
+        Turn::Done => {}
+        Turn::Hopeless(reason) => ctx.dead_letter(&m, Some(&meta), &reason).await,
+        Turn::Bounce => {
+            let same = rung.unwrap_or(0);
+            let delay = ctx.settings.retry_delays.get(same).copied().unwrap_or(Duration::from_secs(1));
+            ctx.requeue(&m, &mut meta, body, same, delay).await;
+        }
+        Turn::Ladder(retry_after) => {
+            let next = rung.map_or(0, |n| n + 1);
+            let Some(delay) = ctx.settings.retry_delays.get(next) else {
+                let reason = format!("retries exhausted after {} attempts", meta.attempt);
+                return ctx.dead_letter(&m, Some(&meta), &reason).await;
+            };
+            let delay = retry_after.map_or(*delay, |ra| ra.max(*delay));
+            ctx.requeue(&m, &mut meta, body, next, delay).await;
+        }
+    }
+}
+
+/// The quick in-process tries of one turn (backon schedule), each through
+/// the destination's isolation.
+async fn attempts(ctx: &Context, m: &OwnedMessage, meta: &mut DeliveryMeta, body: &[u8]) -> Turn {
     let mut backoff = ExponentialBuilder::default()
         .with_min_delay(ctx.settings.quick_retry_delay)
         .with_max_times(ctx.settings.quick_retries)
         .with_jitter()
         .build();
-    let (retry_after, retryable) = loop {
+    loop {
         // Looked up on every attempt: configuration changes apply to the
         // next one.
-        let destination = ctx.destinations.read().get(&meta.destination_id).cloned();
-        let Some(destination) = destination else {
-            tracing::warn!(destination = %meta.destination_id, event_id = %meta.event_id, "destination deleted; delivery dropped");
-            ctx.metrics.deliveries.with_label_values(&["dropped"]).inc();
-            return;
+        let destination = match ctx.lookup(&meta.destination_id).await {
+            Lookup::Found(d) => d,
+            Lookup::Deleted => {
+                tracing::warn!(destination = %meta.destination_id, event_id = %meta.event_id, "destination deleted; delivery dropped");
+                ctx.metrics.deliveries.with_label_values(&["dropped"]).inc();
+                return Turn::Done;
+            }
+            Lookup::Unknown => {
+                let error = "destination not known to this deliverer yet".to_owned();
+                meta.record(Attempt { at_ms: now_ms(), status: None, error: Some(error) });
+                return Turn::Ladder(None);
+            }
         };
         if !destination.active {
-            return ctx.dead_letter(&m, Some(&meta), "destination inactive").await;
+            ctx.dead_letter(m, Some(meta), "destination inactive").await;
+            return Turn::Done;
         }
+        let slot = match ctx.isolation.enter(&destination.id).await {
+            Ok(slot) => slot,
+            Err(isolation::Refusal::Saturated) => return Turn::Bounce,
+            Err(refusal) => {
+                meta.record(Attempt { at_ms: now_ms(), status: None, error: Some(refusal.as_str().into()) });
+                return Turn::Ladder(None);
+            }
+        };
         let outcome = ctx.sender.attempt(&destination, &meta.event_id, &meta.event_type, body).await;
         match outcome {
             Outcome::Delivered(status) => {
+                ctx.isolation.record(slot, true);
                 ctx.metrics.attempt(true, Some(status));
                 ctx.metrics.deliveries.with_label_values(&["delivered"]).inc();
-                return;
+                if let Some(latency) = latency(body) {
+                    ctx.metrics.latency.observe(latency);
+                }
+                return Turn::Done;
             }
             Outcome::Failed { status, error, retry_after, retryable } => {
+                ctx.isolation.record(slot, false);
                 ctx.metrics.attempt(false, status);
                 tracing::info!(destination = %meta.destination_id, event_id = %meta.event_id, status, %error, "delivery attempt failed");
-                meta.record(Attempt { at_ms: now_ms(), status, error: Some(error) });
+                meta.record(Attempt { at_ms: now_ms(), status, error: Some(error.clone()) });
                 if !retryable {
-                    break (None, false);
+                    return Turn::Hopeless(format!("not retryable: {error}"));
                 }
                 match backoff.next() {
                     Some(pause) if retry_after.is_none_or(|ra| ra <= pause) => tokio::time::sleep(pause).await,
-                    _ => break (retry_after, true),
+                    _ => return Turn::Ladder(retry_after),
                 }
             }
         }
-    };
-    let next = ctx.rung_of(m.topic()).map_or(0, |n| n + 1);
-    if !retryable {
-        let reason = meta.history.last().and_then(|a| a.error.clone()).unwrap_or_default();
-        return ctx.dead_letter(&m, Some(&meta), &format!("not retryable: {reason}")).await;
     }
-    let Some(delay) = ctx.settings.retry_delays.get(next) else {
-        return ctx.dead_letter(&m, Some(&meta), &format!("retries exhausted after {} attempts", meta.attempt)).await;
-    };
-    let delay = retry_after.map_or(*delay, |ra| ra.max(*delay));
-    meta.due_at_ms = Some(now_ms() + delay.as_millis() as i64);
-    let headers = meta.to_headers();
-    let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-    kafka::produce_durably(&ctx.producer, &ctx.topics.retry(next), m.key().unwrap_or_default(), Some(body), &headers)
-        .await;
-    ctx.metrics.deliveries.with_label_values(&["retried"]).inc();
+}
+
+/// Seconds since the event's `created_at`, when it has one.
+fn latency(body: &[u8]) -> Option<f64> {
+    let view = proto::EventView::parse(body).ok()?;
+    let created =
+        time::OffsetDateTime::parse(view.created_at.as_deref()?, &time::format_description::well_known::Rfc3339)
+            .ok()?;
+    Some((time::OffsetDateTime::now_utc() - created).as_seconds_f64().max(0.0))
 }

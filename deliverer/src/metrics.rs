@@ -1,6 +1,6 @@
 //! The deliverer's metrics, registered under `auditstream_deliverer_`.
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Handles to the deliverer's metrics.
 #[derive(Clone)]
@@ -11,6 +11,12 @@ pub struct Metrics {
     /// Deliveries finished, by outcome: delivered, retried (moved to a
     /// retry topic), dead_lettered, dropped (destination deleted).
     pub deliveries: IntCounterVec,
+    /// Seconds from an event's `created_at` to its 2xx.
+    pub latency: Histogram,
+    /// Destinations whose circuit is open.
+    pub circuit_open: IntGauge,
+    /// Deliveries held waiting for their due time, by retry rung.
+    pub retry_waiting: IntGaugeVec,
 }
 
 impl Metrics {
@@ -25,7 +31,25 @@ impl Metrics {
                 Opts::new("auditstream_deliverer_deliveries_total", "Deliveries finished, by outcome"),
                 &["outcome"],
             )?,
+            latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "auditstream_deliverer_delivery_latency_seconds",
+                    "Time from an event's created_at to the destination's 2xx",
+                )
+                .buckets(vec![
+                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+                    86400.0,
+                ]),
+            )?,
+            circuit_open: IntGauge::new("auditstream_deliverer_circuit_open", "Destinations whose circuit is open")?,
+            retry_waiting: IntGaugeVec::new(
+                Opts::new("auditstream_deliverer_retry_waiting", "Deliveries held until their retry is due, by rung"),
+                &["rung"],
+            )?,
         };
+        registry.register(Box::new(m.latency.clone()))?;
+        registry.register(Box::new(m.circuit_open.clone()))?;
+        registry.register(Box::new(m.retry_waiting.clone()))?;
         registry.register(Box::new(m.attempts.clone()))?;
         registry.register(Box::new(m.deliveries.clone()))?;
         Ok(m)

@@ -132,6 +132,12 @@ impl Publisher {
         self.write(FutureRecord::to(&topic).key(&destination.id).payload(&payload)).await
     }
 
+    /// Deletes a destination: a tombstone for its id.
+    pub async fn delete_destination(&self, id: &str) -> Result<(), PublishError> {
+        let topic = self.topics.destinations();
+        self.write(FutureRecord::<str, [u8]>::to(&topic).key(id)).await
+    }
+
     async fn write<K, P>(&self, record: FutureRecord<'_, K, P>) -> Result<(), PublishError>
     where
         K: rdkafka::message::ToBytes + ?Sized,

@@ -212,6 +212,18 @@ impl SigningSecret {
     }
 }
 
+/// A signing secret being rotated out: deliveries are signed with it too
+/// (beside the current one) until `until_ms`, so receivers can switch keys
+/// without a gap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetiringSecret {
+    /// The previous secret.
+    pub secret: SigningSecret,
+    /// When it stops being used (Unix milliseconds).
+    pub until_ms: i64,
+}
+
 /// A custom header sent with every delivery while `active`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -285,6 +297,9 @@ pub struct Destination {
     /// When set, deliveries are signed (Standard Webhooks v1).
     #[serde(default)]
     pub signing_secret: Option<SigningSecret>,
+    /// The secret being rotated out, still signing until its deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_signing_secret: Option<RetiringSecret>,
     /// Custom headers.
     #[serde(default)]
     pub headers: Vec<CustomHeader>,
@@ -359,6 +374,13 @@ impl Destination {
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
+    /// The secrets that sign a delivery made at `now_ms`: the current one,
+    /// and the retiring one until its deadline.
+    pub fn signing_secrets(&self, now_ms: i64) -> Vec<&SigningSecret> {
+        let retiring = self.previous_signing_secret.as_ref().filter(|r| now_ms < r.until_ms).map(|r| &r.secret);
+        self.signing_secret.iter().chain(retiring).collect()
+    }
+
     /// The headers to send: active custom headers only.
     pub fn active_headers(&self) -> impl Iterator<Item = &CustomHeader> {
         self.headers.iter().filter(|h| h.active)
@@ -371,12 +393,16 @@ pub struct Directory {
     by_id: HashMap<String, Arc<Destination>>,
     instance: Vec<Arc<Destination>>,
     by_group: HashMap<i64, Vec<Arc<Destination>>>,
+    /// Ids whose deletion (tombstone) was seen, so "deleted" can be told
+    /// apart from "not seen yet".
+    removed: std::collections::HashSet<String>,
 }
 
 impl Directory {
     /// Adds or replaces a destination.
     pub fn upsert(&mut self, destination: Destination) {
         self.remove(&destination.id);
+        self.removed.remove(&destination.id);
         let d = Arc::new(destination);
         match d.owner {
             Owner::Instance => self.instance.push(d.clone()),
@@ -387,6 +413,7 @@ impl Directory {
 
     /// Removes a destination, if present.
     pub fn remove(&mut self, id: &str) {
+        self.removed.insert(id.to_owned());
         let Some(old) = self.by_id.remove(id) else {
             return;
         };
@@ -401,6 +428,11 @@ impl Directory {
                 }
             }
         }
+    }
+
+    /// Whether the destination was deleted (and not recreated since).
+    pub fn was_removed(&self, id: &str) -> bool {
+        self.removed.contains(id)
     }
 
     /// A destination by id.
@@ -448,6 +480,7 @@ mod tests {
             url: DestinationUrl::new("https://siem.example.com/in").unwrap(),
             verification_token: VerificationToken::new("0123456789abcdefABCD").unwrap(),
             signing_secret: None,
+            previous_signing_secret: None,
             headers: vec![CustomHeader {
                 name: HeaderName::new("X-Tenant").unwrap(),
                 value: HeaderValue::new("acme").unwrap(),
@@ -528,6 +561,18 @@ mod tests {
     }
 
     #[test]
+    fn retiring_secret_signs_until_its_deadline() {
+        let mut d = sample();
+        assert!(d.signing_secrets(0).is_empty());
+        let a = SigningSecret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let b = SigningSecret::new("whsec_QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB").unwrap();
+        d.signing_secret = Some(a.clone());
+        d.previous_signing_secret = Some(RetiringSecret { secret: b.clone(), until_ms: 1000 });
+        assert_eq!(d.signing_secrets(999), vec![&a, &b]);
+        assert_eq!(d.signing_secrets(1000), vec![&a]);
+    }
+
+    #[test]
     fn filters_admit() {
         let allow = EventTypeFilter::Allow(vec!["a".into(), "category:cm".into()]);
         assert!(allow.admits("a", None));
@@ -551,9 +596,13 @@ mod tests {
         assert!(dir.group(9).is_empty());
         assert_eq!(dir.instance().len(), 1);
         assert_eq!(dir.len(), 1);
+        assert!(!dir.was_removed("d-1"));
         dir.remove("d-1");
         assert!(dir.is_empty() && dir.instance().is_empty());
+        assert!(dir.was_removed("d-1"));
         dir.remove("d-1");
+        dir.upsert(sample());
+        assert!(!dir.was_removed("d-1"), "recreated");
     }
 
     proptest! {

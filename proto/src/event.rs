@@ -140,6 +140,8 @@ pub struct EventView<'a> {
     pub entity_id: i64,
     /// `entity_path`, when present and not null.
     pub entity_path: Option<Cow<'a, str>>,
+    /// `created_at`, when present (validated as RFC 3339).
+    pub created_at: Option<Cow<'a, str>>,
     /// Fields of SPEC §1 absent from the document (not merely null).
     pub missing: Vec<&'static str>,
 }
@@ -357,6 +359,7 @@ impl<'a> EventView<'a> {
             entity_type: entity_type.unwrap_or_default(),
             entity_id: raw.entity_id.and_then(integer).unwrap_or_default(),
             entity_path: raw.entity_path.filter(|r| Kind::of(r) == String).map(string),
+            created_at: raw.created_at.map(string),
             missing,
         })
     }

@@ -99,6 +99,7 @@ fn build_destinations() -> Directory {
             url: DestinationUrl::new(format!("https://siem{i}.example.com/in")).expect("url"),
             verification_token: VerificationToken::new("0123456789abcdef0123").expect("token"),
             signing_secret: None,
+            previous_signing_secret: None,
             headers: vec![],
             event_type_filters,
             namespace_filters,

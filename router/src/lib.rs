@@ -94,7 +94,7 @@ pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Resu
     }
     let limits = consume::LoopLimits { max_in_flight: config.router.max_in_flight, grace: config.shutdown.grace };
     let settings = kafka::consumer_config(&config.kafka, &config.router.group_id, config.router.session_timeout);
-    let (consumer, tracker) = consume::consumer(&settings, limits)?;
+    let (consumer, tracker) = consume::consumer(&settings, limits, admin.readiness.register("router.group"))?;
     consumer.subscribe(&[&topics.events()])?;
     let ctx = Arc::new(Context {
         tree,

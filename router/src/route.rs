@@ -138,6 +138,7 @@ mod tests {
             url: DestinationUrl::new("https://example.com/").unwrap(),
             verification_token: VerificationToken::new("0123456789abcdef").unwrap(),
             signing_secret: None,
+            previous_signing_secret: None,
             headers: vec![],
             event_type_filters: Default::default(),
             namespace_filters: vec![],

@@ -29,7 +29,7 @@ use rdkafka::{
 };
 use tokio::sync::Notify;
 
-use crate::{offsets::Watermarks, shutdown::Shutdown};
+use crate::{admin::ReadyFlag, offsets::Watermarks, shutdown::Shutdown};
 
 /// Limits of one consumer loop.
 #[derive(Debug, Clone, Copy)]
@@ -86,10 +86,12 @@ impl Tracker {
     }
 }
 
-/// The consumer context: drains revoked partitions before they move.
+/// The consumer context: drains revoked partitions before they move, and
+/// reports readiness once the consumer has joined its group.
 pub struct LoopContext {
     tracker: Arc<Tracker>,
     grace: Duration,
+    joined: ReadyFlag,
 }
 
 impl ClientContext for LoopContext {}
@@ -118,17 +120,30 @@ impl ConsumerContext for LoopContext {
             marks.forget(t, *p);
         }
     }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // An assignment, even an empty one (more replicas than partitions),
+        // means the group accepted this member.
+        if let Rebalance::Assign(_) = rebalance {
+            self.joined.set(true);
+        }
+    }
 }
 
 /// A consumer driven by [`run`].
 pub type LoopConsumer = StreamConsumer<LoopContext>;
 
 /// Creates a consumer from `config` (see [`crate::kafka::consumer_config`])
-/// with the draining context.
-pub fn consumer(config: &ClientConfig, limits: LoopLimits) -> Result<(Arc<LoopConsumer>, Arc<Tracker>), KafkaError> {
+/// with the draining context; `joined` is set once the group assigned it
+/// its partitions.
+pub fn consumer(
+    config: &ClientConfig,
+    limits: LoopLimits,
+    joined: ReadyFlag,
+) -> Result<(Arc<LoopConsumer>, Arc<Tracker>), KafkaError> {
     let tracker = Arc::new(Tracker::default());
     let consumer: LoopConsumer =
-        config.create_with_context(LoopContext { tracker: tracker.clone(), grace: limits.grace })?;
+        config.create_with_context(LoopContext { tracker: tracker.clone(), grace: limits.grace, joined })?;
     Ok((Arc::new(consumer), tracker))
 }
 

@@ -88,8 +88,8 @@ pub async fn follow<S: TableState>(
     };
     let topic = topic.to_owned();
     let task = tokio::spawn(async move {
-        let mut caught_up = ends.values().all(|h| *h == 0);
-        mark_ready(caught_up);
+        let mut caught_up = false;
+        mark_ready(false);
         loop {
             let msg = tokio::select! {
                 _ = shutdown.wait() => return,
@@ -106,19 +106,24 @@ pub async fn follow<S: TableState>(
                     tracing::warn!(topic = %topic, error = %e, "table read error");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(_idle) => {}
-            }
-            if !caught_up {
-                caught_up = consumer.position().is_ok_and(|pos| {
-                    pos.elements().iter().all(|e| match e.offset() {
-                        Offset::Offset(o) => o >= ends.get(&e.partition()).copied().unwrap_or(0),
-                        _ => ends.get(&e.partition()).copied().unwrap_or(0) == 0,
-                    })
-                });
-                if caught_up {
-                    tracing::info!(topic = %topic, "table read to the end");
-                    mark_ready(true);
+                // Only judge "read to the end" when idle: every partition at
+                // or past the end offset seen at start *and* nothing more
+                // arriving. Some brokers under-report end offsets (Tansu,
+                // see docs/ARCHITECTURE.md), so the offsets alone are not
+                // trusted.
+                Err(_idle) if !caught_up => {
+                    caught_up = consumer.position().is_ok_and(|pos| {
+                        pos.elements().iter().all(|e| match e.offset() {
+                            Offset::Offset(o) => o >= ends.get(&e.partition()).copied().unwrap_or(0),
+                            _ => ends.get(&e.partition()).copied().unwrap_or(0) == 0,
+                        })
+                    });
+                    if caught_up {
+                        tracing::info!(topic = %topic, "table read to the end");
+                        mark_ready(true);
+                    }
                 }
+                Err(_idle) => {}
             }
         }
     });

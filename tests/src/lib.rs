@@ -258,6 +258,7 @@ pub fn destination(
         url: DestinationUrl::new(url).expect("url"),
         verification_token: VerificationToken::new(token).expect("token"),
         signing_secret: None,
+        previous_signing_secret: None,
         headers: Vec::new(),
         event_type_filters: EventTypeFilter::default(),
         namespace_filters: Vec::new(),

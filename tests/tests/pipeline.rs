@@ -35,6 +35,7 @@ async fn three_processes_deliver_exact_body_and_headers() {
         ],
         log_file: None,
         print: false,
+        faults: Default::default(),
     })
     .unwrap();
     tokio::spawn(receiver.clone().serve(listener, std::future::pending()));

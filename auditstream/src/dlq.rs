@@ -1,0 +1,150 @@
+//! `auditstream dlq list|replay`: the dead-letter topic of deliveries.
+
+use std::process::ExitCode;
+
+use deliverer::dlq::{self, Filter, Parked};
+use serde_json::json;
+
+use crate::roles::{EXIT_CONFIG, RoleArgs};
+
+/// Which parked deliveries.
+#[derive(clap::Args)]
+pub struct Select {
+    /// Only this destination id.
+    #[arg(long)]
+    destination: Option<String>,
+    /// Parked at or after: an RFC 3339 time, or a duration ago (`2h`).
+    #[arg(long)]
+    since: Option<String>,
+    /// Parked before: an RFC 3339 time, or a duration ago.
+    #[arg(long)]
+    until: Option<String>,
+    #[command(flatten)]
+    role: RoleArgs,
+}
+
+/// `auditstream dlq` commands.
+#[derive(clap::Subcommand)]
+pub enum DlqCommand {
+    /// List parked deliveries (newest last).
+    List {
+        #[command(flatten)]
+        select: Select,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write parked deliveries back into audit.deliveries (event id
+    /// unchanged). Replaying twice delivers twice; receivers dedupe on id.
+    Replay {
+        #[command(flatten)]
+        select: Select,
+        /// Show what would be replayed, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn parse_time(text: &str) -> Result<i64, String> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(text, &Rfc3339) {
+        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    }
+    let ago = humantime::parse_duration(text)
+        .map_err(|_| format!("{text:?} is neither an RFC 3339 time nor a duration like 2h"))?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    Ok(now as i64 - ago.as_millis() as i64)
+}
+
+fn filter(select: &Select) -> Result<Filter, String> {
+    Ok(Filter {
+        destination: select.destination.clone(),
+        since_ms: select.since.as_deref().map(parse_time).transpose()?,
+        until_ms: select.until.as_deref().map(parse_time).transpose()?,
+    })
+}
+
+fn row(p: &Parked) -> serde_json::Value {
+    let at = p
+        .parked_at_ms
+        .and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
+        .map(proto::event::format_timestamp);
+    json!({
+        "parked_at": at,
+        "partition": p.partition,
+        "offset": p.offset,
+        "destination": p.meta.as_ref().map(|m| m.destination_id.clone()),
+        "event_id": p.meta.as_ref().map(|m| m.event_id.clone()),
+        "event_type": p.meta.as_ref().map(|m| m.event_type.clone()),
+        "attempts": p.meta.as_ref().map(|m| m.attempt),
+        "reason": p.reason,
+    })
+}
+
+fn print_table(parked: &[Parked]) {
+    println!("{:<25} {:<24} {:<38} {:<34} {:>8}  REASON", "PARKED AT", "DESTINATION", "EVENT ID", "TYPE", "ATTEMPTS");
+    for p in parked {
+        let r = row(p);
+        let s = |k: &str| r[k].as_str().unwrap_or("?").to_owned();
+        println!(
+            "{:<25} {:<24} {:<38} {:<34} {:>8}  {}",
+            s("parked_at"),
+            s("destination"),
+            s("event_id"),
+            s("event_type"),
+            r["attempts"],
+            p.reason
+        );
+    }
+    println!("{} parked deliveries", parked.len());
+}
+
+/// Runs a `dlq` command.
+pub async fn run(command: DlqCommand) -> ExitCode {
+    let (select, action) = match &command {
+        DlqCommand::List { select, .. } | DlqCommand::Replay { select, .. } => (select, &command),
+    };
+    let config = match crate::roles::load::<deliverer::DelivererConfig>(&select.role, |c| c.kafka.validate()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let filter = match filter(select) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let parked = match dlq::read(&config.kafka, &filter).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: reading the dead-letter topic: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match action {
+        DlqCommand::List { json: true, .. } => {
+            for p in &parked {
+                println!("{}", row(p));
+            }
+        }
+        DlqCommand::List { .. } => print_table(&parked),
+        DlqCommand::Replay { dry_run: true, .. } => {
+            print_table(&parked);
+            println!("dry run: nothing replayed");
+        }
+        DlqCommand::Replay { .. } => match dlq::replay(&config.kafka, &parked).await {
+            Ok((replayed, skipped)) => {
+                println!("replayed {replayed} deliveries into the flow");
+                if skipped > 0 {
+                    println!("skipped {skipped} records whose delivery headers are unreadable");
+                }
+            }
+            Err(e) => {
+                eprintln!("error: replaying: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,455 @@
+//! The deliverer as a real process against real HTTP receivers on loopback:
+//! every failure path, the retry ladder, dead letters and replay, crashes,
+//! isolation and signatures.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use proto::{
+    delivery::{DeliveryMeta, H_REASON},
+    destination::{Destination, Owner, RetiringSecret, SigningSecret},
+    topics::Topics,
+};
+use receiver::{Expected, Faults, Receiver, ReceiverConfig};
+use service::config::KafkaConfig;
+use tests::{Role, TestBroker, destination, header, metric, read_topic, spawn_role, unique, wait_ready, wait_until};
+
+const TOKEN_A: &str = "token-for-destination-a";
+const TOKEN_B: &str = "token-for-destination-b";
+
+struct World {
+    broker: TestBroker,
+    prefix: String,
+    kafka: KafkaConfig,
+    topics: Topics,
+    receiver: Receiver,
+    addr: SocketAddr,
+    seed: producer::Publisher,
+    producer: rdkafka::producer::FutureProducer,
+}
+
+async fn start_receiver(expected: Vec<Expected>) -> (Receiver, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let r =
+        Receiver::new(ReceiverConfig { expected, log_file: None, print: false, faults: Faults::default() }).unwrap();
+    tokio::spawn(r.clone().serve(listener, std::future::pending()));
+    (r, addr)
+}
+
+fn expected(name: &str, token: &str) -> Expected {
+    Expected { name: name.into(), token: token.into(), secret: None }
+}
+
+async fn world() -> World {
+    let broker = TestBroker::start();
+    let prefix = format!("{}.", unique("deliver"));
+    broker.create_topics(&prefix, 2).await;
+    let kafka = broker.kafka(&prefix);
+    let (receiver, addr) = start_receiver(vec![expected("a", TOKEN_A), expected("b", TOKEN_B)]).await;
+    let seed =
+        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
+            .unwrap();
+    seed.put_destination(&destination("a", Owner::Instance, &format!("http://{addr}/a"), TOKEN_A)).await.unwrap();
+    seed.put_destination(&destination("b", Owner::Instance, &format!("http://{addr}/b"), TOKEN_B)).await.unwrap();
+    let topics = Topics::new(&prefix);
+    let producer = service::kafka::producer(&kafka, Duration::from_secs(30)).unwrap();
+    World { broker, prefix, kafka, topics, receiver, addr, seed, producer }
+}
+
+impl World {
+    fn deliverer(&self, extra: &[(&str, String)]) -> Role {
+        let mut env = vec![
+            ("AUDITSTREAM_DELIVERER__GROUP_ID", unique("d")),
+            ("AUDITSTREAM_DELIVERER__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#.into()),
+            ("AUDITSTREAM_DELIVERER__RETRY_DELAYS", r#"["1s", "2s"]"#.into()),
+            ("AUDITSTREAM_DELIVERER__QUICK_RETRIES", "1".into()),
+            ("AUDITSTREAM_DELIVERER__QUICK_RETRY_DELAY", "100ms".into()),
+            ("AUDITSTREAM_DELIVERER__REQUEST_TIMEOUT", "2s".into()),
+            ("AUDITSTREAM_DELIVERER__CONNECT_TIMEOUT", "1s".into()),
+            ("AUDITSTREAM_DELIVERER__CIRCUIT_FAILURES", "1000".into()),
+        ];
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k, v.clone()));
+        }
+        spawn_role("deliverer", &self.broker, &self.prefix, &env)
+    }
+
+    async fn ready_deliverer(&self, extra: &[(&str, String)]) -> Role {
+        let d = self.deliverer(extra);
+        assert!(wait_ready(d.admin, Duration::from_secs(60)).await, "deliverer not ready");
+        d
+    }
+
+    /// Writes a delivery of a fresh event to `destination`, as the router would.
+    async fn enqueue(&self, destination: &str, event_id: &str) {
+        let now = proto::event::format_timestamp(time::OffsetDateTime::now_utc());
+        let body = format!(
+            r#"{{"id":"{event_id}","event_type":"audit_operation","entity_type":"Project","entity_id":1,"created_at":"{now}"}}"#
+        );
+        let meta = DeliveryMeta::new(destination, event_id, "audit_operation").to_headers();
+        let headers: Vec<(&str, &[u8])> = meta.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        let topic = self.topics.deliveries();
+        service::kafka::produce_durably(
+            &self.producer,
+            &topic,
+            destination.as_bytes(),
+            Some(body.as_bytes()),
+            &headers,
+        )
+        .await;
+    }
+
+    /// Writes many deliveries at once: (destination, event id).
+    async fn enqueue_many(&self, deliveries: &[(String, String)]) {
+        futures_util::future::join_all(deliveries.iter().map(|(d, id)| self.enqueue(d, id))).await;
+    }
+
+    fn received(&self, path: &str, event_id: &str) -> usize {
+        self.receiver
+            .received()
+            .iter()
+            .filter(|r| r.path == path && String::from_utf8_lossy(&r.body).contains(&format!("\"{event_id}\"")))
+            .count()
+    }
+
+    async fn wait_received(&self, path: &str, event_id: &str, deadline: Duration) -> bool {
+        wait_until(deadline, || {
+            let n = self.received(path, event_id);
+            async move { n > 0 }
+        })
+        .await
+    }
+
+    async fn dlq(&self, want: usize) -> Vec<rdkafka::message::OwnedMessage> {
+        read_topic(&self.kafka, &self.topics.deliveries_dlq(), want, Duration::from_secs(20)).await
+    }
+}
+
+async fn count(d: &Role, series: &str) -> f64 {
+    metric(d.admin, series).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_then_success_is_delivered_by_the_quick_tries() {
+    let w = world().await;
+    let d = w.ready_deliverer(&[]).await;
+    w.receiver.set_faults(Faults { fail_first: 1, fail_status: 500, ..Faults::default() });
+    w.enqueue("a", "e-5xx").await;
+    assert!(w.wait_received("/a", "e-5xx", Duration::from_secs(30)).await);
+    assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"5xx\",outcome=\"failed\"}").await, 1.0);
+    assert_eq!(count(&d, "auditstream_deliverer_deliveries_total{outcome=\"retried\"}").await, 0.0, "no retry topic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_is_a_failed_attempt_and_retried() {
+    let w = world().await;
+    let d = w.ready_deliverer(&[("AUDITSTREAM_DELIVERER__REQUEST_TIMEOUT", "500ms".into())]).await;
+    w.receiver.set_faults(Faults { delay: Duration::from_secs(2), ..Faults::default() });
+    w.enqueue("a", "e-timeout").await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await >= 1.0
+        })
+        .await
+    );
+    w.receiver.set_faults(Faults::default());
+    assert!(w.wait_received("/a", "e-timeout", Duration::from_secs(30)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_reset_is_retried() {
+    let w = world().await;
+    let d = w.ready_deliverer(&[]).await;
+    w.receiver.set_faults(Faults { reset_first: 2, ..Faults::default() });
+    w.enqueue("a", "e-reset").await;
+    assert!(w.wait_received("/a", "e-reset", Duration::from_secs(30)).await);
+    assert_eq!(w.receiver.stats().faults_injected, 2);
+    assert!(count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let w = world().await;
+    let d = w.ready_deliverer(&[]).await;
+    w.receiver.set_faults(Faults { fail_first: 1, fail_status: 429, retry_after: Some(3), ..Faults::default() });
+    let start = Instant::now();
+    w.enqueue("a", "e-429").await;
+    assert!(w.wait_received("/a", "e-429", Duration::from_secs(30)).await);
+    let took = start.elapsed();
+    assert!(took >= Duration::from_secs(3), "delivered after {took:?}, before the 3 s Retry-After");
+    assert_eq!(count(&d, "auditstream_deliverer_deliveries_total{outcome=\"retried\"}").await, 1.0);
+    assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"4xx\",outcome=\"failed\"}").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed_and_count_as_failures() {
+    let w = world().await;
+    let d = w.ready_deliverer(&[]).await;
+    let target = format!("http://{}/elsewhere", w.addr);
+    w.receiver.set_faults(Faults { redirect_to: Some(target), ..Faults::default() });
+    w.enqueue("a", "e-3xx").await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            count(&d, "auditstream_deliverer_attempts_total{class=\"3xx\",outcome=\"failed\"}").await >= 2.0
+        })
+        .await
+    );
+    let redirects = count(&d, "auditstream_deliverer_attempts_total{class=\"3xx\",outcome=\"failed\"}").await as u64;
+    assert!(
+        w.receiver.stats().faults_injected <= redirects + 1,
+        "each redirect answer was one attempt: the Location was never requested"
+    );
+    w.receiver.set_faults(Faults::default());
+    assert!(w.wait_received("/a", "e-3xx", Duration::from_secs(30)).await);
+    assert_eq!(w.received("/elsewhere", "e-3xx"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_down_longer_than_the_quick_tries_is_served_from_a_retry_topic() {
+    let w = world().await;
+    let d = w.ready_deliverer(&[]).await;
+    w.receiver.set_faults(Faults { down_for: Some(Duration::from_secs(2)), ..Faults::default() });
+    w.enqueue("a", "e-down").await;
+    assert!(w.wait_received("/a", "e-down", Duration::from_secs(40)).await);
+    assert!(count(&d, "auditstream_deliverer_deliveries_total{outcome=\"retried\"}").await >= 1.0);
+    assert_eq!(count(&d, "auditstream_deliverer_deliveries_total{outcome=\"delivered\"}").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_deliveries_are_dead_lettered_and_replay_delivers_them() {
+    let w = world().await;
+    let _d = w.ready_deliverer(&[]).await;
+    w.receiver.set_faults(Faults { fail_rate: 1.0, fail_status: 500, ..Faults::default() });
+    w.enqueue("a", "e-exhausted").await;
+    w.enqueue("b", "e-other").await;
+    let dlq = w.dlq(2).await;
+    assert_eq!(dlq.len(), 2, "both exhausted the ladder");
+    let parked = dlq.iter().find(|m| header(m, proto::delivery::H_DESTINATION) == Some("a")).unwrap();
+    assert!(header(parked, H_REASON).unwrap().contains("retries exhausted"));
+    let meta = DeliveryMeta::from_headers(service::kafka::header_pairs(parked)).unwrap();
+    // Two quick tries on each of: the fresh topic and two retry rungs.
+    assert_eq!(meta.attempt, 6);
+    assert!(meta.history.iter().all(|a| a.status == Some(500)));
+
+    // The operator's view, through the binary.
+    let env = [
+        ("AUDITSTREAM_KAFKA__BROKERS", w.broker.brokers().to_owned()),
+        ("AUDITSTREAM_KAFKA__TOPIC_PREFIX", w.prefix.clone()),
+    ];
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(tests::binary()).args(args).envs(env.iter().cloned()).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = run(&["dlq", "list", "--json", "--destination", "a"]);
+    let rows: Vec<serde_json::Value> = listed.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 1, "{listed}");
+    assert_eq!(rows[0]["event_id"], "e-exhausted");
+    assert_eq!(rows[0]["attempts"], 6);
+    assert!(run(&["dlq", "replay", "--destination", "a", "--dry-run"]).contains("nothing replayed"));
+
+    w.receiver.set_faults(Faults::default());
+    let out = run(&["dlq", "replay", "--destination", "a", "--since", "1h"]);
+    assert!(out.contains("replayed 1 deliveries"), "{out}");
+    assert!(w.wait_received("/a", "e-exhausted", Duration::from_secs(30)).await);
+    assert_eq!(w.received("/b", "e-other"), 0, "the filter left b's parked delivery alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deliverer_killed_mid_stream_delivers_every_event() {
+    let w = world().await;
+    const N: usize = 1500;
+    let batch: Vec<(String, String)> =
+        (0..N).map(|i| ((if i % 2 == 0 { "a" } else { "b" }).to_owned(), format!("k{i}"))).collect();
+    w.enqueue_many(&batch).await;
+    w.receiver.set_faults(Faults { delay: Duration::from_millis(5), ..Faults::default() });
+    let group = unique("d");
+    let mut first = w.deliverer(&[("AUDITSTREAM_DELIVERER__GROUP_ID", group.clone())]);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let n = w.receiver.stats().unique;
+            async move { n >= (N / 5) as u64 }
+        })
+        .await
+    );
+    first.process.kill9();
+    let _second = w.ready_deliverer(&[("AUDITSTREAM_DELIVERER__GROUP_ID", group)]).await;
+    let all = wait_until(Duration::from_secs(120), || {
+        let n = w.receiver.stats().unique;
+        async move { n >= N as u64 }
+    })
+    .await;
+    let stats = w.receiver.stats();
+    assert!(all, "only {} of {N} events delivered", stats.unique);
+    eprintln!("deliverer crash: {N} events, {} unique, {} duplicates", stats.unique, stats.duplicates);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_destination_does_not_hold_up_a_healthy_one() {
+    let w = world().await;
+    // "slow" answers after 10 s; "b" is healthy.
+    let (slow, slow_addr) = start_receiver(vec![expected("slow", TOKEN_A)]).await;
+    slow.set_faults(Faults { delay: Duration::from_secs(10), ..Faults::default() });
+    w.seed
+        .put_destination(&destination("slow", Owner::Instance, &format!("http://{slow_addr}/s"), TOKEN_A))
+        .await
+        .unwrap();
+    // Few in-flight places overall: without isolation the slow destination
+    // would take them all for 10 s at a time.
+    let d = w
+        .ready_deliverer(&[
+            ("AUDITSTREAM_DELIVERER__MAX_IN_FLIGHT", "64".into()),
+            ("AUDITSTREAM_DELIVERER__PER_DESTINATION_CONCURRENCY", "8".into()),
+            ("AUDITSTREAM_DELIVERER__PER_DESTINATION_QUEUE", "8".into()),
+            ("AUDITSTREAM_DELIVERER__REQUEST_TIMEOUT", "30s".into()),
+        ])
+        .await;
+    const N: usize = 300;
+    let batch: Vec<(String, String)> =
+        (0..N).flat_map(|i| [("slow".to_owned(), format!("s{i}")), ("b".to_owned(), format!("h{i}"))]).collect();
+    w.enqueue_many(&batch).await;
+    let healthy_done = wait_until(Duration::from_secs(25), || {
+        let n = w.receiver.received().iter().filter(|r| r.path == "/b").count();
+        async move { n >= N }
+    })
+    .await;
+    assert!(healthy_done, "healthy deliveries were held up behind the slow destination");
+    assert!(
+        count(&d, "auditstream_deliverer_deliveries_total{outcome=\"retried\"}").await > 0.0,
+        "the slow destination's excess went down the ladder"
+    );
+    assert!(slow.received().len() < N, "the slow destination was not waited for");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_destination_opens_its_circuit() {
+    let w = world().await;
+    let d = w
+        .ready_deliverer(&[
+            ("AUDITSTREAM_DELIVERER__CIRCUIT_FAILURES", "2".into()),
+            ("AUDITSTREAM_DELIVERER__CIRCUIT_OPEN_FOR", "1m".into()),
+        ])
+        .await;
+    w.receiver.set_faults(Faults { fail_rate: 1.0, fail_status: 503, ..Faults::default() });
+    let batch: Vec<(String, String)> = (0..20).map(|i| ("a".to_owned(), format!("c{i}"))).collect();
+    w.enqueue_many(&batch).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async { count(&d, "auditstream_deliverer_circuit_open").await == 1.0 })
+            .await
+    );
+    // Once open, deliveries go down the ladder without attempts: the retry
+    // rungs (1 s, 2 s) bring every delivery back within the next seconds,
+    // and none of them may reach the destination.
+    let failed = "auditstream_deliverer_attempts_total{class=\"5xx\",outcome=\"failed\"}";
+    let at_open = count(&d, failed).await;
+    let served_at_open = w.receiver.stats().faults_injected;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(count(&d, failed).await, at_open, "attempts while the circuit was open");
+    assert_eq!(w.receiver.stats().faults_injected, served_at_open, "the destination was hammered while open");
+    assert!(w.dlq(20).await.len() == 20, "all went down the ladder to the dead-letter topic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_destinations_are_dead_lettered_without_a_request() {
+    let w = world().await;
+    let _d = w.ready_deliverer(&[]).await;
+    let metadata = destination("meta", Owner::Instance, "http://169.254.169.254/latest/meta-data", TOKEN_A);
+    w.seed.put_destination(&metadata).await.unwrap();
+    w.enqueue("meta", "e-ssrf").await;
+    let dlq = w.dlq(1).await;
+    assert_eq!(dlq.len(), 1);
+    let reason = header(&dlq[0], H_REASON).unwrap();
+    assert!(reason.contains("not retryable") && reason.contains("link-local"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inactive_destinations_are_parked_and_deleted_ones_dropped() {
+    let w = world().await;
+    let d = w.ready_deliverer(&[]).await;
+    let mut inactive = destination("a", Owner::Instance, &format!("http://{}/a", w.addr), TOKEN_A);
+    inactive.active = false;
+    w.seed.put_destination(&inactive).await.unwrap();
+    // A deleted destination: its tombstone is in the topic.
+    let gone = destination("gone", Owner::Instance, &format!("http://{}/gone", w.addr), TOKEN_A);
+    w.seed.put_destination(&gone).await.unwrap();
+    w.seed.delete_destination("gone").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    w.enqueue("a", "e-inactive").await;
+    w.enqueue("gone", "e-gone").await;
+    let dlq = w.dlq(1).await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(header(&dlq[0], H_REASON), Some("destination inactive"));
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            count(&d, "auditstream_deliverer_deliveries_total{outcome=\"dropped\"}").await == 1.0
+        })
+        .await
+    );
+    assert_eq!(w.dlq(2).await.len(), 1, "the deleted destination's delivery was not parked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_the_deliverer_has_not_seen_yet_is_waited_for_not_dropped() {
+    let w = world().await;
+    let d = w.ready_deliverer(&[]).await;
+    // The delivery arrives first (the router saw the destination before the
+    // deliverer's table did); the destination follows a moment later.
+    w.enqueue("late", "e-late").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    w.seed
+        .put_destination(&destination("late", Owner::Instance, &format!("http://{}/late", w.addr), TOKEN_A))
+        .await
+        .unwrap();
+    assert!(w.wait_received("/late", "e-late", Duration::from_secs(30)).await);
+    assert_eq!(count(&d, "auditstream_deliverer_deliveries_total{outcome=\"dropped\"}").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_changes_apply_to_the_next_attempt() {
+    let w = world().await;
+    // Nothing listens at this port: attempts fail until the URL is fixed.
+    let dead = tests::free_addr();
+    w.seed.put_destination(&destination("a", Owner::Instance, &format!("http://{dead}/a"), TOKEN_A)).await.unwrap();
+    let d =
+        w.ready_deliverer(&[("AUDITSTREAM_DELIVERER__RETRY_DELAYS", r#"["1s", "1s", "1s", "1s", "1s"]"#.into())]).await;
+    w.enqueue("a", "e-fixed").await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await >= 1.0
+        })
+        .await
+    );
+    w.seed.put_destination(&destination("a", Owner::Instance, &format!("http://{}/a", w.addr), TOKEN_A)).await.unwrap();
+    assert!(w.wait_received("/a", "e-fixed", Duration::from_secs(30)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_verify_with_an_independent_implementation_during_rotation() {
+    let w = world().await;
+    let current = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let previous = "whsec_QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB";
+    let mut signed: Destination = destination("a", Owner::Instance, &format!("http://{}/a", w.addr), TOKEN_A);
+    signed.signing_secret = Some(SigningSecret::new(current).unwrap());
+    let until_ms = (time::OffsetDateTime::now_utc().unix_timestamp() + 3600) * 1000;
+    signed.previous_signing_secret = Some(RetiringSecret { secret: SigningSecret::new(previous).unwrap(), until_ms });
+    w.seed.put_destination(&signed).await.unwrap();
+    let _d = w.ready_deliverer(&[]).await;
+    w.enqueue("a", "e-signed").await;
+    assert!(w.wait_received("/a", "e-signed", Duration::from_secs(30)).await);
+    let got = w.receiver.received().into_iter().find(|r| r.path == "/a").unwrap();
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in &got.headers {
+        headers.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    assert_eq!(got.header("webhook-id"), Some("e-signed"));
+    assert_eq!(got.header("webhook-signature").unwrap().split(' ').count(), 2, "old and new sign together");
+    for secret in [current, previous] {
+        standardwebhooks::Webhook::new(secret).unwrap().verify(&got.body, &headers).expect("verifies");
+    }
+    let stranger = standardwebhooks::Webhook::new("whsec_c3RyYW5nZXItc2VjcmV0LXRoYXQtaXMtbG9uZw==").unwrap();
+    assert!(stranger.verify(&got.body, &headers).is_err(), "a wrong secret does not verify");
+}
