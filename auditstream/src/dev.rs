@@ -41,7 +41,14 @@ pub struct DevArgs {
     /// Prefix for every topic name (to share a real broker).
     #[arg(long, default_value = "")]
     topic_prefix: String,
+    /// The admin token for the destinations API (instance admin).
+    #[arg(long, default_value = DEV_ADMIN_TOKEN)]
+    admin_token: String,
 }
+
+/// The documented default admin token of `auditstream dev` (not a secret:
+/// dev mode only).
+pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
 
 /// The demo group destination's token.
 pub const GROUP_TOKEN: &str = "dev-group-token-00000001";
@@ -115,6 +122,11 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for the {what} on {addr} (choose another with its flag)"))
+}
+
+/// Dev mode's destinations live on this machine.
+fn loopback() -> anyhow::Result<Vec<proto::netguard::Network>> {
+    ["127.0.0.0/8", "::1/128"].iter().map(|n| n.parse().map_err(anyhow::Error::msg)).collect()
 }
 
 fn reachable(addr: SocketAddr) -> SocketAddr {
@@ -195,6 +207,18 @@ async fn start(args: DevArgs) -> anyhow::Result<()> {
     let mut producer_cfg =
         producer::ProducerConfig { kafka: kafka.clone(), telemetry: dev_telemetry.clone(), ..Default::default() };
     producer_cfg.auth.required = false;
+    producer_cfg.auth.tokens = vec![producer::config::TokenConfig {
+        name: "dev-admin".into(),
+        sha256: producer::auth::hash_token(&args.admin_token),
+        rights: vec![
+            producer::config::Right::Publish,
+            producer::config::Right::Namespaces,
+            producer::config::Right::InstanceAdmin,
+        ],
+        owner_of: Vec::new(),
+        user_id: Some(1),
+    }];
+    producer_cfg.api.allowed_networks = loopback()?;
     producer_cfg.api.listen = api_addr;
     let mut router_cfg =
         router::RouterConfig { kafka: kafka.clone(), telemetry: dev_telemetry.clone(), ..Default::default() };
@@ -202,14 +226,14 @@ async fn start(args: DevArgs) -> anyhow::Result<()> {
     let mut deliverer_cfg =
         deliverer::DelivererConfig { kafka: kafka.clone(), telemetry: dev_telemetry, ..Default::default() };
     deliverer_cfg.deliverer.session_timeout = Duration::from_secs(6);
-    deliverer_cfg.deliverer.allowed_networks =
-        vec!["127.0.0.0/8".parse().map_err(anyhow::Error::msg)?, "::1/128".parse().map_err(anyhow::Error::msg)?];
+    deliverer_cfg.deliverer.allowed_networks = loopback()?;
 
     let admin_task = tokio::spawn(admin.clone().serve(admin_listener, shutdown.clone()));
     let mut producer_task = tokio::spawn(producer::run(producer_cfg, admin.clone(), api, shutdown.clone()));
     let mut router_task = tokio::spawn(router::run(router_cfg, admin.clone(), shutdown.clone()));
     let mut deliverer_task = tokio::spawn(deliverer::run(deliverer_cfg, admin.clone(), shutdown.clone()));
 
+    let admin_token = &args.admin_token;
     let broker_text = if embedded { format!("embedded mock cluster ({brokers})") } else { brokers.clone() };
     let log_text = args
         .receiver_log
@@ -226,6 +250,9 @@ auditstream dev is starting
 
 Demo tree: group 1 example-group > group 2 example-group/platform > project 29;
 project 24 example-group/example-project; user 50 root > project 174 (personal).
+
+Manage destinations with the admin token {admin_token}:
+  curl -sS http://{api_addr}/api/v1/instance/destinations -H 'Authorization: Bearer {admin_token}'
 
 Publish an example event (delivered to both destinations):
   curl -sS -X POST http://{api_addr}/api/v1/events -H 'Content-Type: application/json' \

@@ -10,7 +10,7 @@ use axum::{
     extract::{Path, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::{post, put},
+    routing::{get, post, put},
 };
 use futures_util::future::join_all;
 use proto::{
@@ -27,25 +27,57 @@ use crate::{
     metrics::Metrics,
 };
 
+/// Every route the API serves, as (method, path). The router is built from
+/// the same paths, and a test checks the OpenAPI document lists exactly
+/// these.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/api/v1/events"),
+    ("PUT", "/api/v1/namespaces/{kind}/{id}"),
+    ("DELETE", "/api/v1/namespaces/{kind}/{id}"),
+    ("POST", "/api/v1/namespaces/import"),
+    ("GET", "/api/v1/openapi.json"),
+    ("GET", "/api/v1/groups/{group_id}/destinations"),
+    ("POST", "/api/v1/groups/{group_id}/destinations"),
+    ("GET", "/api/v1/groups/{group_id}/destinations/{id}"),
+    ("PATCH", "/api/v1/groups/{group_id}/destinations/{id}"),
+    ("DELETE", "/api/v1/groups/{group_id}/destinations/{id}"),
+    ("GET", "/api/v1/instance/destinations"),
+    ("POST", "/api/v1/instance/destinations"),
+    ("GET", "/api/v1/instance/destinations/{id}"),
+    ("PATCH", "/api/v1/instance/destinations/{id}"),
+    ("DELETE", "/api/v1/instance/destinations/{id}"),
+];
+
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    publisher: Publisher,
-    auth: Arc<Auth>,
-    config: Arc<ApiConfig>,
-    metrics: Metrics,
+    pub(crate) publisher: Publisher,
+    pub(crate) auth: Arc<Auth>,
+    pub(crate) config: Arc<ApiConfig>,
+    pub(crate) metrics: Metrics,
     in_flight: Arc<Semaphore>,
+    pub(crate) destinations: crate::destinations::Store,
 }
 
 impl AppState {
     /// The state of one API instance.
-    pub fn new(publisher: Publisher, auth: Auth, config: ApiConfig, metrics: Metrics) -> Self {
+    pub fn new(
+        publisher: Publisher,
+        auth: Auth,
+        config: ApiConfig,
+        metrics: Metrics,
+        destinations: crate::destinations::Store,
+    ) -> Self {
         Self {
             publisher,
             auth: Arc::new(auth),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             config: Arc::new(config),
             metrics,
+            destinations,
         }
     }
 }
@@ -101,6 +133,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/v1/events", post(post_events))
         .route("/api/v1/namespaces/{kind}/{id}", put(put_namespace).delete(delete_namespace))
+        .route("/api/v1/namespaces/import", post(import_namespaces))
+        .route("/api/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .merge(crate::destinations::routes())
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route", Value::Null) })
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route", Value::Null)
@@ -108,13 +143,16 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap, right: Right) -> Result<String, AuthError> {
+pub(crate) fn authorize(state: &AppState, headers: &HeaderMap, right: Right) -> Result<String, AuthError> {
     let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     state.auth.check(value, right)
 }
 
-async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
-    let limit = state.config.max_request_bytes;
+pub(crate) async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    read_limited(body, state.config.max_request_bytes).await
+}
+
+async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|_| {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -155,8 +193,10 @@ async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Bo
 
 async fn publish_events(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     let Ok(_permit) = state.in_flight.try_acquire() else {
+        state.metrics.rejected("busy", 1);
         return Err(unavailable("too many requests in flight; retry shortly", Value::Null));
     };
+    let _gauge = state.metrics.in_flight_guard();
     authorize(state, headers, Right::Publish)?;
     let body = read_body(state, body).await?;
     let ndjson = headers
@@ -182,7 +222,10 @@ async fn publish_events(state: &AppState, headers: &HeaderMap, body: Body) -> Re
     for (index, text) in texts.iter().enumerate() {
         match state.publisher.prepare(text) {
             Ok(p) => prepared.push(p),
-            Err(errors) => invalid.push(json!({ "index": index, "errors": errors })),
+            Err(errors) => {
+                state.metrics.rejected(crate::metrics::reason(&errors), 1);
+                invalid.push(json!({ "index": index, "errors": errors }));
+            }
         }
     }
     if !invalid.is_empty() {
@@ -273,9 +316,139 @@ async fn delete_namespace(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// One line of a namespace import.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportLine {
+    kind: NamespaceKind,
+    id: i64,
+    #[serde(default)]
+    parent: Option<NamespaceRef>,
+    #[serde(default)]
+    full_path: Option<String>,
+    /// Remove the namespace instead.
+    #[serde(default)]
+    delete: bool,
+}
+
+/// `POST /api/v1/namespaces/import`: NDJSON, one namespace per line, for
+/// the initial load of a large tree. Every line is validated first; any bad
+/// line fails the whole import (422, nothing written). Writes are
+/// idempotent, so a failed import can simply be sent again.
+async fn import_namespaces(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Right::Namespaces)?;
+    let body = read_limited(body, state.config.max_import_bytes).await?;
+    let mut records = Vec::new();
+    let mut invalid = Vec::new();
+    for (line_no, line) in body.split(|b| *b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let parsed: Result<ImportLine, _> = serde_json::from_slice(line);
+        let checked = parsed.map_err(|e| FieldError::new("(line)", e.to_string())).and_then(|l| {
+            let of = NamespaceRef { kind: l.kind, id: l.id };
+            if l.delete {
+                return Ok((of, None));
+            }
+            let full_path = l.full_path.ok_or_else(|| FieldError::new("full_path", "is required"))?;
+            let record = NamespaceRecord { parent: l.parent, full_path };
+            record.validate(of)?;
+            Ok((of, Some(record)))
+        });
+        match checked {
+            Ok(r) => records.push(r),
+            Err(e) => invalid.push(json!({ "line": line_no + 1, "errors": [e] })),
+        }
+    }
+    if !invalid.is_empty() {
+        return Err(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_namespaces",
+            format!("{} lines are invalid; nothing was written", invalid.len()),
+            json!({ "lines": invalid }),
+        ));
+    }
+    let mut written = 0usize;
+    for chunk in records.chunks(1000) {
+        let results = join_all(chunk.iter().map(|(of, r)| state.publisher.put_namespace(*of, r.as_ref()))).await;
+        for r in results {
+            r.map_err(|e| {
+                tracing::warn!(error = %e, written, "namespace import interrupted");
+                unavailable(
+                    format!("Kafka did not acknowledge every write ({written} written); send the import again"),
+                    json!({ "written": written }),
+                )
+            })?;
+            written += 1;
+        }
+    }
+    Ok((StatusCode::OK, Json(json!({ "written": written }))).into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openapi_lists_exactly_the_routes() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("OpenAPI is JSON");
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, ops) in doc["paths"].as_object().expect("paths") {
+            for method in ops.as_object().expect("operations").keys() {
+                documented.push((method.to_uppercase(), path.clone()));
+            }
+        }
+        let mut routes: Vec<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        documented.sort();
+        routes.sort();
+        assert_eq!(documented, routes);
+    }
+
+    /// Every listed route is served by the router (not its 404/405
+    /// fallback), on a real listener.
+    #[tokio::test]
+    async fn every_route_is_served() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let kafka = service::config::KafkaConfig { brokers: "127.0.0.1:1".into(), ..Default::default() };
+        let publisher = Publisher::new(
+            &kafka,
+            proto::Registry::embedded(),
+            Default::default(),
+            std::time::Duration::from_millis(100),
+        )
+        .expect("publisher");
+        let metrics = Metrics::register(&prometheus::Registry::new()).expect("metrics");
+        let store = crate::destinations::Store {
+            destinations: service::table::Table::new(Default::default()),
+            tree: service::table::Table::new(Default::default()),
+        };
+        let auth = Auth::new(&crate::config::AuthConfig { required: false, tokens: vec![] });
+        let state = AppState::new(publisher, auth, ApiConfig::default(), metrics, store);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        let client = reqwest::Client::new();
+        for (method, path) in ROUTES {
+            let url = format!(
+                "http://{addr}{}",
+                path.replace("{kind}", "group").replace("{group_id}", "1").replace("{id}", "1")
+            );
+            let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+            let r = client.request(method.clone(), &url).body("{}").send().await.expect("answer");
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {url}");
+            assert!(!body.contains("no such route"), "{method} {url}: {body}");
+        }
+        let r = client.get(format!("http://{addr}/api/v1/nope")).send().await.expect("answer");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert!(r.text().await.unwrap_or_default().contains("no such route"));
+    }
 
     #[test]
     fn split_understands_three_shapes() {

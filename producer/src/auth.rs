@@ -20,6 +20,33 @@ struct Token {
     name: String,
     hash: [u8; 32],
     rights: Vec<Right>,
+    owner_of: Vec<i64>,
+    user_id: Option<i64>,
+}
+
+/// Who a request comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The token holder's name (never the token).
+    pub name: String,
+    /// Its rights.
+    pub rights: Vec<Right>,
+    /// Top-level groups it owns.
+    pub owner_of: Vec<i64>,
+    /// Its user id, for audit events.
+    pub user_id: Option<i64>,
+}
+
+impl Principal {
+    /// Whether it is an instance admin.
+    pub fn is_admin(&self) -> bool {
+        self.rights.contains(&Right::InstanceAdmin)
+    }
+
+    /// Whether it may manage `group`'s destinations.
+    pub fn manages_group(&self, group: i64) -> bool {
+        self.is_admin() || self.owner_of.contains(&group)
+    }
 }
 
 /// The configured tokens.
@@ -39,7 +66,13 @@ impl Auth {
                 for (i, b) in hash.iter_mut().enumerate() {
                     *b = u8::from_str_radix(&t.sha256[2 * i..2 * i + 2], 16).unwrap_or(0);
                 }
-                Token { name: t.name.clone(), hash, rights: t.rights.clone() }
+                Token {
+                    name: t.name.clone(),
+                    hash,
+                    rights: t.rights.clone(),
+                    owner_of: t.owner_of.clone(),
+                    user_id: t.user_id,
+                }
             })
             .collect();
         Self { required: config.required, tokens }
@@ -65,9 +98,43 @@ impl Auth {
             Some(_) => Err(AuthError::Forbidden(match right {
                 Right::Publish => "publish events",
                 Right::Namespaces => "change namespaces",
+                Right::InstanceAdmin => "manage instance destinations",
             })),
             None => Err(AuthError::Unauthenticated),
         }
+    }
+
+    /// Identifies the caller. Without a token (when tokens are not
+    /// required) the caller may publish and write namespaces, nothing more:
+    /// managing destinations always takes a token.
+    pub fn principal(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+        let presented = authorization.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).filter(|p| !p.is_empty());
+        let Some(presented) = presented else {
+            return if self.required {
+                Err(AuthError::Unauthenticated)
+            } else {
+                Ok(Principal {
+                    name: "anonymous".into(),
+                    rights: vec![Right::Publish, Right::Namespaces],
+                    owner_of: Vec::new(),
+                    user_id: None,
+                })
+            };
+        };
+        let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found: Option<&Token> = None;
+        for t in &self.tokens {
+            if bool::from(t.hash.ct_eq(&hash)) {
+                found = Some(t);
+            }
+        }
+        let t = found.ok_or(AuthError::Unauthenticated)?;
+        Ok(Principal {
+            name: t.name.clone(),
+            rights: t.rights.clone(),
+            owner_of: t.owner_of.clone(),
+            user_id: t.user_id,
+        })
     }
 }
 
@@ -88,6 +155,8 @@ mod tests {
                 name: "svc".into(),
                 sha256: hash_token("s3cret-token"),
                 rights: vec![Right::Publish],
+                owner_of: vec![7],
+                user_id: None,
             }],
         })
     }
@@ -106,5 +175,15 @@ mod tests {
         let open = auth(false);
         assert_eq!(open.check(None, Right::Namespaces), Ok("anonymous".into()));
         assert_eq!(open.check(Some("Bearer wrong"), Right::Publish), Err(AuthError::Unauthenticated));
+    }
+
+    #[test]
+    fn principals_carry_roles() {
+        let p = auth(true).principal(Some("Bearer s3cret-token")).unwrap();
+        assert!(p.manages_group(7) && !p.manages_group(8) && !p.is_admin());
+        assert_eq!(auth(true).principal(None), Err(AuthError::Unauthenticated));
+        assert_eq!(auth(true).principal(Some("Bearer nope")), Err(AuthError::Unauthenticated));
+        let anon = auth(false).principal(None).unwrap();
+        assert!(!anon.is_admin() && !anon.manages_group(7), "anonymous never manages destinations");
     }
 }

@@ -35,6 +35,16 @@ pub struct ApiConfig {
     pub max_events: usize,
     /// Largest single event, in bytes.
     pub max_event_bytes: usize,
+    /// Largest namespace import body, in bytes.
+    pub max_import_bytes: usize,
+    /// Most active destinations per group.
+    pub max_active_destinations_per_group: usize,
+    /// How long a replaced signing secret keeps signing beside the new one.
+    #[serde(with = "duration")]
+    pub signing_secret_rotation_grace: Duration,
+    /// Special-purpose networks destinations may point at anyway
+    /// (e.g. `127.0.0.0/8` in development).
+    pub allowed_networks: Vec<proto::netguard::Network>,
     /// Accept event types that have no definition.
     pub accept_unknown_types: bool,
     /// A folder of extra event-type definitions, added to the shipped ones.
@@ -53,6 +63,10 @@ impl Default for ApiConfig {
             max_request_bytes: 5 * 1024 * 1024,
             max_events: 1000,
             max_event_bytes: 1024 * 1024,
+            max_import_bytes: 256 * 1024 * 1024,
+            max_active_destinations_per_group: 5,
+            signing_secret_rotation_grace: Duration::from_secs(24 * 3600),
+            allowed_networks: Vec::new(),
             accept_unknown_types: false,
             types_dir: None,
             publish_timeout: Duration::from_secs(10),
@@ -69,6 +83,8 @@ pub enum Right {
     Publish,
     /// Write the namespace tree.
     Namespaces,
+    /// Manage instance-level destinations, and every group's.
+    InstanceAdmin,
 }
 
 /// One API token, stored as the SHA-256 of its text.
@@ -80,7 +96,15 @@ pub struct TokenConfig {
     /// Lowercase hex SHA-256 of the token.
     pub sha256: String,
     /// What it may do.
+    #[serde(default)]
     pub rights: Vec<Right>,
+    /// Top-level groups whose destinations it may manage (group owner).
+    #[serde(default)]
+    pub owner_of: Vec<i64>,
+    /// The user id recorded as `author_id` of the audit events its changes
+    /// raise (-1, "system", when not set).
+    #[serde(default)]
+    pub user_id: Option<i64>,
 }
 
 /// Who may call the API.

@@ -5,14 +5,18 @@
 //! # Layout
 //! - [`config`] — the role's typed configuration.
 //! - [`client`] — validation, id minting, partitioning, the Kafka write.
+//! - [`audit`] — instrumentation: audit contexts and scoped recording.
+//! - [`destinations`] — the owners' destination API, every change audited.
 //! - [`api`] — the HTTP API.
 //! - [`auth`] — bearer tokens, hashed, compared in constant time.
 //! - [`metrics`] — `auditstream_producer_*`.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod destinations;
 pub mod metrics;
 
 pub use client::{PublishError, Publisher};
@@ -73,7 +77,25 @@ pub async fn run(
     let publisher = Publisher::new(&config.kafka, registry, limits, config.api.publish_timeout)?;
     let metrics = metrics::Metrics::register(&admin.registry)?;
     let auth = auth::Auth::new(&config.auth);
-    let state = api::AppState::new(publisher.clone(), auth, config.api.clone(), metrics);
+    let topics = Topics::new(config.kafka.topic_prefix.clone());
+    let (destination_table, _) = service::table::follow(
+        &config.kafka,
+        &topics.destinations(),
+        proto::destination::Directory::default(),
+        admin.readiness.register("producer.destinations"),
+        shutdown.clone(),
+    )
+    .await?;
+    let (tree, _) = service::table::follow(
+        &config.kafka,
+        &topics.namespaces(),
+        proto::tree::Tree::default(),
+        admin.readiness.register("producer.namespaces"),
+        shutdown.clone(),
+    )
+    .await?;
+    let store = destinations::Store { destinations: destination_table, tree };
+    let state = api::AppState::new(publisher.clone(), auth, config.api.clone(), metrics, store);
     tracing::info!(addr = %listener.local_addr()?, "producer API listening");
     ready.set(true);
     let mut stop = shutdown.clone();

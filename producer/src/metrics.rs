@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use proto::FieldError;
 
 /// Handles to the producer's metrics.
 #[derive(Clone)]
@@ -11,6 +12,31 @@ pub struct Metrics {
     requests: IntCounterVec,
     request_seconds: HistogramVec,
     produce_seconds: Histogram,
+    rejected: IntCounterVec,
+    in_flight: IntGauge,
+}
+
+/// Decrements the in-flight gauge when dropped.
+pub struct InFlight(IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The rejection reason of an event's problems, for the metric label
+/// (a small fixed set).
+pub fn reason(errors: &[FieldError]) -> &'static str {
+    let Some(first) = errors.first() else { return "invalid_field" };
+    match (first.field.as_str(), first.problem.as_str()) {
+        ("(event)", p) if p.contains("bytes, more than") => "too_large",
+        ("(event)", p) if p.contains("deeper than") => "too_deep",
+        ("(event)", _) => "malformed",
+        ("event_type", p) if p.contains("not a registered") => "unregistered_type",
+        ("event_type", p) if p.contains("streamed: false") => "not_streamed",
+        _ => "invalid_field",
+    }
 }
 
 impl Metrics {
@@ -32,16 +58,34 @@ impl Metrics {
             "auditstream_producer_kafka_produce_seconds",
             "Time for Kafka to acknowledge a request's events",
         ))?;
+        let rejected = IntCounterVec::new(
+            Opts::new("auditstream_producer_rejected_events_total", "Events refused, by reason"),
+            &["reason"],
+        )?;
+        let in_flight = IntGauge::new("auditstream_producer_requests_in_flight", "Event requests being handled")?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(produce_seconds.clone()))?;
-        Ok(Self { events, requests, request_seconds, produce_seconds })
+        Ok(Self { events, requests, request_seconds, produce_seconds, rejected, in_flight })
     }
 
     /// Counts `n` events with `outcome`.
     pub fn events(&self, outcome: &str, n: usize) {
         self.events.with_label_values(&[outcome]).inc_by(n as u64);
+    }
+
+    /// Counts `n` refused events with `reason`.
+    pub fn rejected(&self, reason: &str, n: usize) {
+        self.rejected.with_label_values(&[reason]).inc_by(n as u64);
+    }
+
+    /// Counts a request in flight until the guard drops.
+    pub fn in_flight_guard(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
     }
 
     /// Records one request.

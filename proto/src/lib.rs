@@ -10,6 +10,7 @@
 //! - [`signature`] — Standard Webhooks v1 signing and verification.
 //! - [`netguard`] — which addresses destinations may reach.
 //! - [`topics`] — topic names.
+//! - [`tree`] — the namespace tree and root-ancestor resolution.
 
 pub mod delivery;
 pub mod destination;
@@ -19,6 +20,7 @@ pub mod namespace;
 pub mod netguard;
 pub mod signature;
 pub mod topics;
+pub mod tree;
 pub mod types;
 
 pub use event::{EventId, EventLimits, EventView, FieldError, PreparedEvent};

@@ -16,6 +16,7 @@ use std::{
 };
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use proto::tree::Tree;
 use proto::{
     EventView, Registry,
     destination::{
@@ -23,7 +24,7 @@ use proto::{
     },
     namespace::{NamespaceRecord, NamespaceRef},
 };
-use router::{route::route, tree::Tree};
+use router::route::route;
 
 /// Counts live bytes and allocation calls.
 struct Counting;

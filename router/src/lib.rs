@@ -3,7 +3,6 @@
 //!
 //! # Layout
 //! - [`config`] — the role's typed configuration.
-//! - [`tree`] — the namespace table and root-ancestor resolution.
 //! - [`route`] — the per-event decision (SPEC §4).
 //! - [`metrics`] — `auditstream_router_*`.
 //!
@@ -14,7 +13,6 @@
 pub mod config;
 pub mod metrics;
 pub mod route;
-pub mod tree;
 
 use std::{sync::Arc, time::Duration};
 
@@ -24,14 +22,12 @@ use proto::{
     delivery::{DeliveryMeta, H_REASON},
     destination::{Directory, Owner},
     topics::Topics,
+    tree::Tree,
 };
 use rdkafka::{Message, consumer::Consumer, message::OwnedMessage, producer::FutureProducer};
 use service::{Admin, Shutdown, consume, kafka, table::Table};
 
-use crate::{
-    route::{Decision, Resolution},
-    tree::Tree,
-};
+use crate::route::{Decision, Resolution};
 
 /// Why the router stopped.
 #[derive(Debug, thiserror::Error)]

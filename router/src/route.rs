@@ -8,7 +8,7 @@ use proto::{
     namespace::{NamespaceKind, NamespaceRef},
 };
 
-use crate::tree::{BadTree, Chain, Root, Tree};
+use proto::tree::{BadTree, Chain, Root, Tree};
 
 /// How the root was found; for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +127,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::tree::BadTree;
+    use proto::tree::BadTree;
 
     fn dest(id: &str, owner: Owner) -> Destination {
         Destination {

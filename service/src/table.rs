@@ -47,6 +47,13 @@ impl<S> Table<S> {
         let _ = self.ready.clone().wait_for(|r| *r).await;
     }
 
+    /// Changes the state directly: a writer applies its own acknowledged
+    /// write at once (the follower applies the same record again later,
+    /// which must be idempotent).
+    pub fn update(&self, f: impl FnOnce(&mut S)) {
+        f(&mut self.state.write().unwrap_or_else(|e| e.into_inner()));
+    }
+
     /// Reads the current state. Hold the guard briefly: the follower waits.
     pub fn read(&self) -> RwLockReadGuard<'_, S> {
         self.state.read().unwrap_or_else(|e| e.into_inner())
@@ -148,5 +155,11 @@ impl TableState for proto::destination::Directory {
                 Ok(())
             }
         }
+    }
+}
+
+impl TableState for proto::tree::Tree {
+    fn apply(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+        proto::tree::Tree::apply(self, key, value)
     }
 }

@@ -106,29 +106,48 @@ pub struct Process {
     pub name: String,
     child: Child,
     stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+/// Collects a child's output lines on a thread.
+fn collect(out: impl std::io::Read + Send + 'static, echo: bool) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if echo {
+                eprintln!("{line}");
+            }
+            sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+    });
+    lines
 }
 
 impl Process {
     /// Starts `auditstream <args>` with `env` (and a quiet log filter).
-    /// Its stdout lines are collected ([`Process::stdout`]).
+    /// Its stdout and stderr lines are collected ([`Process::stdout`],
+    /// [`Process::stderr`]); stderr is also echoed, for failing tests.
     pub fn spawn(name: &str, args: &[&str], env: &[(&str, String)]) -> Self {
         let mut cmd = Command::new(binary());
-        cmd.args(args).env("AUDITSTREAM_TELEMETRY__FILTER", "warn").stdin(Stdio::null()).stdout(Stdio::piped());
+        cmd.args(args)
+            .env("AUDITSTREAM_TELEMETRY__FILTER", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        if let Some(out) = child.stdout.take() {
-            let lines = stdout.clone();
-            std::thread::spawn(move || {
-                use std::io::BufRead;
-                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-                }
-            });
-        }
-        Self { name: name.into(), child, stdout }
+        let stdout = child.stdout.take().map(|o| collect(o, false)).unwrap_or_default();
+        let stderr = child.stderr.take().map(|o| collect(o, true)).unwrap_or_default();
+        Self { name: name.into(), child, stdout, stderr }
+    }
+
+    /// The stderr lines (logs) so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The stdout lines so far.

@@ -3,8 +3,7 @@
 
 use std::collections::HashMap;
 
-use proto::namespace::{NamespaceKind, NamespaceRecord, NamespaceRef};
-use service::table::TableState;
+use crate::namespace::{NamespaceKind, NamespaceRecord, NamespaceRef};
 
 /// The longest chain from an entity up to its root that is still believed.
 pub const MAX_DEPTH: usize = 20;
@@ -161,8 +160,9 @@ impl Tree {
     }
 }
 
-impl TableState for Tree {
-    fn apply(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+impl Tree {
+    /// Applies a record of the namespaces topic (`None` = tombstone).
+    pub fn apply(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
         let key = std::str::from_utf8(key).map_err(|_| "namespace key is not UTF-8".to_owned())?;
         let of: NamespaceRef = key.parse()?;
         match value {
@@ -175,6 +175,12 @@ impl TableState for Tree {
             }
         }
         Ok(())
+    }
+
+    /// Whether `group` is `of` or one of its ancestors (and the chain is
+    /// sound).
+    pub fn is_under(&self, of: NamespaceRef, group: NamespaceRef) -> bool {
+        matches!(self.resolve(of), Ok(Some((_, chain))) if chain.contains(group))
     }
 }
 

@@ -1,0 +1,495 @@
+//! The destinations API (SPEC §5) on a real producer process: every rule
+//! with the field it names, every authorization path, secrets, and the
+//! audit events of changes flowing through the whole pipeline.
+
+use std::{net::SocketAddr, time::Duration};
+
+use proto::namespace::{NamespaceRecord, NamespaceRef};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tests::{Role, TestBroker, free_addr, http, spawn_role, unique, wait_ready, wait_until};
+
+const ADMIN: &str = "admin-token-for-tests";
+const ACME_OWNER: &str = "acme-owner-token";
+const BETA_OWNER: &str = "beta-owner-token";
+const PUBLISHER: &str = "publisher-only-token";
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const NEXT_SECRET: &str = "whsec_QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB";
+
+struct Api {
+    broker: TestBroker,
+    prefix: String,
+    producer: Role,
+    base: String,
+    client: reqwest::Client,
+}
+
+/// acme (100) > sub (101) > project 102; beta (200) > project 201.
+async fn start(extra: &[(&str, String)]) -> Api {
+    let broker = TestBroker::start();
+    let prefix = format!("{}.", unique("dest"));
+    broker.create_topics(&prefix, 1).await;
+    let kafka = broker.kafka(&prefix);
+    let seed =
+        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
+            .unwrap();
+    let rec = |parent, path: &str| NamespaceRecord { parent, full_path: path.into() };
+    seed.put_namespace(NamespaceRef::group(100), Some(&rec(None, "acme"))).await.unwrap();
+    seed.put_namespace(NamespaceRef::group(101), Some(&rec(Some(NamespaceRef::group(100)), "acme/sub"))).await.unwrap();
+    seed.put_namespace(NamespaceRef::project(102), Some(&rec(Some(NamespaceRef::group(101)), "acme/sub/p")))
+        .await
+        .unwrap();
+    seed.put_namespace(NamespaceRef::group(200), Some(&rec(None, "beta"))).await.unwrap();
+    seed.put_namespace(NamespaceRef::project(201), Some(&rec(Some(NamespaceRef::group(200)), "beta/p"))).await.unwrap();
+
+    let token = |name: &str, t: &str, extra: &str| {
+        format!(r#"{{name = "{name}", sha256 = "{}", {extra}}}"#, producer::auth::hash_token(t))
+    };
+    let tokens = format!(
+        "[{}, {}, {}, {}]",
+        token("admin", ADMIN, r#"rights = ["instance_admin", "publish"], user_id = 7"#),
+        token("acme-owner", ACME_OWNER, "owner_of = [100]"),
+        token("beta-owner", BETA_OWNER, "owner_of = [200]"),
+        token("publisher", PUBLISHER, r#"rights = ["publish"]"#),
+    );
+    let api = free_addr();
+    let mut env = vec![
+        ("AUDITSTREAM_API__LISTEN", api.to_string()),
+        ("AUDITSTREAM_AUTH__TOKENS", tokens),
+        ("AUDITSTREAM_API__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#.into()),
+        ("AUDITSTREAM_TELEMETRY__FILTER", "debug,rdkafka=warn,librdkafka=warn,hyper=warn,h2=warn".into()),
+    ];
+    env.extend(extra.iter().cloned());
+    let producer = spawn_role("producer", &broker, &prefix, &env);
+    assert!(wait_ready(producer.admin, Duration::from_secs(60)).await, "producer not ready");
+    Api { broker, prefix, producer, base: format!("http://{api}/api/v1"), client: http() }
+}
+
+impl Api {
+    async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_string());
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status();
+        (status, serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or(Value::Null))
+    }
+
+    async fn create(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(token), Some(body)).await
+    }
+}
+
+fn fields(body: &Value) -> Vec<String> {
+    body["error"]["errors"]
+        .as_array()
+        .map(|a| a.iter().map(|e| e["field"].as_str().unwrap_or("").to_owned()).collect())
+        .unwrap_or_default()
+}
+
+fn receiver_url(addr: SocketAddr, path: &str) -> String {
+    format!("http://{addr}/{path}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_read_update_delete() {
+    let api = start(&[]).await;
+    let url = receiver_url(free_addr(), "in");
+    let (status, created) = api.create("/instance/destinations", ADMIN, json!({ "name": "SIEM", "url": url })).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let token = created["verification_token"].as_str().unwrap();
+    assert_eq!(token.len(), 24, "a token is generated when none is given");
+    assert!(token.chars().all(|c| c.is_ascii_alphanumeric()));
+    assert_eq!(created["active"], true);
+    assert_eq!(created["category"], "http");
+
+    let (status, read) = api.call(Method::GET, &format!("/instance/destinations/{id}"), Some(ADMIN), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(read["verification_token"], created["verification_token"], "shown to those who manage it");
+    let (_, list) = api.call(Method::GET, "/instance/destinations", Some(ADMIN), None).await;
+    assert_eq!(list["destinations"].as_array().unwrap().len(), 1);
+
+    let (status, updated) = api
+        .call(
+            Method::PATCH,
+            &format!("/instance/destinations/{id}"),
+            Some(ADMIN),
+            Some(json!({ "name": "SIEM 2", "active": false })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{updated}");
+    assert_eq!(updated["name"], "SIEM 2");
+    assert_eq!(updated["active"], false);
+    let (status, refused) = api
+        .call(
+            Method::PATCH,
+            &format!("/instance/destinations/{id}"),
+            Some(ADMIN),
+            Some(json!({ "verification_token": "x".repeat(20) })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(fields(&refused), ["verification_token"], "the token cannot change after creation");
+
+    let (status, _) = api.call(Method::DELETE, &format!("/instance/destinations/{id}"), Some(ADMIN), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = api.call(Method::GET, &format!("/instance/destinations/{id}"), Some(ADMIN), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rule_names_its_field() {
+    let api = start(&[]).await;
+    let good = || json!({ "name": "d", "url": receiver_url(free_addr(), "x") });
+    let with = |k: &str, v: Value| {
+        let mut b = good();
+        b[k] = v;
+        b
+    };
+    let headers = |n: usize| Value::Array((0..n).map(|i| json!({ "name": format!("X-H{i}"), "value": "v" })).collect());
+    let group = |id: i64| json!({ "kind": "group", "id": id });
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("token too short", with("verification_token", json!("a".repeat(15))), "verification_token"),
+        ("token too long", with("verification_token", json!("a".repeat(25))), "verification_token"),
+        ("21 headers", with("headers", headers(21)), "headers"),
+        ("header name not a token", with("headers", json!([{ "name": "X Bad", "value": "v" }])), "headers[0].name"),
+        (
+            "header set by the system",
+            with("headers", json!([{ "name": "X-Gitlab-Event-Streaming-Token", "value": "v" }])),
+            "headers[0].name",
+        ),
+        (
+            "header value with a newline",
+            with("headers", json!([{ "name": "X-Ok", "value": "a\r\nInjected: 1" }])),
+            "headers[0].value",
+        ),
+        (
+            "header value too long",
+            with("headers", json!([{ "name": "X-Ok", "value": "v".repeat(256) }])),
+            "headers[0].value",
+        ),
+        (
+            "duplicate header",
+            with("headers", json!([{ "name": "X-A", "value": "1" }, { "name": "x-a", "value": "2" }])),
+            "headers[1].name",
+        ),
+        (
+            "6 namespace filters",
+            with("namespace_filters", Value::Array((0..6).map(|_| group(101)).collect())),
+            "namespace_filters",
+        ),
+        (
+            "filter outside the group",
+            with("namespace_filters", json!([{ "kind": "project", "id": 201 }])),
+            "namespace_filters[0]",
+        ),
+        ("filter that does not exist", with("namespace_filters", json!([group(999)])), "namespace_filters[0]"),
+        (
+            "unknown event type",
+            with("event_type_filters", json!({ "allow": ["no_such_type"] })),
+            "event_type_filters[0]",
+        ),
+        (
+            "unknown category",
+            with("event_type_filters", json!({ "deny": ["category:nothing"] })),
+            "event_type_filters[0]",
+        ),
+        ("ftp url", with("url", json!("ftp://example.com/x")), "url"),
+        ("url too long", with("url", json!(format!("http://127.0.0.1/{}", "a".repeat(250)))), "url"),
+        ("url with credentials", with("url", json!("http://user:pw@127.0.0.1/")), "url"),
+        ("private address", with("url", json!("http://10.0.0.1/in")), "url"),
+        ("cloud metadata", with("url", json!("http://169.254.169.254/latest/meta-data")), "url"),
+        ("IPv6 loopback (not allow-listed)", with("url", json!("http://[::1]/in")), "url"),
+        ("IPv4-mapped private", with("url", json!("http://[::ffff:192.168.0.1]/in")), "url"),
+        ("name too long", with("name", json!("n".repeat(73))), "name"),
+        ("name missing", json!({ "url": "http://127.0.0.1/x" }), "name"),
+        ("url missing", json!({ "name": "d" }), "url"),
+        ("category not yet supported", with("category", json!("amazon_s3")), "category"),
+        ("bad signing secret", with("signing_secret", json!("not-a-secret")), "signing_secret"),
+        ("unknown field", with("colour", json!("red")), "(body)"),
+        ("wrong type", with("active", json!("yes")), "(body)"),
+    ];
+    for (what, body, field) in cases {
+        let (status, answer) = api.create("/groups/100/destinations", ACME_OWNER, body).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{what}: {answer}");
+        assert!(fields(&answer).iter().any(|f| f == field), "{what}: expected {field} in {answer}");
+    }
+    // Nothing was created by any of them.
+    let (_, list) = api.call(Method::GET, "/groups/100/destinations", Some(ACME_OWNER), None).await;
+    assert_eq!(list["destinations"], json!([]));
+    // A category entry and an in-group filter are fine.
+    let ok = json!({ "name": "ok", "url": "http://127.0.0.1:9/x", "event_type_filters": { "allow": ["category:compliance_management", "audit_operation"] }, "namespace_filters": [{ "kind": "project", "id": 102 }, group(101)] });
+    let (status, answer) = api.create("/groups/100/destinations", ACME_OWNER, ok).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_top_level_groups_unique_names_and_the_active_limit() {
+    let api = start(&[("AUDITSTREAM_API__MAX_ACTIVE_DESTINATIONS_PER_GROUP", "2".into())]).await;
+    let body = |name: &str, active: bool| json!({ "name": name, "url": "http://127.0.0.1:9/x", "active": active });
+    let (status, answer) = api.create("/groups/101/destinations", ADMIN, body("a", true)).await;
+    assert_eq!((status, fields(&answer)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["group_id".to_owned()]), "subgroup");
+    let (status, answer) = api.create("/groups/555/destinations", ADMIN, body("a", true)).await;
+    assert_eq!(
+        (status, fields(&answer)),
+        (StatusCode::UNPROCESSABLE_ENTITY, vec!["group_id".to_owned()]),
+        "unknown group"
+    );
+
+    assert_eq!(api.create("/groups/100/destinations", ADMIN, body("SIEM", true)).await.0, StatusCode::CREATED);
+    let (status, answer) = api.create("/groups/100/destinations", ADMIN, body("siem", true)).await;
+    assert_eq!(
+        (status, fields(&answer)),
+        (StatusCode::UNPROCESSABLE_ENTITY, vec!["name".to_owned()]),
+        "names are unique per owner"
+    );
+    assert_eq!(
+        api.create("/groups/200/destinations", ADMIN, body("SIEM", true)).await.0,
+        StatusCode::CREATED,
+        "another owner may"
+    );
+    assert_eq!(api.create("/groups/100/destinations", ADMIN, body("second", true)).await.0, StatusCode::CREATED);
+    let (status, answer) = api.create("/groups/100/destinations", ADMIN, body("third", true)).await;
+    assert_eq!(
+        (status, fields(&answer)),
+        (StatusCode::UNPROCESSABLE_ENTITY, vec!["active".to_owned()]),
+        "active limit"
+    );
+    let (status, third) = api.create("/groups/100/destinations", ADMIN, body("third", false)).await;
+    assert_eq!(status, StatusCode::CREATED, "inactive ones do not count");
+    let id = third["id"].as_str().unwrap();
+    let (status, answer) = api
+        .call(Method::PATCH, &format!("/groups/100/destinations/{id}"), Some(ADMIN), Some(json!({ "active": true })))
+        .await;
+    assert_eq!(
+        (status, fields(&answer)),
+        (StatusCode::UNPROCESSABLE_ENTITY, vec!["active".to_owned()]),
+        "activating counts too"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_paths() {
+    let api = start(&[]).await;
+    let body = json!({ "name": "b", "url": "http://127.0.0.1:9/x" });
+    let (status, beta) = api.create("/groups/200/destinations", BETA_OWNER, body.clone()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let beta_id = beta["id"].as_str().unwrap();
+    let beta_one = format!("/groups/200/destinations/{beta_id}");
+
+    // An owner of acme sees nothing of beta: 404 everywhere, existence hidden.
+    for (method, path, body) in [
+        (Method::GET, "/groups/200/destinations".to_owned(), None),
+        (Method::POST, "/groups/200/destinations".to_owned(), Some(body.clone())),
+        (Method::GET, beta_one.clone(), None),
+        (Method::PATCH, beta_one.clone(), Some(json!({ "active": false }))),
+        (Method::DELETE, beta_one.clone(), None),
+    ] {
+        let (status, _) = api.call(method.clone(), &path, Some(ACME_OWNER), body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
+    }
+    // Looking up beta's destination through acme's path does not find it.
+    let (status, _) =
+        api.call(Method::GET, &format!("/groups/100/destinations/{beta_id}"), Some(ACME_OWNER), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // A publisher token manages nothing; no token is 401; owners are not
+    // instance admins.
+    assert_eq!(api.call(Method::GET, "/groups/200/destinations", Some(PUBLISHER), None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(api.call(Method::GET, "/instance/destinations", Some(PUBLISHER), None).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(api.call(Method::GET, "/instance/destinations", Some(BETA_OWNER), None).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(api.call(Method::GET, "/groups/200/destinations", None, None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        api.call(Method::GET, "/groups/200/destinations", Some("wrong-token"), None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // Instance admins manage every group's and the instance's.
+    assert_eq!(api.call(Method::GET, &beta_one, Some(ADMIN), None).await.0, StatusCode::OK);
+    assert_eq!(api.call(Method::GET, "/instance/destinations", Some(ADMIN), None).await.0, StatusCode::OK);
+    // The beta owner still has it, unchanged.
+    let (status, still) = api.call(Method::GET, &beta_one, Some(BETA_OWNER), None).await;
+    assert_eq!((status, &still["active"]), (StatusCode::OK, &json!(true)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_masked_after_create_rotated_and_never_logged() {
+    let api = start(&[]).await;
+    let token = "tok-0123456789abcdefgh";
+    let header_value = "Bearer very-secret-header-value";
+    let body = json!({
+        "name": "signed", "url": "http://127.0.0.1:9/x", "verification_token": token, "signing_secret": SECRET,
+        "headers": [{ "name": "Authorization", "value": header_value }],
+    });
+    let (status, created) = api.create("/groups/100/destinations", ACME_OWNER, body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["signing_secret"], SECRET, "shown once, in the answer that set it");
+    assert_eq!(created["headers"][0]["value"], header_value);
+    let id = created["id"].as_str().unwrap();
+    let path = format!("/groups/100/destinations/{id}");
+    let (_, read) = api.call(Method::GET, &path, Some(ACME_OWNER), None).await;
+    assert_eq!(read["verification_token"], token);
+    assert_ne!(read["signing_secret"], SECRET);
+    assert_ne!(read["headers"][0]["value"], header_value);
+
+    let (status, rotated) =
+        api.call(Method::PATCH, &path, Some(ACME_OWNER), Some(json!({ "signing_secret": NEXT_SECRET }))).await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    assert!(
+        rotated["previous_signing_secret_until"].is_string(),
+        "the old secret keeps signing for a while: {rotated}"
+    );
+    let (_, read) = api.call(Method::GET, &path, Some(ACME_OWNER), None).await;
+    assert_ne!(read["signing_secret"], NEXT_SECRET);
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let logs = api.producer.process.stderr().join("\n");
+    assert!(logs.contains("producer API listening"), "logs were captured at debug level");
+    for secret in [token, SECRET, NEXT_SECRET, header_value, "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"] {
+        assert!(!logs.contains(secret), "a secret reached the logs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_audited_and_reach_routing_within_seconds() {
+    let api = start(&[]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sink_token = "audit-sink-token-00001";
+    let group_token = "group-dest-token-00001";
+    let receiver = receiver::Receiver::new(receiver::ReceiverConfig {
+        expected: vec![
+            receiver::Expected { name: "sink".into(), token: sink_token.into(), secret: None },
+            receiver::Expected { name: "group".into(), token: group_token.into(), secret: None },
+        ],
+        log_file: None,
+        print: false,
+        faults: Default::default(),
+    })
+    .unwrap();
+    tokio::spawn(receiver.clone().serve(listener, std::future::pending()));
+    let roles_env = |role: &str| {
+        vec![(
+            if role == "router" { "AUDITSTREAM_ROUTER__GROUP_ID" } else { "AUDITSTREAM_DELIVERER__GROUP_ID" },
+            unique(role),
+        )]
+    };
+    let router = spawn_role("router", &api.broker, &api.prefix, &roles_env("router"));
+    let mut deliverer_env = roles_env("deliverer");
+    deliverer_env.push(("AUDITSTREAM_DELIVERER__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#.into()));
+    let deliverer = spawn_role("deliverer", &api.broker, &api.prefix, &deliverer_env);
+    assert!(
+        wait_ready(router.admin, Duration::from_secs(60)).await
+            && wait_ready(deliverer.admin, Duration::from_secs(60)).await
+    );
+
+    // An instance destination that receives everything, the audit events too.
+    let sink = json!({ "name": "audit sink", "url": receiver_url(addr, "sink"), "verification_token": sink_token });
+    assert_eq!(api.create("/instance/destinations", ADMIN, sink).await.0, StatusCode::CREATED);
+    // Routing learns of a new destination within moments; events routed
+    // before that do not reach it. Wait until a probe arrives.
+    let mut probes = 0;
+    let sink_live = wait_until(Duration::from_secs(30), || {
+        probes += 1;
+        let client = api.client.clone();
+        let url = format!("{}/events", api.base);
+        let r = receiver.clone();
+        async move {
+            let body = json!({ "id": format!("probe-{probes}"), "event_type": "audit_operation", "entity_type": "Instance", "entity_id": 1 });
+            client.post(url).bearer_auth(ADMIN).body(body.to_string()).send().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            r.received().iter().any(|d| d.path == "/sink")
+        }
+    })
+    .await;
+    assert!(sink_live, "the audit sink never received a probe");
+    let secret_header = "secret-header-value-xyz";
+    let group_dest = json!({
+        "name": "acme SIEM", "url": receiver_url(addr, "group"), "verification_token": group_token, "active": false,
+        "headers": [{ "name": "X-Key", "value": secret_header }],
+    });
+    let (status, created) = api.create("/groups/100/destinations", ACME_OWNER, group_dest).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    // The change events arrive at the instance destination.
+    let audit_types = |r: &receiver::Receiver| {
+        r.received().iter().filter_map(|d| d.header("x-gitlab-audit-event-type").map(str::to_owned)).collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let t = audit_types(&receiver);
+            async move { t.iter().any(|t| t == "create_group_event_streaming_destination") }
+        })
+        .await,
+        "{:?}",
+        audit_types(&receiver)
+    );
+    let event = receiver
+        .received()
+        .into_iter()
+        .find(|d| d.header("x-gitlab-audit-event-type") == Some("create_group_event_streaming_destination"))
+        .unwrap();
+    let body: Value = serde_json::from_slice(&event.body).unwrap();
+    assert_eq!(body["author_name"], "acme-owner");
+    assert_eq!(body["entity_type"], "Group");
+    assert_eq!(body["entity_id"], 100);
+    assert_eq!(body["entity_path"], "acme");
+    assert_eq!(body["target_id"], id.as_str());
+    assert!(body["details"]["custom_message"].as_str().unwrap().contains("acme SIEM"));
+    let text = String::from_utf8_lossy(&event.body);
+    assert!(!text.contains(group_token) && !text.contains(secret_header), "no secret in the audit event");
+
+    // Activate it: routing follows within seconds, and the update is audited
+    // naming what changed.
+    let (status, _) = api
+        .call(
+            Method::PATCH,
+            &format!("/groups/100/destinations/{id}"),
+            Some(ACME_OWNER),
+            Some(json!({ "active": true })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let started = std::time::Instant::now();
+    let publish = |n: u32| {
+        let client = api.client.clone();
+        let url = format!("{}/events", api.base);
+        async move {
+            let body = json!({ "id": format!("after-{n}"), "event_type": "audit_operation", "entity_type": "Project", "entity_id": 102, "entity_path": "acme/sub/p" });
+            client.post(url).bearer_auth(ADMIN).body(body.to_string()).send().await.unwrap().status()
+        }
+    };
+    let mut n = 0;
+    let routed = wait_until(Duration::from_secs(30), || {
+        n += 1;
+        let (send, r) = (publish(n), receiver.clone());
+        async move {
+            assert_eq!(send.await, StatusCode::ACCEPTED);
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            r.received().iter().any(|d| d.path == "/group")
+        }
+    })
+    .await;
+    assert!(routed, "the activated destination never received events");
+    eprintln!("destination change reached delivery within {:?}", started.elapsed());
+    let got = receiver.received().into_iter().find(|d| d.path == "/group").unwrap();
+    assert_eq!(got.header("x-key"), Some(secret_header), "its custom header is sent");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let t = audit_types(&receiver);
+            async move { t.iter().any(|t| t == "update_group_event_streaming_destination") }
+        })
+        .await
+    );
+    let update = receiver
+        .received()
+        .into_iter()
+        .find(|d| d.header("x-gitlab-audit-event-type") == Some("update_group_event_streaming_destination"))
+        .unwrap();
+    let body: Value = serde_json::from_slice(&update.body).unwrap();
+    assert!(body["details"]["custom_message"].as_str().unwrap().contains("changed active"), "{body}");
+}
