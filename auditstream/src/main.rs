@@ -3,8 +3,11 @@
 //! one process on an embedded broker; `receiver` is the reference receiver;
 //! the rest are admin tools.
 
+mod api_client;
+mod destinations;
 mod dev;
 mod dlq;
+mod publish;
 mod roles;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -31,6 +34,13 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run the reference receiver.
     Receiver(roles::ReceiverArgs),
+    /// Publish events from a file or standard input.
+    Publish(publish::PublishArgs),
+    /// Manage destinations through the producer API.
+    Destinations {
+        #[command(subcommand)]
+        command: destinations::Command,
+    },
     /// Dead-lettered deliveries: list and replay.
     Dlq {
         #[command(subcommand)]
@@ -94,6 +104,8 @@ fn main() -> ExitCode {
             Command::Receiver(args) => roles::receiver(args).await,
             Command::Types { command: TypesCommand::Validate { dir } } => roles::validate_types(&dir),
             Command::Dlq { command } => dlq::run(command).await,
+            Command::Publish(args) => publish::run(args).await,
+            Command::Destinations { command } => destinations::run(command).await,
             Command::Config { command: ConfigCommand::Defaults { role } } => roles::print_defaults(&role),
             Command::Config { command: ConfigCommand::Check { role, args } } => roles::check_config(&role, &args),
         }

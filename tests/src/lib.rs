@@ -37,6 +37,12 @@ impl TestBroker {
         }
     }
 
+    /// Always a mock cluster, for tests that inject broker faults.
+    pub fn mock_cluster() -> Self {
+        let mock = MockCluster::new(1).expect("mock cluster starts");
+        Self { brokers: mock.bootstrap_servers(), mock: Some(mock) }
+    }
+
     /// Bootstrap servers.
     pub fn brokers(&self) -> &str {
         &self.brokers

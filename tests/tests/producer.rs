@@ -1,0 +1,491 @@
+//! The producer as a real process: every rejection reason, Kafka down,
+//! a crash while publishing, the Rust client library, a stock non-Rust
+//! Kafka client, and the `publish` and `destinations` commands.
+
+use std::{collections::HashSet, time::Duration};
+
+use proto::{
+    namespace::{NamespaceRecord, NamespaceRef},
+    topics::Topics,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tests::{Role, TestBroker, free_addr, http, metric, read_topic, spawn_role, unique, wait_ready};
+
+const TOKEN: &str = "producer-test-publisher";
+const NS_ONLY: &str = "producer-test-namespaces";
+const ADMIN: &str = "producer-test-admin";
+
+struct Front {
+    broker: TestBroker,
+    prefix: String,
+    role: Role,
+    url: String,
+}
+
+async fn front_on(broker: TestBroker, extra: &[(&str, String)]) -> Front {
+    let prefix = format!("{}.", unique("producer"));
+    broker.create_topics(&prefix, 0).await;
+    let tokens = format!(
+        r#"[{{name = "pub", sha256 = "{}", rights = ["publish"]}}, {{name = "ns", sha256 = "{}", rights = ["namespaces"]}}, {{name = "admin", sha256 = "{}", rights = ["instance_admin", "publish", "namespaces"]}}]"#,
+        producer::auth::hash_token(TOKEN),
+        producer::auth::hash_token(NS_ONLY),
+        producer::auth::hash_token(ADMIN),
+    );
+    let api = free_addr();
+    let mut env = vec![("AUDITSTREAM_API__LISTEN", api.to_string()), ("AUDITSTREAM_AUTH__TOKENS", tokens)];
+    env.extend(extra.iter().cloned());
+    let role = spawn_role("producer", &broker, &prefix, &env);
+    assert!(wait_ready(role.admin, Duration::from_secs(60)).await, "producer not ready");
+    Front { broker, prefix, role, url: format!("http://{api}/api/v1") }
+}
+
+async fn front(extra: &[(&str, String)]) -> Front {
+    front_on(TestBroker::start(), extra).await
+}
+
+async fn post(
+    url: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Value, Option<String>) {
+    let mut req = http().post(url).header("content-type", content_type).body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    let retry_after = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    (status, serde_json::from_str(&r.text().await.unwrap()).unwrap_or(Value::Null), retry_after)
+}
+
+fn event(id: &str) -> String {
+    format!(
+        r#"{{"id":"{id}","event_type":"audit_operation","entity_type":"Project","entity_id":7,"entity_path":"g/p"}}"#
+    )
+}
+
+/// (what, token, content type, body, status, error code, (index, field)
+/// expected in the answer).
+type Case = (&'static str, Option<&'static str>, &'static str, Vec<u8>, u16, &'static str, Option<(u64, &'static str)>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rejection_reason_is_answered_precisely() {
+    let f = front(&[
+        ("AUDITSTREAM_API__MAX_EVENTS", "3".into()),
+        ("AUDITSTREAM_API__MAX_REQUEST_BYTES", "4096".into()),
+        ("AUDITSTREAM_API__MAX_EVENT_BYTES", "1024".into()),
+    ])
+    .await;
+    let events = format!("{}/events", f.url);
+    let json = "application/json";
+    let big = format!(
+        r#"{{"event_type":"audit_operation","entity_type":"Project","entity_id":1,"details":{{"x":"{}"}}}}"#,
+        "a".repeat(1100)
+    );
+    let cases: Vec<Case> = vec![
+        ("no token", None, json, event("a").into_bytes(), 401, "unauthenticated", None),
+        ("unknown token", Some("nope"), json, event("a").into_bytes(), 401, "unauthenticated", None),
+        ("token without the right", Some(NS_ONLY), json, event("a").into_bytes(), 403, "forbidden", None),
+        ("body over the limit", Some(TOKEN), json, vec![b' '; 5000], 413, "request_too_large", None),
+        (
+            "too many events",
+            Some(TOKEN),
+            json,
+            format!("[{},{},{},{}]", event("1"), event("2"), event("3"), event("4")).into_bytes(),
+            413,
+            "too_many_events",
+            None,
+        ),
+        ("not a JSON array", Some(TOKEN), json, b"[{\"a\":1},".to_vec(), 400, "invalid_json", None),
+        ("no events", Some(TOKEN), json, b"[]".to_vec(), 422, "no_events", None),
+        ("empty body", Some(TOKEN), json, b"".to_vec(), 422, "invalid_events", Some((0, "(event)"))),
+        ("not an object", Some(TOKEN), json, b"42".to_vec(), 422, "invalid_events", Some((0, "(event)"))),
+        (
+            "invalid UTF-8",
+            Some(TOKEN),
+            json,
+            b"{\"event_type\":\"\xff\"}".to_vec(),
+            422,
+            "invalid_events",
+            Some((0, "(event)")),
+        ),
+        (
+            "missing required field",
+            Some(TOKEN),
+            json,
+            br#"{"event_type":"audit_operation","entity_type":"Project"}"#.to_vec(),
+            422,
+            "invalid_events",
+            Some((0, "entity_id")),
+        ),
+        (
+            "wrong type",
+            Some(TOKEN),
+            json,
+            br#"{"event_type":"audit_operation","entity_type":"Project","entity_id":"7"}"#.to_vec(),
+            422,
+            "invalid_events",
+            Some((0, "entity_id")),
+        ),
+        (
+            "unregistered type",
+            Some(TOKEN),
+            json,
+            br#"{"event_type":"made_up","entity_type":"Project","entity_id":7}"#.to_vec(),
+            422,
+            "invalid_events",
+            Some((0, "event_type")),
+        ),
+        (
+            "not streamed",
+            Some(TOKEN),
+            json,
+            br#"{"event_type":"login_failed_with_otp_authentication","entity_type":"User","entity_id":7}"#.to_vec(),
+            422,
+            "invalid_events",
+            Some((0, "event_type")),
+        ),
+        (
+            "bad timestamp",
+            Some(TOKEN),
+            json,
+            br#"{"event_type":"audit_operation","entity_type":"Project","entity_id":7,"created_at":"yesterday"}"#
+                .to_vec(),
+            422,
+            "invalid_events",
+            Some((0, "created_at")),
+        ),
+        ("event over the limit", Some(TOKEN), json, big.into_bytes(), 422, "invalid_events", Some((0, "(event)"))),
+        (
+            "second of three invalid",
+            Some(TOKEN),
+            json,
+            format!("[{},{{}},{}]", event("v1"), event("v2")).into_bytes(),
+            422,
+            "invalid_events",
+            Some((1, "event_type")),
+        ),
+        (
+            "bad NDJSON line",
+            Some(TOKEN),
+            "application/x-ndjson",
+            format!("{}\n{{oops\n", event("n1")).into_bytes(),
+            422,
+            "invalid_events",
+            Some((1, "(event)")),
+        ),
+    ];
+    for (what, token, content_type, body, status, code, where_) in cases {
+        let (got, answer, _) = post(&events, token, content_type, body).await;
+        assert_eq!(got.as_u16(), status, "{what}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{what}: {answer}");
+        if let Some((index, field)) = where_ {
+            let listed = answer["error"]["events"].as_array().unwrap();
+            assert!(
+                listed.iter().any(|e| e["index"] == index && e["errors"].as_array().unwrap().iter().any(|x| x["field"] == field)),
+                "{what}: expected index {index} field {field} in {answer}"
+            );
+        }
+    }
+    // All or nothing: the valid events of rejected requests were not published.
+    let topics = Topics::new(&f.prefix);
+    let written = read_topic(&f.broker.kafka(&f.prefix), &topics.events(), 1, Duration::from_secs(3)).await;
+    assert!(written.is_empty(), "a rejected request published {} events", written.len());
+    assert!(
+        metric(f.role.admin, "auditstream_producer_rejected_events_total{reason=\"unregistered_type\"}").await >= 1.0
+    );
+    assert!(metric(f.role.admin, "auditstream_producer_rejected_events_total{reason=\"too_large\"}").await >= 1.0);
+
+    // Namespaces.
+    let ns = |path: &str| format!("{}/namespaces/{path}", f.url);
+    let put = |url: String, token: &'static str, body: &'static str| async move {
+        let r = http().put(url).bearer_auth(token).body(body).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    assert_eq!(put(ns("folder/1"), NS_ONLY, r#"{"parent":null,"full_path":"a"}"#).await.0, 404);
+    assert_eq!(put(ns("group/x"), NS_ONLY, r#"{"parent":null,"full_path":"a"}"#).await.0, 404);
+    let (status, body) = put(ns("project/1"), NS_ONLY, r#"{"parent":null,"full_path":"a"}"#).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("parent"));
+    assert_eq!(put(ns("group/1"), NS_ONLY, r#"{"full_path":"a","colour":1}"#).await.0, 422);
+    assert_eq!(put(ns("group/1"), TOKEN, r#"{"parent":null,"full_path":"a"}"#).await.0, 403);
+    assert_eq!(put(ns("group/1"), NS_ONLY, r#"{"parent":null,"full_path":"a"}"#).await.0, 200);
+
+    // Bulk import: a bad line fails the import, naming the line.
+    let import = format!("{}/namespaces/import", f.url);
+    let bad = b"{\"kind\":\"group\",\"id\":5,\"parent\":null,\"full_path\":\"x\"}\n{\"kind\":\"project\",\"id\":6,\"full_path\":\"x/p\"}\n".to_vec();
+    let (status, answer, _) = post(&import, Some(NS_ONLY), "application/x-ndjson", bad).await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["lines"][0]["line"], 2);
+    let lines: String = (0..500).map(|i| format!("{{\"kind\":\"project\",\"id\":{i},\"parent\":{{\"kind\":\"group\",\"id\":1}},\"full_path\":\"a/p{i}\"}}\n")).collect();
+    let (status, answer, _) = post(&import, Some(NS_ONLY), "application/x-ndjson", lines.into_bytes()).await;
+    assert_eq!((status.as_u16(), &answer["written"]), (200, &json!(500)), "{answer}");
+    let tree = read_topic(&f.broker.kafka(&f.prefix), &topics.namespaces(), 501, Duration::from_secs(10)).await;
+    assert_eq!(tree.len(), 501, "one PUT and 500 imported");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepting_unknown_types_is_configurable() {
+    let f = front(&[("AUDITSTREAM_API__ACCEPT_UNKNOWN_TYPES", "true".into())]).await;
+    let body = br#"{"event_type":"brand_new_type","entity_type":"Project","entity_id":7}"#.to_vec();
+    let (status, answer, _) = post(&format!("{}/events", f.url), Some(TOKEN), "application/json", body).await;
+    assert_eq!(status, 202, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_down_gives_503_with_retry_after_never_202() {
+    let f = front_on(TestBroker::mock_cluster(), &[("AUDITSTREAM_API__PUBLISH_TIMEOUT", "2s".into())]).await;
+    let events = format!("{}/events", f.url);
+    let (status, _, _) = post(&events, Some(TOKEN), "application/json", event("before").into_bytes()).await;
+    assert_eq!(status, 202);
+    f.broker.mock().unwrap().broker_down(1).unwrap();
+    let (status, answer, retry_after) =
+        post(&events, Some(TOKEN), "application/json", event("while-down").into_bytes()).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(retry_after.is_some(), "Retry-After sent");
+    assert_eq!(answer["error"]["failed_indexes"], json!([0]));
+    f.broker.mock().unwrap().broker_up(1).unwrap();
+    let mut accepted = false;
+    for _ in 0..30 {
+        if post(&events, Some(TOKEN), "application/json", event("after").into_bytes()).await.0 == 202 {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(accepted, "the producer recovers when Kafka is back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_killed_while_publishing_keeps_every_accepted_event() {
+    let mut f = front(&[]).await;
+    let events = format!("{}/events", f.url);
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut senders = Vec::new();
+    for worker in 0..4 {
+        let (events, accepted) = (events.clone(), accepted.clone());
+        senders.push(tokio::spawn(async move {
+            for i in 0..10_000 {
+                let id = format!("w{worker}-{i}");
+                let body = format!("[{},{}]", event(&format!("{id}a")), event(&format!("{id}b")));
+                match http().post(&events).bearer_auth(TOKEN).body(body).send().await {
+                    Ok(r) if r.status() == 202 => {
+                        let ids: Value =
+                            serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or(Value::Null);
+                        let mut acc = accepted.lock().unwrap();
+                        acc.extend(
+                            ids["ids"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)),
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    f.role.process.kill9();
+    for s in senders {
+        let _ = s.await;
+    }
+    let accepted: HashSet<String> = accepted.lock().unwrap().iter().cloned().collect();
+    assert!(accepted.len() > 50, "too few accepted before the kill: {}", accepted.len());
+    let topics = Topics::new(&f.prefix);
+    let written =
+        read_topic(&f.broker.kafka(&f.prefix), &topics.events(), accepted.len() * 2, Duration::from_secs(10)).await;
+    let in_topic: HashSet<String> =
+        written.iter().filter_map(|m| tests::header(m, proto::delivery::H_EVENT_ID).map(str::to_owned)).collect();
+    let missing: Vec<_> = accepted.difference(&in_topic).take(5).collect();
+    assert!(missing.is_empty(), "events answered 202 are missing from the topic: {missing:?}");
+    eprintln!("producer crash: {} events accepted with 202, all {} in the topic", accepted.len(), in_topic.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_library_publishes_to_the_broker() {
+    let broker = TestBroker::start();
+    let prefix = format!("{}.", unique("client"));
+    broker.create_topics(&prefix, 0).await;
+    let kafka = broker.kafka(&prefix);
+    let publisher =
+        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
+            .unwrap();
+    let id = publisher.publish(event("lib-1").as_bytes()).await.unwrap();
+    assert_eq!(id.to_string(), "lib-1");
+    let minted =
+        publisher.publish(br#"{"event_type":"audit_operation","entity_type":"Group","entity_id":9}"#).await.unwrap();
+    use producer::audit::{AuditContext, Author, Scope, Target};
+    let ctx = AuditContext::new(
+        proto::types::MERGE_REQUEST_CREATE,
+        Author::user(1, "root"),
+        Scope::project(24, "g/p"),
+        "Added",
+    )
+    .target(Target::new(132, "MergeRequest", "title"));
+    let from_context = publisher.audit(&ctx).await.unwrap();
+    let (result, scoped) = publisher
+        .audited(|rec| async move {
+            rec.record(ctx.clone());
+            rec.record(ctx);
+            "op done"
+        })
+        .await;
+    assert_eq!(result, "op done");
+    let scoped = scoped.unwrap();
+    assert_eq!(scoped.len(), 2);
+    let bad = publisher.publish(br#"{"event_type":"nope","entity_type":"Group","entity_id":9}"#).await;
+    assert!(matches!(bad, Err(producer::PublishError::Invalid(_))));
+
+    let records = read_topic(&kafka, &Topics::new(&prefix).events(), 5, Duration::from_secs(10)).await;
+    assert_eq!(records.len(), 5);
+    let ids: HashSet<String> =
+        records.iter().filter_map(|m| tests::header(m, proto::delivery::H_EVENT_ID).map(str::to_owned)).collect();
+    for want in
+        [id.to_string(), minted.to_string(), from_context.to_string(), scoped[0].to_string(), scoped[1].to_string()]
+    {
+        assert!(ids.contains(&want), "{want} missing");
+    }
+    let key = |id: &str| {
+        records
+            .iter()
+            .find(|m| tests::header(m, proto::delivery::H_EVENT_ID) == Some(id))
+            .and_then(|m| rdkafka::Message::key(m).map(|k| String::from_utf8_lossy(k).into_owned()))
+    };
+    assert_eq!(key("lib-1").as_deref(), Some("Project:7"), "partitioned by entity");
+    assert_eq!(key(&minted.to_string()).as_deref(), Some("Group:9"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_python_kafka_client_can_publish_and_the_router_routes_it() {
+    let broker = TestBroker::start();
+    let prefix = format!("{}.", unique("python"));
+    broker.create_topics(&prefix, 0).await;
+    let kafka = broker.kafka(&prefix);
+    let seed =
+        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
+            .unwrap();
+    seed.put_namespace(NamespaceRef::group(3), Some(&NamespaceRecord { parent: None, full_path: "py".into() }))
+        .await
+        .unwrap();
+    seed.put_destination(&tests::destination(
+        "inst",
+        proto::destination::Owner::Instance,
+        "https://x.example.com/",
+        "0123456789abcdef",
+    ))
+    .await
+    .unwrap();
+    let router = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", unique("r"))]);
+    assert!(wait_ready(router.admin, Duration::from_secs(60)).await);
+
+    // The topic contract (docs/PUBLISHING.md): topic, key entity_type:entity_id,
+    // value the event JSON with an id.
+    let script = r#"
+import json, sys
+from confluent_kafka import Producer
+brokers, topic = sys.argv[1], sys.argv[2]
+p = Producer({"bootstrap.servers": brokers, "acks": "all", "enable.idempotence": True})
+event = {"id": "from-python-1", "event_type": "project_fork_operation", "entity_type": "Project", "entity_id": 42,
+         "entity_path": "py/tool", "author_id": 1, "author_name": "py", "created_at": "2026-01-01T00:00:00.000Z", "details": {}}
+p.produce(topic, key="Project:42", value=json.dumps(event).encode())
+if p.flush(30) != 0:
+    sys.exit("not delivered")
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, broker.brokers(), &Topics::new(&prefix).events()])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "python publisher failed: {}", String::from_utf8_lossy(&out.stderr));
+    let deliveries = read_topic(&kafka, &Topics::new(&prefix).deliveries(), 1, Duration::from_secs(30)).await;
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(tests::header(&deliveries[0], proto::delivery::H_EVENT_ID), Some("from-python-1"));
+    assert_eq!(tests::header(&deliveries[0], proto::delivery::H_DESTINATION), Some("inst"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_command_reports_and_publishes_what_is_valid() {
+    let f = front(&[]).await;
+    let dir = std::env::temp_dir().join(unique("publish"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("events.ndjson");
+    let mut lines = String::new();
+    for i in 0..1200 {
+        if i == 10 || i == 700 {
+            lines.push_str(r#"{"event_type":"nope","entity_type":"Project","entity_id":1}"#);
+        } else {
+            lines.push_str(&event(&format!("cli-{i}")));
+        }
+        lines.push('\n');
+    }
+    std::fs::write(&file, lines).unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["publish", file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        std::process::Command::new(tests::binary())
+            .args(&args)
+            .env("AUDITSTREAM_KAFKA__BROKERS", f.broker.brokers())
+            .env("AUDITSTREAM_KAFKA__TOPIC_PREFIX", &f.prefix)
+            .output()
+            .unwrap()
+    };
+    let api_base = f.url.trim_end_matches("/api/v1").to_owned();
+    let out = run(&["--api", &api_base, "--token", TOKEN, "--batch", "300"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "some were rejected: {stdout}");
+    assert!(stdout.contains("published 1198 of 1200 events"), "{stdout}");
+    assert!(stdout.contains("2 rejected") && stdout.contains("event 10: event_type"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("100%"), "progress shown on a large input");
+
+    let out = run(&["--kafka"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("published 1198 of 1200 events"), "{stdout}");
+    let written =
+        read_topic(&f.broker.kafka(&f.prefix), &Topics::new(&f.prefix).events(), 2396, Duration::from_secs(20)).await;
+    assert_eq!(written.len(), 2396);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destinations_command_manages_destinations() {
+    let f = front(&[("AUDITSTREAM_API__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#.into())]).await;
+    let api_base = f.url.trim_end_matches("/api/v1").to_owned();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(tests::binary())
+            .arg("destinations")
+            .args(args)
+            .args(["--api", &api_base, "--token", ADMIN])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&[
+        "create",
+        "--name",
+        "SIEM",
+        "--url",
+        "http://127.0.0.1:9/in",
+        "--allow",
+        "audit_operation",
+        "--header",
+        "X-Team=sec",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (code, out, _) = run(&["list"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("SIEM") && out.contains(&id) && out.contains("allow 1"), "{out}");
+    let (code, out, _) = run(&["update", &id, "--active", "false", "--json"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["active"], false);
+    let (code, _, err) = run(&["create", "--name", "bad", "--url", "http://10.0.0.1/"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("url:"), "field errors are printed: {err}");
+    let (code, out, _) = run(&["delete", &id]);
+    assert_eq!((code, out.trim()), (Some(0), format!("deleted {id}").as_str()));
+}
