@@ -34,6 +34,9 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run the reference receiver.
     Receiver(roles::ReceiverArgs),
+    /// Rewrite every destination with its secrets sealed under the current
+    /// key (key rotation: new key first, reseal, then drop the old key).
+    Reseal(roles::RoleArgs),
     /// Publish events from a file or standard input.
     Publish(publish::PublishArgs),
     /// Manage destinations through the producer API.
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
             Command::Types { command: TypesCommand::Validate { dir } } => roles::validate_types(&dir),
             Command::Dlq { command } => dlq::run(command).await,
             Command::Publish(args) => publish::run(args).await,
+            Command::Reseal(args) => roles::reseal(args).await,
             Command::Destinations { command } => destinations::run(command).await,
             Command::Config { command: ConfigCommand::Defaults { role } } => roles::print_defaults(&role),
             Command::Config { command: ConfigCommand::Check { role, args } } => roles::check_config(&role, &args),

@@ -214,6 +214,55 @@ pub async fn receiver(args: ReceiverArgs) -> ExitCode {
     )
 }
 
+/// `auditstream reseal`: rewrites every destination with its secrets sealed
+/// under the current (first) key, the middle step of a key rotation.
+pub async fn reseal(args: RoleArgs) -> ExitCode {
+    let cfg = match load::<producer::ProducerConfig>(&args, |c| {
+        c.kafka.validate()?;
+        c.secrets.keyring().map(|_| ())
+    }) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let keyring = match cfg.secrets.keyring() {
+        Ok(Some(k)) => k,
+        _ => {
+            eprintln!("error: reseal needs secrets.keys (AUDITSTREAM_SECRETS__KEYS), the new key first");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::init(&cfg.telemetry);
+    finish(
+        async {
+            let topics = proto::topics::Topics::new(cfg.kafka.topic_prefix.clone());
+            let admin = Admin::default();
+            let (table, _) = service::table::follow(
+                &cfg.kafka,
+                &topics.destinations(),
+                proto::destination::Directory::with_keyring(Some(keyring.clone())),
+                admin.readiness.register("reseal"),
+                service::Shutdown::never(),
+            )
+            .await?;
+            table.wait_ready().await;
+            let publisher = producer::Publisher::new(
+                &cfg.kafka,
+                proto::Registry::embedded(),
+                Default::default(),
+                cfg.api.publish_timeout,
+            )?
+            .with_keyring(Some(keyring.clone()));
+            let all: Vec<_> = table.read().iter().cloned().collect();
+            for d in &all {
+                publisher.put_destination(d).await.with_context(|| format!("rewriting destination {}", d.id))?;
+            }
+            println!("resealed {} destinations with key {:?}", all.len(), keyring.current());
+            Ok(())
+        }
+        .await,
+    )
+}
+
 /// `auditstream types validate DIR`.
 pub fn validate_types(dir: &std::path::Path) -> ExitCode {
     match proto::Registry::load_dir(dir) {

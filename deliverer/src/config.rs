@@ -18,6 +18,8 @@ pub struct DelivererConfig {
     pub admin: AdminConfig,
     /// Shutdown.
     pub shutdown: ShutdownConfig,
+    /// Keys for destination secrets at rest.
+    pub secrets: service::config::SecretsConfig,
     /// Delivery.
     pub deliverer: DelivererSettings,
 }
@@ -98,6 +100,7 @@ impl DelivererConfig {
     /// Checks the values before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
+        self.secrets.keyring()?;
         let d = &self.deliverer;
         if d.group_id.is_empty() || d.max_in_flight == 0 {
             return Err(ConfigError::Invalid(

@@ -45,6 +45,9 @@ pub enum DelivererError {
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 struct Context {
@@ -70,10 +73,16 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
         kafka::ensure_topics(&config.kafka, &topics.all(rungs)).await?;
     }
     let metrics = metrics::Metrics::register(&admin.registry)?;
+    let keyring = config.secrets.keyring().map_err(|e| DelivererError::Config(e.to_string()))?;
     let ready = admin.readiness.register("deliverer.destinations");
-    let (destinations, _) =
-        service::table::follow(&config.kafka, &topics.destinations(), Directory::default(), ready, shutdown.clone())
-            .await?;
+    let (destinations, _) = service::table::follow(
+        &config.kafka,
+        &topics.destinations(),
+        Directory::with_keyring(keyring),
+        ready,
+        shutdown.clone(),
+    )
+    .await?;
     let mut stop = shutdown.clone();
     tokio::select! {
         _ = destinations.wait_ready() => {}

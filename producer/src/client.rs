@@ -49,6 +49,7 @@ pub struct Publisher {
     registry: Arc<Registry>,
     limits: EventLimits,
     timeout: Duration,
+    keyring: Option<Arc<proto::seal::Keyring>>,
 }
 
 impl Publisher {
@@ -66,7 +67,14 @@ impl Publisher {
             registry: Arc::new(registry),
             limits,
             timeout,
+            keyring: None,
         })
+    }
+
+    /// Seals destinations' secrets with `keyring` before writing them.
+    pub fn with_keyring(mut self, keyring: Option<Arc<proto::seal::Keyring>>) -> Self {
+        self.keyring = keyring;
+        self
     }
 
     /// The event-type registry in use.
@@ -126,8 +134,13 @@ impl Publisher {
 
     /// Writes a destination record (validated by the caller).
     pub async fn put_destination(&self, destination: &proto::destination::Destination) -> Result<(), PublishError> {
-        let payload = serde_json::to_vec(destination)
-            .map_err(|e| PublishError::Invalid(vec![FieldError::new("(destination)", e.to_string())]))?;
+        let invalid =
+            |e: serde_json::Error| PublishError::Invalid(vec![FieldError::new("(destination)", e.to_string())]);
+        let mut value = serde_json::to_value(destination).map_err(invalid)?;
+        if let Some(keyring) = &self.keyring {
+            proto::seal::seal_destination(&mut value, keyring);
+        }
+        let payload = serde_json::to_vec(&value).map_err(invalid)?;
         let topic = self.topics.destinations();
         self.write(FutureRecord::to(&topic).key(&destination.id).payload(&payload)).await
     }

@@ -17,6 +17,8 @@ pub struct ProducerConfig {
     pub admin: AdminConfig,
     /// Shutdown.
     pub shutdown: ShutdownConfig,
+    /// Keys for destination secrets at rest.
+    pub secrets: service::config::SecretsConfig,
     /// The public API.
     pub api: ApiConfig,
     /// Who may call the API.
@@ -128,6 +130,7 @@ impl ProducerConfig {
     /// Checks the values before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
+        self.secrets.keyring()?;
         let a = &self.api;
         if a.max_events == 0 || a.max_event_bytes == 0 || a.max_request_bytes == 0 || a.max_in_flight == 0 {
             return Err(ConfigError::Invalid("api limits must be above zero".into()));

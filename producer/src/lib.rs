@@ -41,6 +41,9 @@ pub enum ProducerError {
     /// Metrics registration failed (a name registered twice).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
     /// The listener failed.
     #[error("serving the API: {0}")]
     Io(#[from] std::io::Error),
@@ -74,14 +77,16 @@ pub async fn run(
         max_event_bytes: config.api.max_event_bytes,
         accept_unknown_types: config.api.accept_unknown_types,
     };
-    let publisher = Publisher::new(&config.kafka, registry, limits, config.api.publish_timeout)?;
+    let keyring = config.secrets.keyring().map_err(|e| ProducerError::Config(e.to_string()))?;
+    let publisher =
+        Publisher::new(&config.kafka, registry, limits, config.api.publish_timeout)?.with_keyring(keyring.clone());
     let metrics = metrics::Metrics::register(&admin.registry)?;
     let auth = auth::Auth::new(&config.auth);
     let topics = Topics::new(config.kafka.topic_prefix.clone());
     let (destination_table, _) = service::table::follow(
         &config.kafka,
         &topics.destinations(),
-        proto::destination::Directory::default(),
+        proto::destination::Directory::with_keyring(keyring.clone()),
         admin.readiness.register("producer.destinations"),
         shutdown.clone(),
     )

@@ -396,9 +396,24 @@ pub struct Directory {
     /// Ids whose deletion (tombstone) was seen, so "deleted" can be told
     /// apart from "not seen yet".
     removed: std::collections::HashSet<String>,
+    /// Opens sealed secrets when records are read.
+    keyring: Option<Arc<crate::seal::Keyring>>,
 }
 
 impl Directory {
+    /// An empty directory whose records' secrets open with `keyring`.
+    pub fn with_keyring(keyring: Option<Arc<crate::seal::Keyring>>) -> Self {
+        Self { keyring, ..Self::default() }
+    }
+
+    /// Reads one record of the destinations topic: opens its sealed
+    /// secrets and checks its values.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Destination, String> {
+        let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        crate::seal::open_destination(&mut value, self.keyring.as_deref())?;
+        serde_json::from_value(value).map_err(|e| e.to_string())
+    }
+
     /// Adds or replaces a destination.
     pub fn upsert(&mut self, destination: Destination) {
         self.remove(&destination.id);

@@ -7,6 +7,7 @@
 //! - [`namespace`] — the namespace tree records (SPEC §4).
 //! - [`destination`] — destination configuration and its rules (SPEC §5).
 //! - [`delivery`] — the delivery envelope carried in Kafka headers.
+//! - [`seal`] — secrets at rest (AES-256-GCM under operator keys).
 //! - [`signature`] — Standard Webhooks v1 signing and verification.
 //! - [`netguard`] — which addresses destinations may reach.
 //! - [`topics`] — topic names.
@@ -18,6 +19,7 @@ pub mod event;
 pub mod event_type;
 pub mod namespace;
 pub mod netguard;
+pub mod seal;
 pub mod signature;
 pub mod topics;
 pub mod tree;

@@ -17,6 +17,8 @@ pub struct RouterConfig {
     pub admin: AdminConfig,
     /// Shutdown.
     pub shutdown: ShutdownConfig,
+    /// Keys for destination secrets at rest.
+    pub secrets: service::config::SecretsConfig,
     /// Routing.
     pub router: RouterSettings,
 }
@@ -55,6 +57,7 @@ impl RouterConfig {
     /// Checks the values before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
+        self.secrets.keyring()?;
         if self.router.group_id.is_empty() || self.router.max_in_flight == 0 {
             return Err(ConfigError::Invalid("router.group_id must be set and router.max_in_flight above zero".into()));
         }

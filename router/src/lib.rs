@@ -38,6 +38,9 @@ pub enum RouterError {
     /// Kafka could not be set up.
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -76,7 +79,7 @@ pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Resu
     let (destinations, _) = service::table::follow(
         &config.kafka,
         &topics.destinations(),
-        Directory::default(),
+        Directory::with_keyring(config.secrets.keyring().map_err(|e| RouterError::Config(e.to_string()))?),
         ready_dest,
         shutdown.clone(),
     )

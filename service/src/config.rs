@@ -212,6 +212,45 @@ impl KafkaConfig {
     }
 }
 
+/// One operator key for secrets at rest.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Its id, recorded beside each value it seals.
+    pub id: String,
+    /// Base64 of 32 random bytes (`head -c 32 /dev/urandom | base64`).
+    pub key: String,
+}
+
+impl fmt::Debug for KeyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyConfig({:?}, ***)", self.id)
+    }
+}
+
+/// Keys that seal destination secrets in the destinations topic. The first
+/// seals, all open: rotate by putting a new key first, running
+/// `auditstream reseal`, then removing the old key. Every role needs the
+/// same keys. Empty: secrets are stored in the clear (development).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// The keys, sealing key first.
+    pub keys: Vec<KeyConfig>,
+}
+
+impl SecretsConfig {
+    /// The keyring, or `None` when no keys are configured.
+    pub fn keyring(&self) -> Result<Option<std::sync::Arc<proto::seal::Keyring>>, ConfigError> {
+        if self.keys.is_empty() {
+            return Ok(None);
+        }
+        proto::seal::Keyring::new(self.keys.iter().map(|k| (k.id.as_str(), k.key.as_str())))
+            .map(|k| Some(std::sync::Arc::new(k)))
+            .map_err(|e| ConfigError::Invalid(format!("secrets.keys: {e}")))
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -146,8 +146,7 @@ impl TableState for proto::destination::Directory {
                 Ok(())
             }
             Some(bytes) => {
-                let d: proto::destination::Destination =
-                    serde_json::from_slice(bytes).map_err(|e| format!("destination {id}: {e}"))?;
+                let d = self.decode(bytes).map_err(|e| format!("destination {id}: {e}"))?;
                 if d.id != id {
                     return Err(format!("destination record id {:?} differs from its key {id:?}", d.id));
                 }

@@ -493,3 +493,116 @@ async fn changes_are_audited_and_reach_routing_within_seconds() {
     let body: Value = serde_json::from_slice(&update.body).unwrap();
     assert!(body["details"]["custom_message"].as_str().unwrap().contains("changed active"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_sealed_at_rest_and_keys_rotate() {
+    const K1: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const K2: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+    let keys = |list: &[(&str, &str)]| {
+        format!(
+            "[{}]",
+            list.iter().map(|(id, k)| format!(r#"{{id = "{id}", key = "{k}"}}"#)).collect::<Vec<_>>().join(", ")
+        )
+    };
+    let api = start(&[("AUDITSTREAM_SECRETS__KEYS", keys(&[("k1", K1)]))]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = "sealed-token-000000001";
+    let receiver = receiver::Receiver::new(receiver::ReceiverConfig {
+        expected: vec![receiver::Expected { name: "sink".into(), token: token.into(), secret: None }],
+        log_file: None,
+        print: false,
+        faults: Default::default(),
+    })
+    .unwrap();
+    tokio::spawn(receiver.clone().serve(listener, std::future::pending()));
+    let header_value = "sealed-header-value";
+    let body = json!({
+        "name": "sealed", "url": receiver_url(addr, "in"), "verification_token": token, "signing_secret": SECRET,
+        "headers": [{ "name": "X-Key", "value": header_value }],
+    });
+    let (status, created) = api.create("/instance/destinations", ADMIN, body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    let kafka = api.broker.kafka(&api.prefix);
+    let topic = proto::topics::Topics::new(&api.prefix).destinations();
+    let latest = |kafka: service::config::KafkaConfig, topic: String, id: String| async move {
+        let records = tests::read_topic(&kafka, &topic, 100, Duration::from_secs(3)).await;
+        records
+            .iter()
+            .rev()
+            .find(|m| rdkafka::Message::key(*m) == Some(id.as_bytes()))
+            .and_then(|m| rdkafka::Message::payload(m).map(|p| String::from_utf8_lossy(p).into_owned()))
+            .unwrap_or_default()
+    };
+    let stored = latest(kafka.clone(), topic.clone(), id.clone()).await;
+    assert!(stored.contains("sealed:v1:k1:"), "{stored}");
+    for secret in [token, header_value, "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"] {
+        assert!(!stored.contains(secret), "a secret is stored in the clear");
+    }
+
+    let deliver_with = |group: String, keys_env: String| {
+        spawn_role(
+            "deliverer",
+            &api.broker,
+            &api.prefix,
+            &[
+                ("AUDITSTREAM_DELIVERER__GROUP_ID", group),
+                ("AUDITSTREAM_DELIVERER__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#.into()),
+                ("AUDITSTREAM_SECRETS__KEYS", keys_env),
+            ],
+        )
+    };
+    let router = spawn_role(
+        "router",
+        &api.broker,
+        &api.prefix,
+        &[("AUDITSTREAM_ROUTER__GROUP_ID", unique("r")), ("AUDITSTREAM_SECRETS__KEYS", keys(&[("k1", K1)]))],
+    );
+    let mut first = deliver_with(unique("d"), keys(&[("k1", K1)]));
+    assert!(
+        wait_ready(router.admin, Duration::from_secs(60)).await
+            && wait_ready(first.admin, Duration::from_secs(60)).await
+    );
+    let publish = |n: &str| {
+        let (client, url) = (api.client.clone(), format!("{}/events", api.base));
+        let body = json!({ "id": n, "event_type": "audit_operation", "entity_type": "Instance", "entity_id": 1 });
+        async move { client.post(url).bearer_auth(ADMIN).body(body.to_string()).send().await.unwrap().status() }
+    };
+    let arrived = |n: &'static str| {
+        let r = receiver.clone();
+        move || {
+            let got = r.received().iter().any(|d| String::from_utf8_lossy(&d.body).contains(n));
+            async move { got }
+        }
+    };
+    assert_eq!(publish("sealed-1").await, StatusCode::ACCEPTED);
+    assert!(wait_until(Duration::from_secs(30), arrived("sealed-1")).await, "delivered with the opened token");
+    assert_eq!(receiver.received()[0].header("x-key"), Some(header_value));
+
+    // Rotation: the new key first, reseal, then a deliverer with only the new key.
+    let out = std::process::Command::new(tests::binary())
+        .arg("reseal")
+        .env("AUDITSTREAM_KAFKA__BROKERS", api.broker.brokers())
+        .env("AUDITSTREAM_KAFKA__TOPIC_PREFIX", &api.prefix)
+        .env("AUDITSTREAM_SECRETS__KEYS", keys(&[("k2", K2), ("k1", K1)]))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("resealed") && stdout.contains("\"k2\""),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = latest(kafka, topic, id).await;
+    assert!(stored.contains("sealed:v1:k2:") && !stored.contains("sealed:v1:k1:"), "{stored}");
+    first.process.kill9();
+    let second = deliver_with(unique("d"), keys(&[("k2", K2)]));
+    assert!(wait_ready(second.admin, Duration::from_secs(60)).await);
+    assert_eq!(publish("sealed-2").await, StatusCode::ACCEPTED);
+    assert!(
+        wait_until(Duration::from_secs(30), arrived("sealed-2")).await,
+        "a deliverer with only the new key delivers"
+    );
+}
