@@ -453,3 +453,20 @@ async fn signatures_verify_with_an_independent_implementation_during_rotation() 
     let stranger = standardwebhooks::Webhook::new("whsec_c3RyYW5nZXItc2VjcmV0LXRoYXQtaXMtbG9uZw==").unwrap();
     assert!(stranger.verify(&got.body, &headers).is_err(), "a wrong secret does not verify");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_resolving_to_refused_addresses_are_not_connected_to() {
+    let w = world().await;
+    // No allowed networks: "localhost" resolves only to loopback addresses,
+    // all refused at connect time (the guard runs in the resolver, so a
+    // DNS answer cannot slip a private address past it).
+    let _d = w.ready_deliverer(&[("AUDITSTREAM_DELIVERER__ALLOWED_NETWORKS", "[]".into())]).await;
+    let by_name = destination("by-name", Owner::Instance, &format!("http://localhost:{}/a", w.addr.port()), TOKEN_A);
+    w.seed.put_destination(&by_name).await.unwrap();
+    w.enqueue("by-name", "e-dns").await;
+    let dlq = w.dlq(1).await;
+    assert_eq!(dlq.len(), 1);
+    let reason = header(&dlq[0], H_REASON).unwrap();
+    assert!(reason.contains("refused to connect to localhost") && reason.contains("loopback"), "{reason}");
+    assert!(w.receiver.received().is_empty(), "no request reached the receiver");
+}

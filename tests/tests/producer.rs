@@ -489,3 +489,66 @@ async fn the_destinations_command_manages_destinations() {
     let (code, out, _) = run(&["delete", &id]);
     assert_eq!((code, out.trim()), (Some(0), format!("deleted {id}").as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_work_is_bounded_with_503_busy() {
+    let f = front_on(
+        TestBroker::mock_cluster(),
+        &[("AUDITSTREAM_API__MAX_IN_FLIGHT", "1".into()), ("AUDITSTREAM_API__PUBLISH_TIMEOUT", "3s".into())],
+    )
+    .await;
+    let events = format!("{}/events", f.url);
+    // With Kafka down, one request holds the only place until its timeout.
+    f.broker.mock().unwrap().broker_down(1).unwrap();
+    let holder = tokio::spawn({
+        let events = events.clone();
+        async move { post(&events, Some(TOKEN), "application/json", event("held").into_bytes()).await.0 }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, answer, retry_after) =
+        post(&events, Some(TOKEN), "application/json", event("second").into_bytes()).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("in flight"), "{answer}");
+    assert!(retry_after.is_some());
+    assert_eq!(holder.await.unwrap(), 503, "the held request is never answered 202 while Kafka is down");
+    assert!(metric(f.role.admin, "auditstream_producer_rejected_events_total{reason=\"busy\"}").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_producer_and_exits_cleanly() {
+    let mut f = front(&[]).await;
+    let events = format!("{}/events", f.url);
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut senders = Vec::new();
+    for worker in 0..3 {
+        let (events, accepted) = (events.clone(), accepted.clone());
+        senders.push(tokio::spawn(async move {
+            for i in 0..10_000 {
+                let id = format!("t{worker}-{i}");
+                match http().post(&events).bearer_auth(TOKEN).body(event(&id)).send().await {
+                    Ok(r) if r.status() == 202 => accepted.lock().unwrap().push(id),
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let status = f.role.process.terminate(Duration::from_secs(25));
+    assert!(status.is_some_and(|s| s.success()), "exit after SIGTERM: {status:?}");
+    for s in senders {
+        let _ = s.await;
+    }
+    let accepted: HashSet<String> = accepted.lock().unwrap().iter().cloned().collect();
+    let written = read_topic(
+        &f.broker.kafka(&f.prefix),
+        &Topics::new(&f.prefix).events(),
+        accepted.len(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let in_topic: HashSet<String> =
+        written.iter().filter_map(|m| tests::header(m, proto::delivery::H_EVENT_ID).map(str::to_owned)).collect();
+    assert!(!accepted.is_empty() && accepted.is_subset(&in_topic), "every 202 before the stop is in the topic");
+    assert!(http().post(&events).body(event("late")).send().await.is_err(), "no longer accepting");
+}
