@@ -31,6 +31,9 @@ use tokio::sync::Notify;
 
 use crate::{admin::ReadyFlag, offsets::Watermarks, shutdown::Shutdown};
 
+/// How often a repeating consume error is logged.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Limits of one consumer loop.
 #[derive(Debug, Clone, Copy)]
 pub struct LoopLimits {
@@ -166,6 +169,7 @@ pub async fn run<H, F>(
     F: Future<Output = ()> + Send + 'static,
 {
     let mut paused = false;
+    let (mut last_logged, mut errors_since) = (None, 0u64);
     loop {
         tokio::select! {
             biased;
@@ -193,7 +197,14 @@ pub async fn run<H, F>(
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "consume error");
+                    // Persistent errors (a missing topic) repeat every poll:
+                    // say so once per interval, with the count.
+                    errors_since += 1;
+                    if last_logged.is_none_or(|t: tokio::time::Instant| t.elapsed() >= ERROR_LOG_INTERVAL) {
+                        tracing::warn!(error = %e, repeats = errors_since, "consume error");
+                        last_logged = Some(tokio::time::Instant::now());
+                        errors_since = 0;
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
