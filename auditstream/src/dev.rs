@@ -6,10 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use proto::{
-    destination::{
-        Category, Destination, DestinationName, DestinationUrl, EventTypeFilter, Owner, SigningSecret,
-        VerificationToken,
-    },
+    destination::{Destination, Owner, SigningSecret},
     namespace::{NamespaceRecord, NamespaceRef},
     topics::Topics,
 };
@@ -73,37 +70,15 @@ fn demo_tree() -> Vec<(NamespaceRef, NamespaceRecord)> {
 }
 
 fn demo_destinations(receiver: SocketAddr) -> anyhow::Result<Vec<Destination>> {
-    let url = |path: &str| DestinationUrl::new(format!("http://{receiver}/{path}")).map_err(anyhow::Error::msg);
-    Ok(vec![
-        Destination {
-            id: "dev-group-siem".into(),
-            owner: Owner::Group { id: 1 },
-            name: DestinationName::new("example-group SIEM").map_err(anyhow::Error::msg)?,
-            category: Category::Http,
-            url: url("group")?,
-            verification_token: VerificationToken::new(GROUP_TOKEN).map_err(anyhow::Error::msg)?,
-            signing_secret: Some(SigningSecret::new(GROUP_SECRET).map_err(anyhow::Error::msg)?),
-            previous_signing_secret: None,
-            headers: Vec::new(),
-            event_type_filters: EventTypeFilter::default(),
-            namespace_filters: Vec::new(),
-            active: true,
-        },
-        Destination {
-            id: "dev-instance-logs".into(),
-            owner: Owner::Instance,
-            name: DestinationName::new("instance log store").map_err(anyhow::Error::msg)?,
-            category: Category::Http,
-            url: url("instance")?,
-            verification_token: VerificationToken::new(INSTANCE_TOKEN).map_err(anyhow::Error::msg)?,
-            signing_secret: None,
-            previous_signing_secret: None,
-            headers: Vec::new(),
-            event_type_filters: EventTypeFilter::default(),
-            namespace_filters: Vec::new(),
-            active: true,
-        },
-    ])
+    let url = |path: &str| format!("http://{receiver}/{path}");
+    let mut group =
+        Destination::http("dev-group-siem", Owner::Group { id: 1 }, "example-group SIEM", &url("group"), GROUP_TOKEN)
+            .map_err(anyhow::Error::msg)?;
+    group.signing_secret = Some(SigningSecret::new(GROUP_SECRET).map_err(anyhow::Error::msg)?);
+    let instance =
+        Destination::http("dev-instance-logs", Owner::Instance, "instance log store", &url("instance"), INSTANCE_TOKEN)
+            .map_err(anyhow::Error::msg)?;
+    Ok(vec![group, instance])
 }
 
 /// `auditstream dev`.

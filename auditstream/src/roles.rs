@@ -52,58 +52,74 @@ async fn start_admin(listen: SocketAddr) -> anyhow::Result<(Admin, service::Shut
     Ok((admin, shutdown))
 }
 
-/// `auditstream producer`.
-pub async fn producer(args: RoleArgs) -> ExitCode {
-    let cfg = match load::<producer::ProducerConfig>(&args, producer::ProducerConfig::validate) {
+/// The steps every role shares: configuration (exit 64 when bad, before
+/// touching the network), telemetry, the admin server, then the role itself
+/// with the shutdown signal.
+async fn role<C, F, Fut>(
+    args: &RoleArgs,
+    validate: impl Fn(&C) -> Result<(), ConfigError>,
+    parts: impl Fn(&C) -> (&config::TelemetryConfig, SocketAddr),
+    run: F,
+) -> ExitCode
+where
+    C: Serialize + DeserializeOwned + Default,
+    F: FnOnce(C, Admin, service::Shutdown) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let cfg = match load::<C>(args, validate) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    telemetry::init(&cfg.telemetry);
+    let (telemetry_config, admin_listen) = parts(&cfg);
+    telemetry::init(telemetry_config);
     finish(
         async {
-            let (admin, shutdown) = start_admin(cfg.admin.listen).await?;
-            let api = TcpListener::bind(cfg.api.listen)
-                .await
-                .with_context(|| format!("binding the API port {}", cfg.api.listen))?;
-            producer::run(cfg, admin, api, shutdown).await?;
-            Ok(())
+            let (admin, shutdown) = start_admin(admin_listen).await?;
+            run(cfg, admin, shutdown).await
         }
         .await,
     )
+}
+
+/// `auditstream producer`.
+pub async fn producer(args: RoleArgs) -> ExitCode {
+    use producer::ProducerConfig as C;
+    role(
+        &args,
+        C::validate,
+        |c: &C| (&c.telemetry, c.admin.listen),
+        |cfg: C, admin, shutdown| async move {
+            let api = TcpListener::bind(cfg.api.listen)
+                .await
+                .with_context(|| format!("binding the API port {}", cfg.api.listen))?;
+            Ok(producer::run(cfg, admin, api, shutdown).await?)
+        },
+    )
+    .await
 }
 
 /// `auditstream router`.
 pub async fn router(args: RoleArgs) -> ExitCode {
-    let cfg = match load::<router::RouterConfig>(&args, router::RouterConfig::validate) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    telemetry::init(&cfg.telemetry);
-    finish(
-        async {
-            let (admin, shutdown) = start_admin(cfg.admin.listen).await?;
-            router::run(cfg, admin, shutdown).await?;
-            Ok(())
-        }
-        .await,
+    use router::RouterConfig as C;
+    role(
+        &args,
+        C::validate,
+        |c: &C| (&c.telemetry, c.admin.listen),
+        |cfg, admin, shutdown| async move { Ok(router::run(cfg, admin, shutdown).await?) },
     )
+    .await
 }
 
 /// `auditstream deliverer`.
 pub async fn deliverer(args: RoleArgs) -> ExitCode {
-    let cfg = match load::<deliverer::DelivererConfig>(&args, deliverer::DelivererConfig::validate) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    telemetry::init(&cfg.telemetry);
-    finish(
-        async {
-            let (admin, shutdown) = start_admin(cfg.admin.listen).await?;
-            deliverer::run(cfg, admin, shutdown).await?;
-            Ok(())
-        }
-        .await,
+    use deliverer::DelivererConfig as C;
+    role(
+        &args,
+        C::validate,
+        |c: &C| (&c.telemetry, c.admin.listen),
+        |cfg, admin, shutdown| async move { Ok(deliverer::run(cfg, admin, shutdown).await?) },
     )
+    .await
 }
 
 /// Arguments of `auditstream receiver`.

@@ -315,6 +315,25 @@ pub struct Destination {
 }
 
 impl Destination {
+    /// An active `http` destination with no headers, filters or signing:
+    /// every value checked.
+    pub fn http(id: &str, owner: Owner, name: &str, url: &str, token: &str) -> Result<Self, String> {
+        Ok(Self {
+            id: id.into(),
+            owner,
+            name: DestinationName::new(name)?,
+            category: Category::Http,
+            url: DestinationUrl::new(url)?,
+            verification_token: VerificationToken::new(token)?,
+            signing_secret: None,
+            previous_signing_secret: None,
+            headers: Vec::new(),
+            event_type_filters: EventTypeFilter::default(),
+            namespace_filters: Vec::new(),
+            active: true,
+        })
+    }
+
     /// Checks the rules that span fields or need the registry. Field-level
     /// rules are enforced by the value types themselves.
     pub fn validate(&self, registry: &Registry) -> Result<(), Vec<FieldError>> {

@@ -274,21 +274,7 @@ pub fn destination(
     url: &str,
     token: &str,
 ) -> proto::destination::Destination {
-    use proto::destination::*;
-    Destination {
-        id: id.into(),
-        owner,
-        name: DestinationName::new(id).expect("name"),
-        category: Category::Http,
-        url: DestinationUrl::new(url).expect("url"),
-        verification_token: VerificationToken::new(token).expect("token"),
-        signing_secret: None,
-        previous_signing_secret: None,
-        headers: Vec::new(),
-        event_type_filters: EventTypeFilter::default(),
-        namespace_filters: Vec::new(),
-        active: true,
-    }
+    proto::destination::Destination::http(id, owner, id, url, token).expect("valid test destination")
 }
 
 /// A role of the real binary, with its admin address.
