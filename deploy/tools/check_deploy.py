@@ -924,6 +924,20 @@ def cmd_e2e(binary: str) -> int:
         if not wait_for("prometheus ready", lambda: http(f"http://127.0.0.1:{prom}/-/ready")[0] == 200, 30):
             return finish()
         ok(f"auditstream dev (admin 127.0.0.1:{admin}) and Prometheus (127.0.0.1:{prom}) running")
+        # Failures, so the failure panels have something to show: two
+        # instance destinations nobody listens for (attempts fail, deliveries
+        # go down the ladder). Later one is deactivated (its retries are
+        # dead-lettered when due) and one deleted (its retries are dropped).
+        admin_auth = {"Content-Type": "application/json", "Authorization": "Bearer dev-admin-token"}
+        dead = free_port()
+        failing = []
+        for name in ("unreachable-a", "unreachable-b"):
+            st, body = http(f"http://127.0.0.1:{api}/api/v1/instance/destinations",
+                            json.dumps({"name": name, "url": f"http://127.0.0.1:{dead}/in"}).encode(), admin_auth)
+            if st != 201:
+                fail(f"creating the failing destination {name} answered {st}: {body[:300]!r}")
+                return finish()
+            failing.append(json.loads(body)["id"])
         # Traffic: valid events for a project (group + instance destinations),
         # a few invalid ones, over several scrapes.
         event = {"event_type": "merge_request_create", "entity_type": "Project", "entity_id": 24,
@@ -940,9 +954,23 @@ def cmd_e2e(binary: str) -> int:
             time.sleep(0.5)
         if statuses.get(202, 0) != 12 or statuses.get(422, 0) != 3:
             fail(f"publishing answered {statuses}, expected 12 × 202 and 3 × 422")
+        patch = urllib.request.Request(f"http://127.0.0.1:{api}/api/v1/instance/destinations/{failing[0]}",
+                                       data=b'{"active": false}', headers=admin_auth, method="PATCH")
+        delete = urllib.request.Request(f"http://127.0.0.1:{api}/api/v1/instance/destinations/{failing[1]}",
+                                        headers=admin_auth, method="DELETE")
+        for req in (patch, delete):
+            with urllib.request.urlopen(req, timeout=10) as r:
+                if r.status not in (200, 204):
+                    fail(f"{req.get_method()} {req.full_url} answered {r.status}")
         query = lambda q: json.loads(http(f"http://127.0.0.1:{prom}/api/v1/query?" + urllib.parse.urlencode({"query": q}))[1])  # noqa: E731
         wait_for("deliveries counted by Prometheus",
                  lambda: query('sum(auditstream_deliverer_deliveries_total{outcome="delivered"}) >= 120')["data"]["result"], 45)
+        # The first retry rung is due after 10 s: the deactivated
+        # destination's deliveries are then dead-lettered, the deleted one's
+        # dropped.
+        for outcome in ("dead_lettered", "dropped"):
+            wait_for(f"deliveries {outcome} counted by Prometheus",
+                     lambda o=outcome: query(f'sum(auditstream_deliverer_deliveries_total{{outcome="{o}"}}) > 0')["data"]["result"], 60)
         time.sleep(3)
         # Every dashboard query, as Grafana would send it.
         # What a healthy run without kafka-exporter cannot show: lag, planned
@@ -951,8 +979,12 @@ def cmd_e2e(binary: str) -> int:
         missing_planned = {m for m in planned_metrics() if m not in exported}
         for m in sorted(set(planned_metrics()) - missing_planned):
             print(f"  note {m} (planned) is exported by this binary: its panels must show data")
-        empty_ok = missing_planned | {"kafka_consumergroup_lag"} | {
-            f'outcome="{o}"' for o in ("dead_lettered", "retried", "dropped", "failed")}
+        # Only what this run cannot produce may be empty: lag needs
+        # kafka-exporter, and no event is dead-lettered by the router here.
+        empty_ok = missing_planned | {
+            "kafka_consumergroup_lag",
+            'auditstream_router_events_total{namespace=~"$namespace", outcome="dead_lettered"}',
+        }
         with_data, expected_empty = 0, []
         for where, _, expr in dashboard_targets():
             # Without the `or vector(0)` fallback, which would hide a wrong selector.
@@ -970,17 +1002,25 @@ def cmd_e2e(binary: str) -> int:
                 fail(f"{where}: no data from a running pipeline: {expr}")
         ok(f"{with_data} dashboard queries return data from the running pipeline")
         for e in expected_empty:
-            print(f"  note no data, as expected (no kafka-exporter, planned metric not in this binary, or nothing failed): {e}")
+            print(f"  note no data, as expected (needs kafka-exporter, router dead letters need a stock-client "
+                  f"publisher, or a metric this binary does not export): {e}")
         # Prometheus evaluated every alert rule without error.
         rules = json.loads(http(f"http://127.0.0.1:{prom}/api/v1/rules")[1])["data"]["groups"]
         evaluated = [r for g in rules for r in g["rules"]]
         for r in evaluated:
             if r.get("health") != "ok":
                 fail(f"alert {r['name']}: health {r.get('health')}: {r.get('lastError')}")
-        firing = [r["name"] for r in evaluated if r.get("state") == "firing"]
-        if firing:
-            fail(f"alerts firing on a healthy pipeline: {firing}")
-        ok(f"Prometheus loaded and evaluated all {len(evaluated)} alert rules without error; none firing")
+        # The injected dead letters must raise their alert, and nothing else
+        # may fire: the rest of the pipeline is healthy.
+        provoked = {"AuditstreamDeliveriesDeadLettered"}
+        wait_for("the dead-letter alert firing", lambda: provoked <= {
+            r["name"] for g in json.loads(http(f"http://127.0.0.1:{prom}/api/v1/rules")[1])["data"]["groups"]
+            for r in g["rules"] if r.get("state") == "firing"}, 30)
+        rules = json.loads(http(f"http://127.0.0.1:{prom}/api/v1/rules")[1])["data"]["groups"]
+        firing = {r["name"] for g in rules for r in g["rules"] if r.get("state") == "firing"}
+        if firing != provoked:
+            fail(f"alerts firing: {sorted(firing)}, expected exactly {sorted(provoked)} (the injected dead letters)")
+        ok(f"Prometheus evaluated all {len(evaluated)} alert rules without error; only the provoked {sorted(provoked)} fires")
     finally:
         for p in procs:
             if p.poll() is None:
