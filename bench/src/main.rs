@@ -1,0 +1,846 @@
+//! The end-to-end benchmark harness (issue 8).
+//!
+//! Starts the three roles of the real `auditstream` binary as separate
+//! processes on a broker (a running one named by `--brokers`, else
+//! librdkafka's in-process mock cluster), a fast sink in this process (an
+//! HTTP server answering 200 that records, per delivery, the time from the
+//! event's `created_at` to its arrival), seeds a namespace tree and
+//! destinations, then publishes through the producer's HTTP API: a steady
+//! load at `--rate` and a maximum-throughput run of `--max-events`. Beside
+//! it, in the same run, two ceilings: (a) the broker's raw produce→consume
+//! rate for the same messages with no processing, (b) the raw HTTP POST rate
+//! to the same sink with the same payload and connection count.
+//!
+//! Prints markdown tables: delivered events/s, latency percentiles, CPU
+//! seconds per 1000 deliveries per role (from `/proc/<pid>/stat`), peak RSS
+//! per role (`VmHWM`). `scripts/bench` wraps a default run on the real
+//! broker. Not a test: it runs only when asked.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+};
+use clap::{Parser, ValueEnum};
+use proto::{
+    destination::{Category, Destination, DestinationName, DestinationUrl, EventTypeFilter, Owner, VerificationToken},
+    namespace::{NamespaceRecord, NamespaceRef},
+    topics::Topics,
+};
+use rdkafka::{mocking::MockCluster, producer::DefaultProducerContext};
+use service::config::KafkaConfig;
+
+/// Retry topics the deliverer is configured with (`retry_delays` below).
+const RUNGS: usize = 2;
+/// Partitions of every topic.
+const PARTITIONS: i32 = 4;
+/// Projects the events are spread over (the partition key is the entity).
+const PROJECTS: i64 = 100;
+/// The top-level group every project sits in.
+const GROUP: i64 = 1;
+/// Verification token of every destination.
+const TOKEN: &str = "bench-token-0123456789";
+
+/// Measures auditstream end to end beside the broker's and HTTP's own ceilings.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Bootstrap servers of a running broker; without it, librdkafka's
+    /// in-process mock cluster.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Pid of the broker process, to report its CPU and memory as well.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Scenarios to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "one,three,dead,many")]
+    scenarios: Vec<Scenario>,
+    /// Steady-load rate, events/s.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+    /// Steady-load duration, seconds.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Events published in the maximum-throughput run (0: skip it).
+    #[arg(long, default_value_t = 100_000)]
+    max_events: u64,
+    /// Events per publish request (a JSON array).
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Concurrent connections, for publishing and for ceiling (b).
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// How the dead destination of the `dead` scenario fails.
+    #[arg(long, value_enum, default_value = "error")]
+    dead: Dead,
+    /// Seconds each ceiling runs.
+    #[arg(long, default_value_t = 5)]
+    ceiling_seconds: u64,
+    /// Skip the ceilings.
+    #[arg(long)]
+    no_ceilings: bool,
+    /// The `auditstream` binary.
+    #[arg(long, default_value = "target/release/auditstream")]
+    binary: PathBuf,
+    /// Extra settings for a role, `ROLE:KEY=VALUE` (repeatable), e.g.
+    /// `deliverer:AUDITSTREAM_DELIVERER__PER_DESTINATION_CONCURRENCY=128`.
+    #[arg(long = "set")]
+    settings: Vec<String>,
+    /// Where the roles' logs go.
+    #[arg(long, default_value = "target/bench-logs")]
+    logs: PathBuf,
+}
+
+/// What is configured, and what each event matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// One destination per event.
+    One,
+    /// Three destinations per event.
+    Three,
+    /// One healthy destination and one dead one per event.
+    Dead,
+    /// 10,000 configured destinations, three matching each event.
+    Many,
+}
+
+/// How the dead destination fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Dead {
+    /// Answers 503 at once.
+    Error,
+    /// Answers after 60 s (the deliverer's request timeout is 5 s).
+    Slow,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if !args.binary.exists() {
+        bail!("{} is missing: run `cargo build --release -p auditstream`", args.binary.display());
+    }
+    std::fs::create_dir_all(&args.logs).context("log folder")?;
+    let broker = Broker::new(args.brokers.clone(), args.broker_pid)?;
+    let sink = Sink::start(StatusCode::OK, Duration::ZERO).await?;
+    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build()?;
+    let payload = sample_payload()?;
+
+    let mut out = String::new();
+    writeln!(out, "# auditstream bench\n")?;
+    writeln!(
+        out,
+        "broker: {} · connections {} · batch {} · steady {} events/s for {} s · max run {} events · payload {} bytes\n",
+        if broker.mock.is_some() { "librdkafka mock cluster (in the harness)" } else { broker.brokers.as_str() },
+        args.connections,
+        args.batch,
+        args.rate,
+        args.duration,
+        args.max_events,
+        payload.len()
+    )?;
+
+    let mut ceilings = None;
+    if !args.no_ceilings {
+        eprintln!("bench: ceilings");
+        let a = ceiling_broker(&broker, &payload, args.ceiling_seconds).await?;
+        let b = ceiling_http(&client, sink.addr, &payload, args.connections, args.ceiling_seconds).await?;
+        writeln!(out, "## Ceilings\n\n| ceiling | rate |\n|---|---|")?;
+        writeln!(out, "| (a) broker produce→consume, same messages, no processing | {a:.0} msg/s |")?;
+        writeln!(
+            out,
+            "| (b) HTTP POST to the sink, same payload, {} connections | {b:.0} req/s |\n",
+            args.connections
+        )?;
+        ceilings = Some((a, b));
+    }
+
+    let mut rows = Vec::new();
+    let mut memory = Vec::new();
+    for &scenario in &args.scenarios {
+        eprintln!("bench: scenario {scenario:?}");
+        let (phases, rss) = run_scenario(&args, &broker, &sink, &client, scenario).await?;
+        rows.extend(phases);
+        memory.push((scenario, rss));
+    }
+
+    writeln!(out, "## Pipeline\n")?;
+    writeln!(
+        out,
+        "Delivered = deliveries to healthy destinations (unique by event and destination). Latency: `created_at` \
+         (set by the load generator, ms) → arrival at the sink. CPU: seconds per 1000 deliveries.\n"
+    )?;
+    writeln!(
+        out,
+        "| scenario | run | published | accepted/s | delivered | delivered/s | vs (a) | vs (b) | p50 ms | p95 ms | p99 ms | \
+         CPU producer | CPU router | CPU deliverer | CPU broker | set aside to retry |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for r in &rows {
+        let ratio = |c: Option<f64>| c.map_or("–".to_owned(), |c| format!("{:.1}%", 100.0 * r.rate / c));
+        let cpu = |i: usize| r.cpu.get(i).copied().flatten().map_or("–".to_owned(), |c| format!("{c:.3}"));
+        writeln!(
+            out,
+            "| {:?} | {} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.scenario,
+            r.run,
+            r.published,
+            r.accepted_rate,
+            r.delivered,
+            r.rate,
+            ratio(ceilings.map(|c| c.0)),
+            ratio(ceilings.map(|c| c.1)),
+            r.latency[0],
+            r.latency[1],
+            r.latency[2],
+            cpu(0),
+            cpu(1),
+            cpu(2),
+            cpu(3),
+            r.retried,
+        )?;
+    }
+    writeln!(
+        out,
+        "\n## Peak RSS (VmHWM), MiB\n\n| scenario | producer | router | deliverer | broker |\n|---|---|---|---|---|"
+    )?;
+    for (scenario, rss) in &memory {
+        let m =
+            |i: usize| rss.get(i).copied().flatten().map_or("–".to_owned(), |k| format!("{:.0}", k as f64 / 1024.0));
+        writeln!(out, "| {scenario:?} | {} | {} | {} | {} |", m(0), m(1), m(2), m(3))?;
+    }
+    println!("{out}");
+    Ok(())
+}
+
+/// One measured run of one scenario.
+struct Row {
+    scenario: Scenario,
+    run: &'static str,
+    published: u64,
+    /// Events accepted per second while publishing.
+    accepted_rate: f64,
+    delivered: u64,
+    rate: f64,
+    /// p50, p95, p99 in ms.
+    latency: [i64; 3],
+    /// Producer, router, deliverer, broker.
+    cpu: Vec<Option<f64>>,
+    /// Deliveries the deliverer set aside to a retry topic during the run.
+    retried: f64,
+}
+
+/// The broker: a running one, or a mock cluster kept alive here.
+struct Broker {
+    brokers: String,
+    mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    pid: Option<u32>,
+}
+
+impl Broker {
+    /// The broker at `brokers` (its process `pid`, when known), else a mock
+    /// cluster in this process (whose CPU then includes the load and the sink).
+    fn new(brokers: Option<String>, pid: Option<u32>) -> Result<Self> {
+        Ok(match brokers {
+            Some(b) => Self { brokers: b, mock: None, pid },
+            None => {
+                let mock = MockCluster::new(1).context("mock cluster")?;
+                Self { brokers: mock.bootstrap_servers(), mock: Some(mock), pid: Some(std::process::id()) }
+            }
+        })
+    }
+
+    fn kafka(&self, prefix: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: self.brokers.clone(),
+            topic_prefix: prefix.into(),
+            partitions: PARTITIONS,
+            create_topics: false,
+            ..KafkaConfig::default()
+        }
+    }
+
+    async fn create(&self, prefix: &str, topics: &[(String, bool)]) -> Result<()> {
+        match &self.mock {
+            Some(mock) => {
+                for (t, _) in topics {
+                    mock.create_topic(t, PARTITIONS, 1).context("mock topic")?;
+                }
+            }
+            None => service::kafka::ensure_topics(&self.kafka(prefix), topics).await.context("create topics")?,
+        }
+        Ok(())
+    }
+}
+
+/// What the sink saw since the last reset.
+#[derive(Default)]
+struct Seen {
+    /// Latencies (ms) per path.
+    latency: HashMap<String, Vec<i64>>,
+    /// `path webhook-id` of every delivery, to count unique ones.
+    ids: HashSet<String>,
+    last: Option<Instant>,
+}
+
+/// A fast HTTP sink: answers `status` after `delay`, records what arrived.
+struct Sink {
+    addr: SocketAddr,
+    status: StatusCode,
+    delay: Duration,
+    seen: Mutex<Seen>,
+    requests: AtomicU64,
+}
+
+#[derive(serde::Deserialize)]
+struct Probe<'a> {
+    #[serde(borrow)]
+    created_at: Option<&'a str>,
+    #[serde(borrow)]
+    id: Option<&'a serde_json::value::RawValue>,
+}
+
+impl Sink {
+    async fn start(status: StatusCode, delay: Duration) -> Result<Arc<Self>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let sink = Arc::new(Self {
+            addr: listener.local_addr()?,
+            status,
+            delay,
+            seen: Mutex::default(),
+            requests: AtomicU64::new(0),
+        });
+        let app = axum::Router::new().route("/{name}", axum::routing::post(take)).with_state(sink.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(sink)
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn reset(&self) {
+        *self.seen() = Seen::default();
+    }
+
+    fn unique(&self) -> u64 {
+        self.seen().ids.len() as u64
+    }
+}
+
+async fn take(State(sink): State<Arc<Sink>>, Path(name): Path<String>, body: bytes::Bytes) -> StatusCode {
+    sink.requests.fetch_add(1, Relaxed);
+    if !sink.delay.is_zero() {
+        tokio::time::sleep(sink.delay).await;
+    }
+    if name != "raw" {
+        let now = now_ms();
+        let probe = serde_json::from_slice::<Probe>(&body).ok();
+        let created = probe.as_ref().and_then(|p| p.created_at.and_then(parse_ms));
+        let id = probe.as_ref().and_then(|p| p.id).map_or("", |id| id.get());
+        let mut seen = sink.seen();
+        if let Some(created) = created {
+            seen.latency.entry(name.clone()).or_default().push(now - created);
+        }
+        seen.ids.insert(format!("{name} {id}"));
+        seen.last = Some(Instant::now());
+    }
+    sink.status
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn parse_ms(s: &str) -> Option<i64> {
+    let at = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((at.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+/// One event as a service would send it: no `id` (the producer mints one),
+/// `created_at` now.
+fn event(project: i64, created_at: &str) -> String {
+    format!(
+        r#"{{"author_id":1,"entity_id":{project},"entity_type":"Project","details":{{"author_name":"example_user","target_id":132,"target_type":"MergeRequest","target_details":"Update test.md","custom_message":"Added merge request","ip_address":"127.0.0.1","entity_path":"bench-group/p{project}"}},"ip_address":"127.0.0.1","author_name":"Administrator","entity_path":"bench-group/p{project}","target_details":"Update test.md","created_at":"{created_at}","target_type":"MergeRequest","target_id":132,"event_type":"merge_request_create"}}"#
+    )
+}
+
+/// The bytes the deliverer sends for one event (completed by `prepare`).
+fn sample_payload() -> Result<Vec<u8>> {
+    let now = time::OffsetDateTime::now_utc();
+    let text = event(1000, &proto::event::format_timestamp(now));
+    let prepared = proto::event::prepare(text.as_bytes(), &proto::Registry::embedded(), &Default::default(), now)
+        .map_err(|e| anyhow::anyhow!("sample event invalid: {e:?}"))?;
+    Ok(prepared.bytes.to_vec())
+}
+
+/// Ceiling (a): produce the same messages (same keys, the producer role's
+/// client settings) to a fresh topic and consume them, for `seconds`.
+async fn ceiling_broker(broker: &Broker, payload: &[u8], seconds: u64) -> Result<f64> {
+    use futures_util::StreamExt as _;
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        consumer::{Consumer as _, StreamConsumer},
+        producer::FutureRecord,
+    };
+    let prefix = format!("bench-raw-{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let kafka = broker.kafka(&prefix);
+    let topic = format!("{prefix}raw");
+    broker.create(&prefix, &[(topic.clone(), false)]).await?;
+    let consumer: StreamConsumer = service::kafka::reader(&kafka)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let reader = tokio::spawn(async move {
+        let mut stream = consumer.stream();
+        while let Some(m) = stream.next().await {
+            if m.is_ok() {
+                counter.fetch_add(1, Relaxed);
+            }
+        }
+    });
+    let producer = service::kafka::producer(&kafka, Duration::from_secs(30))?;
+    let keys: Vec<String> = (0..PROJECTS).map(|p| proto::event::partition_key("Project", 1000 + p)).collect();
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let mut sent = 0u64;
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    while Instant::now() < deadline {
+        while in_flight.len() < 20_000 {
+            let key = &keys[(sent % PROJECTS as u64) as usize];
+            in_flight.push(producer.send(FutureRecord::to(&topic).key(key).payload(payload), Duration::from_secs(30)));
+            sent += 1;
+        }
+        if let Some(Err((e, _))) = in_flight.next().await {
+            bail!("raw produce failed: {e}");
+        }
+    }
+    while let Some(r) = in_flight.next().await {
+        if let Err((e, _)) = r {
+            bail!("raw produce failed: {e}");
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(60);
+    while received.load(Relaxed) < sent && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    reader.abort();
+    Ok(received.load(Relaxed) as f64 / elapsed)
+}
+
+/// Ceiling (b): POST `payload` to the sink from `connections` connections
+/// for `seconds`; requests per second.
+async fn ceiling_http(
+    client: &reqwest::Client,
+    sink: SocketAddr,
+    payload: &[u8],
+    connections: usize,
+    seconds: u64,
+) -> Result<f64> {
+    let url = format!("http://{sink}/raw");
+    let body = bytes::Bytes::copy_from_slice(payload);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let done = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let (client, url, body, done) = (client.clone(), url.clone(), body.clone(), done.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let r =
+                        client.post(&url).header("content-type", "application/json").body(body.clone()).send().await;
+                    if r.is_ok_and(|r| r.status().is_success()) {
+                        done.fetch_add(1, Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await?;
+    }
+    Ok(done.load(Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// A role process, killed when dropped.
+struct RoleProc {
+    child: Child,
+    admin: SocketAddr,
+}
+
+impl Drop for RoleProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn spawn_role(args: &Args, broker: &Broker, prefix: &str, role: &str, extra: &[(&str, String)]) -> Result<RoleProc> {
+    let admin = free_addr()?;
+    let log = std::fs::File::create(args.logs.join(format!("{prefix}{role}.log")))?;
+    let mut cmd = Command::new(&args.binary);
+    cmd.arg(role)
+        .env("AUDITSTREAM_KAFKA__BROKERS", &broker.brokers)
+        .env("AUDITSTREAM_KAFKA__TOPIC_PREFIX", prefix)
+        .env("AUDITSTREAM_KAFKA__CREATE_TOPICS", "false")
+        .env("AUDITSTREAM_KAFKA__PARTITIONS", PARTITIONS.to_string())
+        .env("AUDITSTREAM_ADMIN__LISTEN", admin.to_string())
+        .env("AUDITSTREAM_TELEMETRY__FILTER", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    for setting in &args.settings {
+        if let Some((r, kv)) = setting.split_once(':')
+            && r == role
+            && let Some((k, v)) = kv.split_once('=')
+        {
+            cmd.env(k, v);
+        }
+    }
+    let child = cmd.spawn().with_context(|| format!("start {role}"))?;
+    Ok(RoleProc { child, admin })
+}
+
+async fn wait_ready(client: &reqwest::Client, role: &RoleProc, what: &str) -> Result<()> {
+    let url = format!("http://{}/ready", role.admin);
+    let until = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < until {
+        if client.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{what} not ready after 90 s")
+}
+
+fn destination(id: &str, owner: Owner, url: &str) -> Result<Destination> {
+    Ok(Destination {
+        id: id.into(),
+        owner,
+        name: DestinationName::new(id).map_err(anyhow::Error::msg)?,
+        category: Category::Http,
+        url: DestinationUrl::new(url).map_err(anyhow::Error::msg)?,
+        verification_token: VerificationToken::new(TOKEN).map_err(anyhow::Error::msg)?,
+        signing_secret: None,
+        previous_signing_secret: None,
+        headers: Vec::new(),
+        event_type_filters: EventTypeFilter::default(),
+        namespace_filters: Vec::new(),
+        active: true,
+    })
+}
+
+/// Seeds the namespace tree and the scenario's destinations; returns how
+/// many healthy deliveries each event makes.
+async fn seed(kafka: &KafkaConfig, scenario: Scenario, sink: &Sink, dead: Option<&Sink>) -> Result<u64> {
+    use futures_util::future::join_all;
+    let publisher =
+        producer::Publisher::new(kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(30))?;
+    let group = NamespaceRecord { parent: None, full_path: "bench-group".into() };
+    publisher.put_namespace(NamespaceRef::group(GROUP), Some(&group)).await?;
+    let projects: Vec<_> = (0..PROJECTS)
+        .map(|p| {
+            (
+                NamespaceRef::project(1000 + p),
+                NamespaceRecord {
+                    parent: Some(NamespaceRef::group(GROUP)),
+                    full_path: format!("bench-group/p{}", 1000 + p),
+                },
+            )
+        })
+        .collect();
+    for r in join_all(projects.iter().map(|(of, rec)| publisher.put_namespace(*of, Some(rec)))).await {
+        r?;
+    }
+    let owner = Owner::Group { id: GROUP };
+    let healthy = |n: usize| -> Result<Vec<Destination>> {
+        (0..n).map(|i| destination(&format!("d{i}"), owner, &format!("http://{}/d{i}", sink.addr))).collect()
+    };
+    let mut destinations = match scenario {
+        Scenario::One => healthy(1)?,
+        Scenario::Three | Scenario::Many => healthy(3)?,
+        Scenario::Dead => healthy(1)?,
+    };
+    if let (Scenario::Dead, Some(dead)) = (scenario, dead) {
+        destinations.push(destination("dead", owner, &format!("http://{}/dead", dead.addr))?);
+    }
+    let matching = destinations.len() as u64 - u64::from(scenario == Scenario::Dead);
+    if scenario == Scenario::Many {
+        for i in 0..(10_000 - destinations.len()) {
+            let owner = Owner::Group { id: 100_000 + i as i64 };
+            destinations.push(destination(&format!("other{i}"), owner, &format!("http://{}/other", sink.addr))?);
+        }
+    }
+    for chunk in destinations.chunks(1000) {
+        for r in join_all(chunk.iter().map(|d| publisher.put_destination(d))).await {
+            r?;
+        }
+    }
+    Ok(matching)
+}
+
+/// The deliverer's finished deliveries by outcome (`delivered`, `retried`,
+/// ...), from its `/metrics`: bounces to the retry topics show here.
+async fn outcomes(client: &reqwest::Client, admin: SocketAddr) -> HashMap<String, f64> {
+    let Ok(r) = client.get(format!("http://{admin}/metrics")).send().await else { return HashMap::new() };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("auditstream_deliverer_deliveries_total{outcome=\""))
+        .filter_map(|l| {
+            let (outcome, rest) = l.split_once('"')?;
+            Some((outcome.to_owned(), rest.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// utime + stime of a process, seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Peak resident set, KiB.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Publishes `batches` batches (or until `until`), each connection pacing
+/// one batch per `period` (zero: back to back). Returns events accepted.
+async fn publish(
+    client: &reqwest::Client,
+    api: SocketAddr,
+    args: &Args,
+    batches: u64,
+    period: Duration,
+    until: Option<Instant>,
+) -> Result<u64> {
+    let url = format!("http://{api}/api/v1/events");
+    let left = Arc::new(AtomicU64::new(batches));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let batch = args.batch;
+    let tasks: Vec<_> = (0..args.connections)
+        .map(|c| {
+            let (client, url, left, accepted) = (client.clone(), url.clone(), left.clone(), accepted.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period.max(Duration::from_nanos(1)));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut seq = c as i64;
+                loop {
+                    if !period.is_zero() {
+                        tick.tick().await;
+                    }
+                    if until.is_some_and(|u| Instant::now() >= u)
+                        || left.fetch_update(Relaxed, Relaxed, |l| l.checked_sub(1)).is_err()
+                    {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let at = proto::event::format_timestamp(time::OffsetDateTime::now_utc());
+                    let mut body = String::with_capacity(batch * 640);
+                    body.push('[');
+                    for i in 0..batch {
+                        if i > 0 {
+                            body.push(',');
+                        }
+                        seq += 1;
+                        body.push_str(&event(1000 + seq.rem_euclid(PROJECTS), &at));
+                    }
+                    body.push(']');
+                    loop {
+                        let r = client
+                            .post(&url)
+                            .header("content-type", "application/json")
+                            .body(body.clone())
+                            .send()
+                            .await?;
+                        if r.status().is_success() {
+                            accepted.fetch_add(batch as u64, Relaxed);
+                            break;
+                        }
+                        if r.status() != StatusCode::SERVICE_UNAVAILABLE {
+                            bail!("publish answered {}: {}", r.status(), r.text().await.unwrap_or_default());
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(accepted.load(Relaxed))
+}
+
+/// Waits until the sink saw `want` unique healthy deliveries, or nothing new
+/// arrived for 20 s.
+async fn drain(sink: &Sink, want: u64) -> u64 {
+    let mut last = (0, Instant::now());
+    loop {
+        let n = sink.unique();
+        if n >= want {
+            return n;
+        }
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(20) {
+            eprintln!("bench: only {n} of {want} deliveries arrived");
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn percentiles(sink: &Sink) -> [i64; 3] {
+    let mut all: Vec<i64> = sink.seen().latency.values().flatten().copied().collect();
+    all.sort_unstable();
+    let at = |p: f64| all.get(((all.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(-1);
+    [at(0.50), at(0.95), at(0.99)]
+}
+
+async fn run_scenario(
+    args: &Args,
+    broker: &Broker,
+    sink: &Arc<Sink>,
+    client: &reqwest::Client,
+    scenario: Scenario,
+) -> Result<(Vec<Row>, Vec<Option<u64>>)> {
+    let prefix = format!("bench-{:?}-{}.", scenario, &uuid::Uuid::new_v4().simple().to_string()[..8]).to_lowercase();
+    let kafka = broker.kafka(&prefix);
+    broker.create(&prefix, &Topics::new(&prefix).all(RUNGS)).await?;
+    let dead = match (scenario, args.dead) {
+        (Scenario::Dead, Dead::Error) => Some(Sink::start(StatusCode::SERVICE_UNAVAILABLE, Duration::ZERO).await?),
+        (Scenario::Dead, Dead::Slow) => Some(Sink::start(StatusCode::OK, Duration::from_secs(60)).await?),
+        _ => None,
+    };
+    let per_event = seed(&kafka, scenario, sink, dead.as_deref()).await?;
+
+    let api = free_addr()?;
+    let group = |r: &str| format!("{prefix}{r}");
+    let producer = spawn_role(
+        args,
+        broker,
+        &prefix,
+        "producer",
+        &[("AUDITSTREAM_API__LISTEN", api.to_string()), ("AUDITSTREAM_AUTH__REQUIRED", "false".into())],
+    )?;
+    let router = spawn_role(
+        args,
+        broker,
+        &prefix,
+        "router",
+        &[("AUDITSTREAM_ROUTER__GROUP_ID", group("router")), ("AUDITSTREAM_ROUTER__SESSION_TIMEOUT", "6s".into())],
+    )?;
+    let deliverer = spawn_role(
+        args,
+        broker,
+        &prefix,
+        "deliverer",
+        &[
+            ("AUDITSTREAM_DELIVERER__GROUP_ID", group("deliverer")),
+            ("AUDITSTREAM_DELIVERER__SESSION_TIMEOUT", "6s".into()),
+            ("AUDITSTREAM_DELIVERER__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#.into()),
+            ("AUDITSTREAM_DELIVERER__RETRY_DELAYS", r#"["5s", "30s"]"#.into()),
+            ("AUDITSTREAM_DELIVERER__REQUEST_TIMEOUT", "5s".into()),
+        ],
+    )?;
+    for (role, name) in [(&producer, "producer"), (&router, "router"), (&deliverer, "deliverer")] {
+        wait_ready(client, role, name).await?;
+    }
+    let pids = [Some(producer.child.id()), Some(router.child.id()), Some(deliverer.child.id()), broker.pid];
+
+    // Warm-up: consumer groups joined, connections open.
+    sink.reset();
+    let warm = publish(client, api, args, 2, Duration::ZERO, None).await?;
+    drain(sink, warm * per_event).await;
+
+    let mut rows = Vec::new();
+    let steady_batches = args.rate * args.duration / args.batch as u64;
+    let period = Duration::from_secs_f64(args.batch as f64 * args.connections as f64 / args.rate as f64);
+    let runs = [
+        ("steady", steady_batches, period, Some(Instant::now() + Duration::from_secs(args.duration + 30))),
+        ("max", args.max_events / args.batch as u64, Duration::ZERO, None),
+    ];
+    for (run, batches, period, until) in runs {
+        if batches == 0 {
+            continue;
+        }
+        sink.reset();
+        let retried_before = outcomes(client, deliverer.admin).await.get("retried").copied().unwrap_or(0.0);
+        let before: Vec<_> = pids.iter().map(|p| p.and_then(cpu_seconds)).collect();
+        let start = Instant::now();
+        let published = publish(client, api, args, batches, period, until).await?;
+        let accepted_rate = published as f64 / start.elapsed().as_secs_f64();
+        let delivered = drain(sink, published * per_event).await;
+        let end = sink.seen().last.unwrap_or_else(Instant::now);
+        let after: Vec<_> = pids.iter().map(|p| p.and_then(cpu_seconds)).collect();
+        let cpu = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| Some((a.as_ref()? - b.as_ref()?) * 1000.0 / delivered.max(1) as f64))
+            .collect();
+        let rate = delivered as f64 / end.duration_since(start).as_secs_f64();
+        let retried = outcomes(client, deliverer.admin).await.get("retried").copied().unwrap_or(0.0) - retried_before;
+        eprintln!("bench: {scenario:?} {run}: {published} published, {delivered} delivered, {rate:.0}/s");
+        rows.push(Row {
+            scenario,
+            run,
+            published,
+            accepted_rate,
+            delivered,
+            rate,
+            latency: percentiles(sink),
+            cpu,
+            retried,
+        });
+    }
+    // Each role's metrics at the end, for a closer look (lag, histograms).
+    for (role, name) in [(&producer, "producer"), (&router, "router"), (&deliverer, "deliverer")] {
+        if let Ok(r) = client.get(format!("http://{}/metrics", role.admin)).send().await {
+            let _ =
+                std::fs::write(args.logs.join(format!("{prefix}{name}.metrics")), r.text().await.unwrap_or_default());
+        }
+    }
+    let rss = pids.iter().map(|p| p.and_then(peak_rss)).collect();
+    Ok((rows, rss))
+}
