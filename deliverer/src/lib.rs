@@ -242,9 +242,9 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
         Turn::Done => {}
         Turn::Hopeless(reason) => ctx.dead_letter(&m, Some(&meta), &reason).await,
         Turn::Bounce => {
+            // Busy, not failing: back soon, on the same rung.
             let same = rung.unwrap_or(0);
-            let delay = ctx.settings.retry_delays.get(same).copied().unwrap_or(Duration::from_secs(1));
-            ctx.requeue(&m, &mut meta, body, same, delay).await;
+            ctx.requeue(&m, &mut meta, body, same, ctx.settings.quick_retry_delay).await;
         }
         Turn::Ladder(retry_after) => {
             let next = rung.map_or(0, |n| n + 1);

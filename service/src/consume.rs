@@ -175,7 +175,10 @@ pub async fn run<H, F>(
             biased;
             _ = shutdown.wait() => break,
             _ = tracker.capacity.notified(), if paused => {
-                if tracker.in_flight() < limits.max_in_flight {
+                // Resume only once half the places are free: resuming at the
+                // first free place paused again one message later, and each
+                // pause drops librdkafka's prefetched messages.
+                if tracker.in_flight() <= limits.max_in_flight / 2 {
                     set_paused(&consumer, false);
                     paused = false;
                 }
