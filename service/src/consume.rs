@@ -63,8 +63,15 @@ impl Tracker {
 
     fn finish<C: Consumer<LoopContext>>(&self, consumer: &C, topic: &str, partition: i32, offset: i64) {
         let next = self.lock().finish(topic, partition, offset);
+        // `next` is the next offset to read, which is what a commit must
+        // hold. `store_offsets` stores it as given; `store_offset` would
+        // store `next + 1` (librdkafka's rd_kafka_offset_store adds one) and
+        // the partition's next owner would skip a message.
+        let mut list = rdkafka::TopicPartitionList::new();
         if let Some(next) = next
-            && let Err(e) = consumer.store_offset(topic, partition, next)
+            && let Err(e) = list
+                .add_partition_offset(topic, partition, rdkafka::Offset::Offset(next))
+                .and_then(|()| consumer.store_offsets(&list))
         {
             // Revoked meanwhile: the new owner re-reads from the last commit.
             tracing::debug!(%topic, partition, error = %e, "offset not stored");

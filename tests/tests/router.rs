@@ -233,3 +233,28 @@ async fn table_changes_reach_routing_within_seconds() {
     assert!(changed, "routing never followed the changes");
     eprintln!("table changes reached routing within {:?}", started.elapsed());
 }
+
+/// A consumer group's next member resumes exactly where the last one
+/// finished: nothing skipped at a handover (librdkafka's
+/// `rd_kafka_offset_store` stores offset + 1, which once made every
+/// handover skip one message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_skips_nothing() {
+    let broker = TestBroker::start();
+    let (prefix, kafka) = setup(&broker).await;
+    let topics = Topics::new(&prefix);
+    let group = unique("g");
+    produce_raw(&kafka, &topics.events(), "Project:1", &event("first", 1), &[]).await;
+    let mut first = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", group.clone())]);
+    assert!(wait_ready(first.admin, Duration::from_secs(60)).await);
+    let (ids, _) = all_delivered(&kafka, &topics, 1, Duration::from_secs(30)).await;
+    assert!(ids.contains("first"));
+    // A clean stop commits what was finished.
+    assert!(first.process.terminate(Duration::from_secs(25)).is_some_and(|s| s.success()));
+    produce_raw(&kafka, &topics.events(), "Project:1", &event("second", 1), &[]).await;
+    let second = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", group)]);
+    assert!(wait_ready(second.admin, Duration::from_secs(60)).await);
+    let (ids, records) = all_delivered(&kafka, &topics, 2, Duration::from_secs(30)).await;
+    assert!(ids.contains("second"), "the event after the handover was skipped");
+    assert_eq!(records, 2, "and nothing was routed twice after a clean stop");
+}
