@@ -130,6 +130,11 @@ fn check_token(v: &str) -> Result<(), String> {
 }
 
 fn check_url(v: &str) -> Result<(), String> {
+    // The URL parser silently strips tabs and newlines: refuse them (and
+    // spaces) before it sees the text, so what is stored is what is used.
+    if v.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("must not contain spaces or control characters".into());
+    }
     if v.len() > MAX_URL_LEN {
         return Err(format!("is {} characters, more than {MAX_URL_LEN}", v.len()));
     }
@@ -538,6 +543,9 @@ mod tests {
         assert!(DestinationUrl::new(format!("https://x/{}", "a".repeat(250))).is_err());
         assert!(DestinationUrl::new("https://u:p@x/").unwrap_err().contains("credentials"));
         assert!(DestinationUrl::new("not a url").is_err());
+        assert!(DestinationUrl::new("https://siem.example.com/\r\nX-Injected: 1").unwrap_err().contains("control"));
+        assert!(DestinationUrl::new("https://siem.\nexample.com/").is_err());
+        assert!(DestinationUrl::new("https://siem.example.com/a\tb").is_err());
         assert!(HeaderName::new("X Bad").is_err());
         assert!(HeaderName::new("X-Gitlab-Event-Streaming-Token").unwrap_err().contains("set by auditstream"));
         assert!(HeaderName::new("Content-Type").is_ok());

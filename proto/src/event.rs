@@ -261,6 +261,12 @@ impl<'a> EventView<'a> {
         if nests_deeper_than(text, MAX_DEPTH) {
             return Err(vec![FieldError::whole(format!("nests arrays and objects deeper than {MAX_DEPTH} levels"))]);
         }
+        // Fields the pipeline does not read are skipped leniently below; a
+        // receiver's strict parser is not: refuse lone surrogate escapes and
+        // numbers beyond f64 anywhere in the document.
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(text) {
+            return Err(vec![FieldError::whole(format!("is not valid JSON: {e}"))]);
+        }
         let raw: RawFields<'a> =
             serde_json::from_str(text).map_err(|e| vec![FieldError::whole(format!("is not valid JSON: {e}"))])?;
 
@@ -557,6 +563,19 @@ mod tests {
         assert!(problems("{\"a\":\"\u{0}\"").first().unwrap().problem.contains("not valid JSON"));
         let errs = prepare(b"{\"a\":\"\xff\"}", &registry(), &EventLimits::default(), NOW).unwrap_err();
         assert!(errs[0].problem.contains("UTF-8"), "{errs:?}");
+    }
+
+    #[test]
+    fn rejects_what_strict_parsers_refuse_anywhere() {
+        for body in [
+            r#"{"event_type":"audit_operation","entity_type":"Project","entity_id":6,"details":{"a":"\ud800"}}"#,
+            r#"{"event_type":"audit_operation","entity_type":"Project","entity_id":6,"x":1e399}"#,
+        ] {
+            let errs = problems(body);
+            assert!(errs[0].problem.contains("not valid JSON"), "{body}: {errs:?}");
+        }
+        let ok = r#"{"event_type":"audit_operation","entity_type":"Project","entity_id":6,"d":{"e":"\ud83d\ude00"}}"#;
+        assert!(prepare(ok.as_bytes(), &registry(), &EventLimits::default(), NOW).is_ok(), "a surrogate pair is fine");
     }
 
     #[test]

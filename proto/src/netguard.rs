@@ -99,7 +99,17 @@ fn v4(a: Ipv4Addr) -> Option<&'static str> {
 }
 
 fn v6(a: Ipv6Addr) -> Option<&'static str> {
-    let s0 = a.segments()[0];
+    let seg = a.segments();
+    let s0 = seg[0];
+    let embedded_v4 = || Ipv4Addr::new((seg[6] >> 8) as u8, seg[6] as u8, (seg[7] >> 8) as u8, seg[7] as u8);
+    // IPv4-compatible (::a.b.c.d) and IPv4-translated (::ffff:0:a.b.c.d)
+    // addresses carry an IPv4 address: judge that one.
+    if seg[..6] == [0; 6] && !a.is_loopback() && !a.is_unspecified() {
+        return v4(embedded_v4()).or(Some("IPv4-compatible (embeds an IPv4 address)"));
+    }
+    if seg[..4] == [0; 4] && seg[4] == 0xffff && seg[5] == 0 {
+        return v4(embedded_v4()).or(Some("IPv4-translated (embeds an IPv4 address)"));
+    }
     Some(match () {
         _ if a.is_loopback() => "loopback",
         _ if a.is_unspecified() => "unspecified",
@@ -109,6 +119,8 @@ fn v6(a: Ipv6Addr) -> Option<&'static str> {
         _ if s0 == 0x2001 && a.segments()[1] == 0x0db8 => "documentation",
         _ if s0 == 0x0064 && a.segments()[1] == 0xff9b => "NAT64",
         _ if s0 == 0x2002 => "6to4 (may embed a private IPv4 address)",
+        _ if s0 == 0x2001 && seg[1] == 0 => "Teredo (may embed a private IPv4 address)",
+        _ if s0 & 0xffc0 == 0xfec0 => "site-local (deprecated private)",
         _ => return None,
     })
 }
@@ -153,6 +165,11 @@ mod tests {
             "0.0.0.0",
             "100.64.0.1",
             "255.255.255.255",
+            "::7f00:1",
+            "::ffff:0:7f00:1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "fec0::1",
+            "::8.8.8.8",
             "224.0.0.1",
             "::1",
             "fd00::1",
