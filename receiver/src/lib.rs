@@ -201,6 +201,8 @@ pub struct Received {
     pub destination: Option<String>,
     /// `verified`, `unsigned` or `invalid`.
     pub signature: &'static str,
+    /// When the request arrived (Unix milliseconds), for delivery latency.
+    pub at_ms: i64,
 }
 
 impl Received {
@@ -312,7 +314,26 @@ fn check_signature(expected: &Expected, headers: &HeaderMap, body: &[u8]) -> &'s
     }
 }
 
+/// Unix milliseconds now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The event `id` of a delivery body, read without parsing the rest: a body
+/// that a strict parser refuses elsewhere (a lone surrogate escape, a number
+/// beyond f64) must still be deduplicated on its id.
+fn event_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: Option<&'a serde_json::value::RawValue>,
+    }
+    let raw = serde_json::from_slice::<IdOnly<'_>>(body).ok()?.id?;
+    Some(serde_json::from_str::<String>(raw.get()).unwrap_or_else(|_| raw.get().to_owned()))
+}
+
 async fn take(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Bytes) -> axum::response::Response {
+    let at_ms = now_ms();
     let (delay, failure, redirect, close) = {
         let mut f = r.fault_state();
         let failure = f.fail_request();
@@ -332,7 +353,7 @@ async fn take(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Byt
         }
         resp
     } else {
-        take_delivery(&r, &uri, &headers, &body).into_response()
+        take_delivery(&r, &uri, &headers, &body, at_ms).into_response()
     };
     if close {
         response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
@@ -340,7 +361,7 @@ async fn take(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Byt
     response
 }
 
-fn take_delivery(r: &Receiver, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> impl IntoResponse {
+fn take_delivery(r: &Receiver, uri: &Uri, headers: &HeaderMap, body: &Bytes, at_ms: i64) -> impl IntoResponse {
     let token = headers.get("x-gitlab-event-streaming-token").and_then(|v| v.to_str().ok());
     let expected = r.match_token(token).cloned();
     let signature = expected.as_ref().map_or("unsigned", |e| check_signature(e, headers, body));
@@ -349,10 +370,7 @@ fn take_delivery(r: &Receiver, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> 
         .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
     let event: Option<Value> = serde_json::from_slice(body).ok();
-    let id = event.as_ref().and_then(|e| e.get("id")).map(|v| match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    });
+    let id = event_id(body);
     let event_type = headers.get("x-gitlab-audit-event-type").and_then(|v| v.to_str().ok()).unwrap_or("?");
     let accepted = expected.is_some() && signature != "invalid";
 
@@ -369,12 +387,14 @@ fn take_delivery(r: &Receiver, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> 
         };
         #[derive(Serialize)]
         struct LogLine<'a> {
+            received_at_ms: i64,
             path: &'a str,
             headers: std::collections::BTreeMap<&'a str, &'a str>,
             body: Option<Box<serde_json::value::RawValue>>,
             accepted: bool,
         }
         let line = LogLine {
+            received_at_ms: at_ms,
             path: uri.path(),
             headers: header_list.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
             body: exact.or_else(fallback),
@@ -406,6 +426,7 @@ fn take_delivery(r: &Receiver, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> 
             body: body.to_vec(),
             destination: expected.as_ref().map(|e| e.name.clone()),
             signature,
+            at_ms,
         });
     }
     drop(inner);
