@@ -212,9 +212,13 @@ async fn redirects_are_not_followed_and_count_as_failures() {
 async fn a_destination_down_longer_than_the_quick_tries_is_served_from_a_retry_topic() {
     let w = world().await;
     let d = w.ready_deliverer(&[]).await;
-    w.receiver.set_faults(Faults { down_for: Some(Duration::from_secs(2)), ..Faults::default() });
+    // Down for more attempts than the quick tries make (1 + 1 here),
+    // counted rather than timed so the test does not depend on how soon the
+    // first attempt comes (timed outages: the chaos run).
+    w.receiver.set_faults(Faults { reset_first: 3, ..Faults::default() });
     w.enqueue("a", "e-down").await;
     assert!(w.wait_received("/a", "e-down", Duration::from_secs(40)).await);
+    assert_eq!(w.receiver.stats().faults_injected, 3);
     assert!(count(&d, "auditstream_deliverer_deliveries_total{outcome=\"retried\"}").await >= 1.0);
     assert_eq!(count(&d, "auditstream_deliverer_deliveries_total{outcome=\"delivered\"}").await, 1.0);
 }
