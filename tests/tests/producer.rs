@@ -285,7 +285,15 @@ async fn a_producer_killed_while_publishing_keeps_every_accepted_event() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Kill mid-stream: once a good number of events were accepted.
+    let acc = accepted.clone();
+    assert!(
+        tests::wait_until(Duration::from_secs(30), || {
+            let n = acc.lock().unwrap().len();
+            async move { n >= 200 }
+        })
+        .await
+    );
     f.role.process.kill9();
     for s in senders {
         let _ = s.await;
@@ -533,7 +541,14 @@ async fn sigterm_drains_the_producer_and_exits_cleanly() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let acc = accepted.clone();
+    assert!(
+        tests::wait_until(Duration::from_secs(30), || {
+            let n = acc.lock().unwrap().len();
+            async move { n >= 100 }
+        })
+        .await
+    );
     let status = f.role.process.terminate(Duration::from_secs(25));
     assert!(status.is_some_and(|s| s.success()), "exit after SIGTERM: {status:?}");
     for s in senders {
