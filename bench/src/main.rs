@@ -36,7 +36,7 @@ use axum::{
 };
 use clap::{Parser, ValueEnum};
 use proto::{
-    destination::{Category, Destination, DestinationName, DestinationUrl, EventTypeFilter, Owner, VerificationToken},
+    destination::{Destination, Owner},
     namespace::{NamespaceRecord, NamespaceRef},
     topics::Topics,
 };
@@ -538,20 +538,7 @@ async fn wait_ready(client: &reqwest::Client, role: &RoleProc, what: &str) -> Re
 }
 
 fn destination(id: &str, owner: Owner, url: &str) -> Result<Destination> {
-    Ok(Destination {
-        id: id.into(),
-        owner,
-        name: DestinationName::new(id).map_err(anyhow::Error::msg)?,
-        category: Category::Http,
-        url: DestinationUrl::new(url).map_err(anyhow::Error::msg)?,
-        verification_token: VerificationToken::new(TOKEN).map_err(anyhow::Error::msg)?,
-        signing_secret: None,
-        previous_signing_secret: None,
-        headers: Vec::new(),
-        event_type_filters: EventTypeFilter::default(),
-        namespace_filters: Vec::new(),
-        active: true,
-    })
+    Destination::http(id, owner, id, url, TOKEN).map_err(anyhow::Error::msg)
 }
 
 /// Seeds the namespace tree and the scenario's destinations; returns how
