@@ -258,47 +258,74 @@ async fn kafka_down_gives_503_with_retry_after_never_202() {
     assert!(accepted, "the producer recovers when Kafka is back");
 }
 
+/// Clients publishing concurrently until the producer stops answering,
+/// recording the ids it answered 202 for.
+struct Publishing {
+    accepted: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    senders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Publishing {
+    /// Starts `workers` clients sending `per_request` events a request, and
+    /// returns once `at_least` events were accepted.
+    async fn start(events: &str, workers: usize, per_request: usize, at_least: usize) -> Self {
+        let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let senders = (0..workers)
+            .map(|worker| {
+                let (events, accepted) = (events.to_owned(), accepted.clone());
+                tokio::spawn(async move {
+                    for i in 0..10_000 {
+                        let batch: Vec<String> =
+                            (0..per_request).map(|n| event(&format!("w{worker}-{i}-{n}"))).collect();
+                        let body = format!("[{}]", batch.join(","));
+                        match http().post(&events).bearer_auth(TOKEN).body(body).send().await {
+                            Ok(r) if r.status() == 202 => {
+                                let ids: Value =
+                                    serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or(Value::Null);
+                                accepted.lock().unwrap().extend(
+                                    ids["ids"]
+                                        .as_array()
+                                        .into_iter()
+                                        .flatten()
+                                        .filter_map(|v| v.as_str().map(str::to_owned)),
+                                );
+                            }
+                            Ok(_) => {}
+                            Err(_) => return,
+                        }
+                    }
+                })
+            })
+            .collect();
+        let acc = accepted.clone();
+        assert!(
+            tests::wait_until(Duration::from_secs(30), || {
+                let n = acc.lock().unwrap().len();
+                async move { n >= at_least }
+            })
+            .await,
+            "too few events accepted"
+        );
+        Self { accepted, senders }
+    }
+
+    /// Waits for the clients to stop; the accepted ids.
+    async fn finish(self) -> HashSet<String> {
+        for s in self.senders {
+            let _ = s.await;
+        }
+        self.accepted.lock().unwrap().iter().cloned().collect()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_killed_while_publishing_keeps_every_accepted_event() {
     let mut f = front(&[]).await;
     let events = format!("{}/events", f.url);
-    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let mut senders = Vec::new();
-    for worker in 0..4 {
-        let (events, accepted) = (events.clone(), accepted.clone());
-        senders.push(tokio::spawn(async move {
-            for i in 0..10_000 {
-                let id = format!("w{worker}-{i}");
-                let body = format!("[{},{}]", event(&format!("{id}a")), event(&format!("{id}b")));
-                match http().post(&events).bearer_auth(TOKEN).body(body).send().await {
-                    Ok(r) if r.status() == 202 => {
-                        let ids: Value =
-                            serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or(Value::Null);
-                        let mut acc = accepted.lock().unwrap();
-                        acc.extend(
-                            ids["ids"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)),
-                        );
-                    }
-                    Ok(_) => {}
-                    Err(_) => return,
-                }
-            }
-        }));
-    }
     // Kill mid-stream: once a good number of events were accepted.
-    let acc = accepted.clone();
-    assert!(
-        tests::wait_until(Duration::from_secs(30), || {
-            let n = acc.lock().unwrap().len();
-            async move { n >= 200 }
-        })
-        .await
-    );
+    let publishing = Publishing::start(&events, 4, 2, 200).await;
     f.role.process.kill9();
-    for s in senders {
-        let _ = s.await;
-    }
-    let accepted: HashSet<String> = accepted.lock().unwrap().iter().cloned().collect();
+    let accepted = publishing.finish().await;
     assert!(accepted.len() > 50, "too few accepted before the kill: {}", accepted.len());
     let topics = Topics::new(&f.prefix);
     let written =
@@ -526,35 +553,10 @@ async fn in_flight_work_is_bounded_with_503_busy() {
 async fn sigterm_drains_the_producer_and_exits_cleanly() {
     let mut f = front(&[]).await;
     let events = format!("{}/events", f.url);
-    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let mut senders = Vec::new();
-    for worker in 0..3 {
-        let (events, accepted) = (events.clone(), accepted.clone());
-        senders.push(tokio::spawn(async move {
-            for i in 0..10_000 {
-                let id = format!("t{worker}-{i}");
-                match http().post(&events).bearer_auth(TOKEN).body(event(&id)).send().await {
-                    Ok(r) if r.status() == 202 => accepted.lock().unwrap().push(id),
-                    Ok(_) => {}
-                    Err(_) => return,
-                }
-            }
-        }));
-    }
-    let acc = accepted.clone();
-    assert!(
-        tests::wait_until(Duration::from_secs(30), || {
-            let n = acc.lock().unwrap().len();
-            async move { n >= 100 }
-        })
-        .await
-    );
+    let publishing = Publishing::start(&events, 3, 1, 100).await;
     let status = f.role.process.terminate(Duration::from_secs(25));
     assert!(status.is_some_and(|s| s.success()), "exit after SIGTERM: {status:?}");
-    for s in senders {
-        let _ = s.await;
-    }
-    let accepted: HashSet<String> = accepted.lock().unwrap().iter().cloned().collect();
+    let accepted = publishing.finish().await;
     let written = read_topic(
         &f.broker.kafka(&f.prefix),
         &Topics::new(&f.prefix).events(),
