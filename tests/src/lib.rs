@@ -316,18 +316,26 @@ pub async fn metric(admin: SocketAddr, prefix: &str) -> f64 {
 pub async fn produce_many(kafka: &KafkaConfig, topic: &str, events: &[(String, Vec<u8>)]) {
     use rdkafka::producer::FutureRecord;
     let producer = service::kafka::producer(kafka, Duration::from_secs(30)).expect("producer");
-    let sends =
-        events.iter().map(|(k, v)| producer.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(30)));
-    for r in futures_join(sends).await {
-        r.expect("event written");
+    // `send_result` enqueues at once (`send` would only start when awaited,
+    // one record per acknowledgement).
+    let mut pending = Vec::with_capacity(events.len());
+    for (k, v) in events {
+        let mut record = FutureRecord::to(topic).key(k).payload(v);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break pending.push(delivery),
+                Err((e, r)) => {
+                    assert!(
+                        matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)),
+                        "enqueue failed: {e}"
+                    );
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
     }
-}
-
-async fn futures_join<F: std::future::Future>(fs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let handles: Vec<_> = fs.into_iter().collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await);
+    for delivery in pending {
+        delivery.await.expect("not cancelled").expect("event written");
     }
-    out
 }
