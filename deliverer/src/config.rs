@@ -61,10 +61,15 @@ pub struct DelivererSettings {
     pub allowed_networks: Vec<Network>,
     /// Attempts in flight to one destination.
     pub per_destination_concurrency: usize,
-    /// Deliveries that may wait for one of those places; beyond it they are
-    /// set aside on their current retry rung. Keep `concurrency + queue` well
-    /// below `max_in_flight`, so a slow destination cannot take every place.
+    /// Most deliveries that may wait for one of those places; beyond it they
+    /// are set aside on their current retry rung.
     pub per_destination_queue: usize,
+    /// Longest wait for one of a destination's places. A delivery whose wait
+    /// would be longer (judged from the destination's recent attempt times)
+    /// is set aside at once, so a slow destination holds its concurrency
+    /// plus about this long's arrivals, while a fast one is never set aside.
+    #[serde(with = "duration")]
+    pub per_destination_max_wait: Duration,
     /// Consecutive failed attempts that open a destination's circuit.
     pub circuit_failures: u32,
     /// How long an open circuit stays open before one trial attempt.
@@ -89,7 +94,8 @@ impl Default for DelivererSettings {
             max_response_bytes: 64 * 1024,
             allowed_networks: Vec::new(),
             per_destination_concurrency: 32,
-            per_destination_queue: 224,
+            per_destination_queue: 10_000,
+            per_destination_max_wait: Duration::from_secs(1),
             circuit_failures: 5,
             circuit_open_for: Duration::from_secs(30),
         }
@@ -110,9 +116,14 @@ impl DelivererConfig {
         if d.connect_timeout.is_zero() || d.request_timeout.is_zero() {
             return Err(ConfigError::Invalid("deliverer timeouts must be above zero".into()));
         }
-        if d.per_destination_concurrency == 0 || d.circuit_failures == 0 || d.circuit_open_for.is_zero() {
+        if d.per_destination_concurrency == 0
+            || d.circuit_failures == 0
+            || d.circuit_open_for.is_zero()
+            || d.per_destination_max_wait.is_zero()
+        {
             return Err(ConfigError::Invalid(
-                "deliverer.per_destination_concurrency, circuit_failures and circuit_open_for must be above zero"
+                "deliverer.per_destination_concurrency, per_destination_max_wait, circuit_failures and \
+                 circuit_open_for must be above zero"
                     .into(),
             ));
         }

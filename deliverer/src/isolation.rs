@@ -1,9 +1,19 @@
-//! Per-destination isolation: a concurrency limit with a bounded wait
-//! queue, and a circuit breaker. Whatever one destination does, it holds at
-//! most `concurrency + queue` of the deliverer's in-flight places. Beyond
-//! that its deliveries are set aside on their current retry rung (a burst
-//! is not a failure: they do not move down the ladder), and while its
-//! circuit is open they go down the ladder without an attempt.
+//! Per-destination isolation: a concurrency limit with a bounded wait, and
+//! a circuit breaker.
+//!
+//! A delivery that finds all of its destination's places taken may wait
+//! for one, but only while the wait looks short: at most `max_wait`, and
+//! not at all when the destination's recent attempts say the wait would be
+//! longer (average attempt time × position ÷ concurrency), or when nothing
+//! has finished for `max_wait` while every place is taken. `queue` caps the
+//! waiters regardless. A refused delivery is set aside on its current retry
+//! rung (a burst is not a failure: it does not move down the ladder), and
+//! while the circuit is open deliveries go down the ladder without an
+//! attempt.
+//!
+//! So a fast destination may use the consumer's whole in-flight window (its
+//! waits are milliseconds), while a slow one holds its `concurrency` places
+//! plus whatever arrives within one short wait.
 
 use std::{
     collections::HashMap,
@@ -25,8 +35,10 @@ use tokio::{
 pub struct Limits {
     /// Attempts in flight to one destination.
     pub concurrency: usize,
-    /// Deliveries waiting for one of those places.
+    /// Most deliveries waiting for one of those places.
     pub queue: usize,
+    /// Longest wait for a place; longer, and the delivery is set aside.
+    pub max_wait: Duration,
     /// Consecutive failed attempts that open the circuit.
     pub failures_to_open: u32,
     /// How long an open circuit stays open before one trial attempt.
@@ -52,17 +64,40 @@ impl Refusal {
     }
 }
 
-#[derive(Debug, Default)]
+/// A destination's circuit and pace.
+#[derive(Debug)]
 struct Breaker {
     failures: u32,
     open_until: Option<Instant>,
     trial: bool,
+    /// Moving average of attempt durations (`None` before the first).
+    average: Option<Duration>,
+    /// When an attempt last started on a free place or finished.
+    last_progress: Instant,
 }
+
+impl Breaker {
+    fn new() -> Self {
+        Self { failures: 0, open_until: None, trial: false, average: None, last_progress: Instant::now() }
+    }
+}
+
+/// Weight of the newest attempt in the moving average.
+const AVERAGE_WEIGHT: f64 = 0.2;
 
 struct Destination {
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
     breaker: Mutex<Breaker>,
+}
+
+/// Counts a waiter for as long as it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The isolation state of every destination seen.
@@ -78,6 +113,7 @@ pub struct Slot {
     _permit: OwnedSemaphorePermit,
     destination: Arc<Destination>,
     recorded: bool,
+    started: Instant,
 }
 
 impl Drop for Slot {
@@ -103,28 +139,35 @@ impl Isolation {
                 Arc::new(Destination {
                     permits: Arc::new(Semaphore::new(self.limits.concurrency)),
                     waiting: AtomicUsize::new(0),
-                    breaker: Mutex::default(),
+                    breaker: Mutex::new(Breaker::new()),
                 })
             })
             .clone()
     }
 
-    /// Asks to attempt a delivery to `id`: waits for a place when the queue
-    /// has room, refuses at once when the circuit is open or the queue full.
+    /// Asks to attempt a delivery to `id`: takes a free place, or waits
+    /// for one while the wait looks short (see the module documentation);
+    /// refuses at once when the circuit is open.
     pub async fn enter(&self, id: &str) -> Result<Slot, Refusal> {
         let d = self.get(id);
         self.check_breaker(&d)?;
         let permit = match d.permits.clone().try_acquire_owned() {
-            Ok(p) => p,
+            Ok(p) => {
+                d.breaker.lock().unwrap_or_else(|e| e.into_inner()).last_progress = Instant::now();
+                p
+            }
             Err(_) => {
-                if d.waiting.fetch_add(1, Ordering::AcqRel) >= self.limits.queue {
-                    d.waiting.fetch_sub(1, Ordering::AcqRel);
+                let position = d.waiting.fetch_add(1, Ordering::AcqRel) + 1;
+                let _waiting = Waiting(&d.waiting);
+                if position > self.limits.queue || !self.short_wait(&d, position) {
                     self.end_trial(&d);
                     return Err(Refusal::Saturated);
                 }
-                let p = d.permits.clone().acquire_owned().await;
-                d.waiting.fetch_sub(1, Ordering::AcqRel);
-                let Ok(p) = p else { return Err(Refusal::Saturated) };
+                let Ok(Ok(p)) = tokio::time::timeout(self.limits.max_wait, d.permits.clone().acquire_owned()).await
+                else {
+                    self.end_trial(&d);
+                    return Err(Refusal::Saturated);
+                };
                 // The circuit may have opened while this delivery waited.
                 if self.breaker_open(&d) {
                     return Err(Refusal::CircuitOpen);
@@ -132,7 +175,20 @@ impl Isolation {
                 p
             }
         };
-        Ok(Slot { _permit: permit, destination: d, recorded: false })
+        Ok(Slot { _permit: permit, destination: d, recorded: false, started: Instant::now() })
+    }
+
+    /// Whether the `position`th waiter is likely to get a place within
+    /// `max_wait`.
+    fn short_wait(&self, d: &Destination, position: usize) -> bool {
+        let b = d.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        if b.last_progress.elapsed() >= self.limits.max_wait {
+            // Every place taken, and none taken or freed for a while: slow.
+            return false;
+        }
+        let Some(average) = b.average else { return true };
+        let expected = average.mul_f64(position as f64 / self.limits.concurrency as f64);
+        expected <= self.limits.max_wait
     }
 
     /// Refuses while the circuit is open; after `open_for`, lets exactly one
@@ -162,6 +218,10 @@ impl Isolation {
     pub fn record(&self, mut slot: Slot, success: bool) {
         slot.recorded = true;
         let mut b = slot.destination.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let took = now - slot.started;
+        b.average = Some(b.average.map_or(took, |a| a.mul_f64(1.0 - AVERAGE_WEIGHT) + took.mul_f64(AVERAGE_WEIGHT)));
+        b.last_progress = now;
         let was_open = b.open_until.is_some();
         b.trial = false;
         if success {
@@ -188,7 +248,11 @@ mod tests {
     use super::*;
 
     fn isolation(concurrency: usize, queue: usize) -> Isolation {
-        let limits = Limits { concurrency, queue, failures_to_open: 3, open_for: Duration::from_millis(200) };
+        waiting_at_most(concurrency, queue, Duration::from_secs(60))
+    }
+
+    fn waiting_at_most(concurrency: usize, queue: usize, max_wait: Duration) -> Isolation {
+        let limits = Limits { concurrency, queue, max_wait, failures_to_open: 3, open_for: Duration::from_millis(200) };
         Isolation::new(limits, IntGauge::new("open", "open").unwrap())
     }
 
@@ -238,5 +302,85 @@ mod tests {
         assert_eq!(iso.enter("d").await.err(), Some(Refusal::Saturated));
         iso.record(held, true);
         assert!(waiter.await.unwrap(), "the queued delivery gets the place");
+    }
+
+    #[tokio::test]
+    async fn a_wait_longer_than_max_wait_is_refused() {
+        let iso = waiting_at_most(1, 100, Duration::from_millis(100));
+        let held = iso.enter("d").await.unwrap();
+        let started = Instant::now();
+        assert_eq!(iso.enter("d").await.err(), Some(Refusal::Saturated));
+        assert!(started.elapsed() >= Duration::from_millis(100), "it waited max_wait first");
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn a_destination_finishing_nothing_refuses_waiters_at_once() {
+        // And the flip side: after a long idle spell a burst may wait.
+        let iso = waiting_at_most(1, 100, Duration::from_millis(100));
+        let held = iso.enter("d").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let started = Instant::now();
+        assert_eq!(iso.enter("d").await.err(), Some(Refusal::Saturated));
+        assert!(started.elapsed() < Duration::from_millis(100), "refused without waiting");
+        // Abandoned, so the average stays unknown: only the stall counts.
+        drop(held);
+
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let held = iso.enter("d").await.unwrap();
+        let freed = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(held);
+        };
+        let (entered, ()) = tokio::join!(iso.enter("d"), freed);
+        assert!(entered.is_ok(), "a burst after an idle spell waits for its place");
+    }
+
+    #[tokio::test]
+    async fn waiters_beyond_what_the_pace_allows_are_refused_at_once() {
+        // Attempts take ~200 ms with one place: the first waiter's expected
+        // wait (200 ms) is within 1 s, the sixth's (1.2 s) is not.
+        let iso = Arc::new(waiting_at_most(1, 100, Duration::from_secs(1)));
+        let slot = iso.enter("d").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        iso.record(slot, true);
+        let held = iso.enter("d").await.unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..5 {
+            let iso = iso.clone();
+            waiters.push(tokio::spawn(async move { iso.enter("d").await.map(drop) }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        assert_eq!(iso.enter("d").await.err(), Some(Refusal::Saturated));
+        assert!(started.elapsed() < Duration::from_millis(100), "refused without waiting");
+        drop(held);
+        for w in waiters {
+            let _ = w.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fast_destination_lets_many_wait() {
+        // Fast attempts: hundreds of waiters each expect a short wait, and
+        // all of them get a place in turn.
+        let iso = Arc::new(waiting_at_most(2, 10_000, Duration::from_secs(5)));
+        for _ in 0..4 {
+            let s = iso.enter("d").await.unwrap();
+            iso.record(s, true);
+        }
+        let mut tasks = Vec::new();
+        for _ in 0..500 {
+            let iso = iso.clone();
+            tasks.push(tokio::spawn(async move {
+                let s = iso.enter("d").await?;
+                tokio::task::yield_now().await;
+                iso.record(s, true);
+                Ok::<(), Refusal>(())
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Ok(()));
+        }
     }
 }

@@ -91,6 +91,7 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
     let limits = isolation::Limits {
         concurrency: settings.per_destination_concurrency,
         queue: settings.per_destination_queue,
+        max_wait: settings.per_destination_max_wait,
         failures_to_open: settings.circuit_failures,
         open_for: settings.circuit_open_for,
     };
@@ -294,7 +295,9 @@ async fn attempts(ctx: &Context, m: &OwnedMessage, meta: &mut DeliveryMeta, body
                 return Turn::Ladder(None);
             }
         };
+        let started = tokio::time::Instant::now();
         let outcome = ctx.sender.attempt(&destination, &meta.event_id, &meta.event_type, body).await;
+        ctx.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
         match outcome {
             Outcome::Delivered(status) => {
                 ctx.isolation.record(slot, true);

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub deliveries: IntCounterVec,
     /// Seconds from an event's `created_at` to its 2xx.
     pub latency: Histogram,
+    /// Seconds one HTTP attempt took, from sending to the response read.
+    pub attempt_duration: Histogram,
     /// Destinations whose circuit is open.
     pub circuit_open: IntGauge,
     /// Deliveries held waiting for their due time, by retry rung.
@@ -41,6 +43,13 @@ impl Metrics {
                     86400.0,
                 ]),
             )?,
+            attempt_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "auditstream_deliverer_attempt_duration_seconds",
+                    "Time one HTTP attempt took, from sending the request to reading the response",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            )?,
             circuit_open: IntGauge::new("auditstream_deliverer_circuit_open", "Destinations whose circuit is open")?,
             retry_waiting: IntGaugeVec::new(
                 Opts::new("auditstream_deliverer_retry_waiting", "Deliveries held until their retry is due, by rung"),
@@ -48,6 +57,7 @@ impl Metrics {
             )?,
         };
         registry.register(Box::new(m.latency.clone()))?;
+        registry.register(Box::new(m.attempt_duration.clone()))?;
         registry.register(Box::new(m.circuit_open.clone()))?;
         registry.register(Box::new(m.retry_waiting.clone()))?;
         registry.register(Box::new(m.attempts.clone()))?;
