@@ -303,8 +303,9 @@ async fn attempts(ctx: &Context, m: &OwnedMessage, meta: &mut DeliveryMeta, body
                 ctx.isolation.record(slot, true);
                 ctx.metrics.attempt(true, Some(status));
                 ctx.metrics.deliveries.with_label_values(&["delivered"]).inc();
-                if let Some(latency) = latency(body) {
-                    ctx.metrics.latency.observe(latency);
+                let created = meta.created_at_ms.or_else(|| created_at_ms(body));
+                if let Some(created) = created {
+                    ctx.metrics.latency.observe((now_ms() - created).max(0) as f64 / 1000.0);
                 }
                 return Turn::Done;
             }
@@ -325,11 +326,12 @@ async fn attempts(ctx: &Context, m: &OwnedMessage, meta: &mut DeliveryMeta, body
     }
 }
 
-/// Seconds since the event's `created_at`, when it has one.
-fn latency(body: &[u8]) -> Option<f64> {
+/// The event's `created_at` in Unix ms, read from the payload: only for
+/// deliveries written before the router sent it as a header.
+fn created_at_ms(body: &[u8]) -> Option<i64> {
     let view = proto::EventView::parse(body).ok()?;
     let created =
         time::OffsetDateTime::parse(view.created_at.as_deref()?, &time::format_description::well_known::Rfc3339)
             .ok()?;
-    Some((time::OffsetDateTime::now_utc() - created).as_seconds_f64().max(0.0))
+    i64::try_from(created.unix_timestamp_nanos() / 1_000_000).ok()
 }

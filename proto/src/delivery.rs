@@ -16,6 +16,9 @@ pub const H_EVENT_TYPE: &str = "auditstream-event-type";
 pub const H_ATTEMPT: &str = "auditstream-attempt";
 /// Header: when the next attempt is due (Unix milliseconds).
 pub const H_DUE_AT: &str = "auditstream-due-at";
+/// Header: the event's `created_at` (Unix milliseconds), so the deliverer
+/// can measure latency without parsing the payload.
+pub const H_CREATED_AT: &str = "auditstream-created-at";
 /// Header: JSON list of past attempts.
 pub const H_HISTORY: &str = "auditstream-history";
 /// Header: why a record was dead-lettered.
@@ -51,6 +54,8 @@ pub struct DeliveryMeta {
     pub attempt: u32,
     /// When the next attempt is due (Unix ms); `None` = now.
     pub due_at_ms: Option<i64>,
+    /// The event's `created_at` (Unix ms), when the router could read it.
+    pub created_at_ms: Option<i64>,
     /// Past attempts, oldest first.
     pub history: Vec<Attempt>,
 }
@@ -64,6 +69,7 @@ impl DeliveryMeta {
             event_type: event_type.to_owned(),
             attempt: 0,
             due_at_ms: None,
+            created_at_ms: None,
             history: Vec::new(),
         }
     }
@@ -89,6 +95,9 @@ impl DeliveryMeta {
         if let Some(due) = self.due_at_ms {
             h.push((H_DUE_AT, due.to_string().into_bytes()));
         }
+        if let Some(created) = self.created_at_ms {
+            h.push((H_CREATED_AT, created.to_string().into_bytes()));
+        }
         if !self.history.is_empty() {
             // Serializing plain data cannot fail.
             h.push((H_HISTORY, serde_json::to_vec(&self.history).unwrap_or_default()));
@@ -99,6 +108,7 @@ impl DeliveryMeta {
     /// Reads the metadata back from a record's headers.
     pub fn from_headers<'a>(headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> Result<Self, String> {
         let (mut dest, mut id, mut ty, mut attempt, mut due, mut history) = (None, None, None, 0u32, None, Vec::new());
+        let mut created = None;
         let text = |name: &str, v: Option<&[u8]>| {
             v.and_then(|v| std::str::from_utf8(v).ok())
                 .map(str::to_owned)
@@ -117,6 +127,11 @@ impl DeliveryMeta {
                         text(name, value)?.parse().map_err(|_| format!("header {name} is not a Unix time in ms"))?,
                     )
                 }
+                H_CREATED_AT => {
+                    created = Some(
+                        text(name, value)?.parse().map_err(|_| format!("header {name} is not a Unix time in ms"))?,
+                    )
+                }
                 H_HISTORY => {
                     history = serde_json::from_slice(value.unwrap_or_default())
                         .map_err(|e| format!("header {name} is not an attempt list: {e}"))?
@@ -131,6 +146,7 @@ impl DeliveryMeta {
             event_type: need(ty, H_EVENT_TYPE)?,
             attempt,
             due_at_ms: due,
+            created_at_ms: created,
             history,
         })
     }
@@ -154,6 +170,8 @@ mod tests {
         assert!(err.contains(H_ATTEMPT), "{err}");
         let err = DeliveryMeta::from_headers([(H_EVENT_TYPE, None)]).unwrap_err();
         assert!(err.contains(H_EVENT_TYPE), "{err}");
+        let err = DeliveryMeta::from_headers([(H_CREATED_AT, Some(&b"2026-11-21"[..]))]).unwrap_err();
+        assert!(err.contains(H_CREATED_AT), "{err}");
     }
 
     #[test]
@@ -174,12 +192,14 @@ mod tests {
             dest in "[a-z0-9-]{1,36}", id in "[!-~]{1,64}", ty in "[a-z_]{1,40}",
             tries in proptest::collection::vec((any::<i64>(), proptest::option::of(100u16..600), proptest::option::of(".{0,40}")), 0..5),
             due in proptest::option::of(any::<i64>()),
+            created in proptest::option::of(any::<i64>()),
         ) {
             let mut m = DeliveryMeta::new(&dest, &id, &ty);
             for (at_ms, status, error) in tries {
                 m.record(Attempt { at_ms, status, error });
             }
             m.due_at_ms = due;
+            m.created_at_ms = created;
             prop_assert_eq!(round_trip(&m), m);
         }
     }

@@ -112,7 +112,14 @@ pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Resu
 
 /// Where one event goes, decided while holding the table read locks.
 enum Plan {
-    Deliver(Vec<(String, bool)>, String, String),
+    Deliver {
+        /// Destination ids, and whether each is instance-level.
+        targets: Vec<(String, bool)>,
+        event_id: String,
+        event_type: String,
+        /// `created_at` in Unix ms, for the deliverer's latency metric.
+        created_at_ms: Option<i64>,
+    },
     Nothing,
     Poison(String),
 }
@@ -150,9 +157,16 @@ fn plan(ctx: &Context, payload: &[u8]) -> Plan {
             ctx.metrics.resolution.with_label_values(&[via]).inc();
             let targets = out.iter().map(|d| (d.id.clone(), d.owner == Owner::Instance)).collect();
             let id = view.id.as_ref().map(ToString::to_string).unwrap_or_default();
-            Plan::Deliver(targets, id, view.event_type.into_owned())
+            let created_at_ms = view.created_at.as_deref().and_then(unix_ms);
+            Plan::Deliver { targets, event_id: id, event_type: view.event_type.into_owned(), created_at_ms }
         }
     }
+}
+
+/// An RFC 3339 time (already validated) as Unix milliseconds.
+fn unix_ms(text: &str) -> Option<i64> {
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
 async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
@@ -172,10 +186,12 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
             kafka::produce_durably(&ctx.producer, &ctx.topics.events_dlq(), key, Some(payload), &headers).await;
             ctx.metrics.events.with_label_values(&["dead_lettered"]).inc();
         }
-        Plan::Deliver(targets, event_id, event_type) => {
+        Plan::Deliver { targets, event_id, event_type, created_at_ms } => {
             let topic = ctx.topics.deliveries();
             let writes = targets.iter().map(|(dest, instance)| {
-                let meta = DeliveryMeta::new(dest, &event_id, &event_type).to_headers();
+                let mut meta = DeliveryMeta::new(dest, &event_id, &event_type);
+                meta.created_at_ms = created_at_ms;
+                let meta = meta.to_headers();
                 let topic = &topic;
                 let ctx = &ctx;
                 async move {
