@@ -62,9 +62,9 @@ async fn role<C, F, Fut>(
     run: F,
 ) -> ExitCode
 where
-    C: Serialize + DeserializeOwned + Default,
-    F: FnOnce(C, Admin, service::Shutdown) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    C: Serialize + DeserializeOwned + Default + Send + 'static,
+    F: FnOnce(C, Admin, service::Shutdown) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
     let cfg = match load::<C>(args, validate) {
         Ok(c) => c,
@@ -72,13 +72,14 @@ where
     };
     let (telemetry_config, admin_listen) = parts(&cfg);
     telemetry::init(telemetry_config);
-    finish(
-        async {
-            let (admin, shutdown) = start_admin(admin_listen).await?;
-            run(cfg, admin, shutdown).await
-        }
-        .await,
-    )
+    // On a worker thread rather than the main thread: the consumer loops
+    // spawn a task per message, and spawns from a worker stay on its local
+    // queue instead of waking another thread each time.
+    let work = tokio::spawn(async move {
+        let (admin, shutdown) = start_admin(admin_listen).await?;
+        run(cfg, admin, shutdown).await
+    });
+    finish(work.await.unwrap_or_else(|e| Err(anyhow::anyhow!("the role's task ended abnormally: {e}"))))
 }
 
 /// `auditstream producer`.

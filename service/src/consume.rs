@@ -5,9 +5,10 @@
 //! its offset count as done, and the stored offset only ever advances to
 //! just below the lowest unfinished one ([`Watermarks`]).
 //!
-//! - In-flight work is bounded: at the bound the loop stops reading; if no
-//!   place frees within [`PAUSE_AFTER`] it pauses its partitions but keeps
-//!   polling, so group membership never lapses however long the work takes.
+//! - In-flight work is bounded: at the bound the loop stops reading until a
+//!   quarter of the places are free; if that takes longer than
+//!   [`PAUSE_AFTER`] it pauses its partitions but keeps polling, so group
+//!   membership never lapses however long the work takes.
 //! - When partitions are revoked (a rebalance), the rebalance callback waits
 //!   for their in-flight work up to the grace deadline and commits, so the
 //!   next owner starts where this one finished.
@@ -17,7 +18,10 @@
 
 use std::{
     future::Future,
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -34,7 +38,7 @@ use crate::{admin::ReadyFlag, offsets::Watermarks, shutdown::Shutdown};
 /// How often a repeating consume error is logged.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// How long the loop waits at its in-flight bound for a place to free
+/// How long the loop waits at its in-flight bound for places to free
 /// before it pauses its partitions. Short waits skip the pause: pausing
 /// drops librdkafka's prefetched messages, and the fetch after resuming
 /// cost about a quarter of a second on every cycle (one destination's
@@ -55,8 +59,16 @@ pub struct LoopLimits {
 #[derive(Default)]
 pub struct Tracker {
     marks: Mutex<Watermarks>,
+    /// Signalled per finished message while a rebalance drains.
     finished: Condvar,
+    /// Rebalance callbacks waiting on `finished`.
+    draining: AtomicUsize,
+    /// Signalled when in-flight work drops below `wake_below`.
     capacity: Notify,
+    /// The loop's wake-up mark plus one; 0 while nobody waits. Waking the
+    /// loop once per batch rather than per message spares a thread wake-up
+    /// per message.
+    wake_below: AtomicUsize,
 }
 
 impl Tracker {
@@ -68,8 +80,21 @@ impl Tracker {
         self.lock().in_flight()
     }
 
+    /// Asks for a wake-up (through `capacity`) once at most `n` messages
+    /// are in flight.
+    fn wake_at(&self, n: usize) {
+        self.wake_below.store(n + 1, Ordering::Release);
+    }
+
+    fn no_wake(&self) {
+        self.wake_below.store(0, Ordering::Release);
+    }
+
     fn finish<C: Consumer<LoopContext>>(&self, consumer: &C, topic: &str, partition: i32, offset: i64) {
-        let next = self.lock().finish(topic, partition, offset);
+        let (next, left) = {
+            let mut marks = self.lock();
+            (marks.finish(topic, partition, offset), marks.in_flight())
+        };
         // `next` is the next offset to read, which is what a commit must
         // hold. `store_offsets` stores it as given; `store_offset` would
         // store `next + 1` (librdkafka's rd_kafka_offset_store adds one) and
@@ -83,8 +108,12 @@ impl Tracker {
             // Revoked meanwhile: the new owner re-reads from the last commit.
             tracing::debug!(%topic, partition, error = %e, "offset not stored");
         }
-        self.finished.notify_all();
-        self.capacity.notify_one();
+        if self.draining.load(Ordering::Acquire) > 0 {
+            self.finished.notify_all();
+        }
+        if left < self.wake_below.load(Ordering::Acquire) {
+            self.capacity.notify_one();
+        }
     }
 
     /// Blocks until no message of `parts` is in flight, or `grace` passed;
@@ -92,14 +121,19 @@ impl Tracker {
     fn drain(&self, parts: &[(String, i32)], grace: Duration) -> usize {
         let deadline = Instant::now() + grace;
         let mut marks = self.lock();
-        loop {
+        // Under the lock, so no finish between here and the wait goes
+        // unsignalled.
+        self.draining.fetch_add(1, Ordering::AcqRel);
+        let left = loop {
             let left: usize = parts.iter().map(|(t, p)| marks.in_flight_in(t, *p)).sum();
             let now = Instant::now();
             if left == 0 || now >= deadline {
-                return left;
+                break left;
             }
             marks = self.finished.wait_timeout(marks, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
-        }
+        };
+        self.draining.fetch_sub(1, Ordering::AcqRel);
+        left
     }
 }
 
@@ -186,28 +220,32 @@ pub async fn run<H, F>(
     let (mut last_logged, mut errors_since) = (None, 0u64);
     loop {
         if !paused && tracker.in_flight() >= limits.max_in_flight {
-            // At the bound: wait for a place without reading. Only a long
-            // wait pauses the partitions (and keeps polling), so the group
-            // never sees this member go quiet.
+            // At the bound: wait, without reading, until a quarter of the
+            // places are free (one wake-up per batch, not per message). Only
+            // a long wait pauses the partitions (and keeps polling), so the
+            // group never sees this member go quiet.
+            let low = limits.max_in_flight - (limits.max_in_flight / 4).max(1);
+            tracker.wake_at(low);
             let until = tokio::time::Instant::now() + PAUSE_AFTER;
             let waited = loop {
+                if tracker.in_flight() <= low {
+                    break Some(true);
+                }
                 tokio::select! {
                     biased;
                     _ = shutdown.wait() => break None,
-                    _ = tracker.capacity.notified() => {
-                        if tracker.in_flight() < limits.max_in_flight {
-                            break Some(true);
-                        }
-                    }
+                    _ = tracker.capacity.notified() => {}
                     _ = tokio::time::sleep_until(until) => break Some(false),
                 }
             };
+            tracker.no_wake();
             match waited {
                 None => break,
                 Some(true) => {}
                 Some(false) => {
                     set_paused(&consumer, true);
                     paused = true;
+                    tracker.wake_at(limits.max_in_flight / 2);
                 }
             }
         }
@@ -221,6 +259,7 @@ pub async fn run<H, F>(
                 if tracker.in_flight() <= limits.max_in_flight / 2 {
                     set_paused(&consumer, false);
                     paused = false;
+                    tracker.no_wake();
                 }
             }
             received = consumer.recv() => match received {
@@ -250,6 +289,7 @@ pub async fn run<H, F>(
         }
     }
     let deadline = tokio::time::Instant::now() + limits.grace;
+    tracker.wake_at(0);
     while tracker.in_flight() > 0 {
         tokio::select! {
             _ = tracker.capacity.notified() => {}
