@@ -73,6 +73,7 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
         kafka::ensure_topics(&config.kafka, &topics.all(rungs)).await?;
     }
     let metrics = metrics::Metrics::register(&admin.registry)?;
+    let lag = consume::ConsumerLag::register(&admin.registry)?;
     let keyring = config.secrets.keyring().map_err(|e| DelivererError::Config(e.to_string()))?;
     let ready = admin.readiness.register("deliverer.destinations");
     let (destinations, _) = service::table::follow(
@@ -108,7 +109,7 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
 
     let fresh_settings = kafka::consumer_config(&config.kafka, &settings.group_id, settings.session_timeout);
     let (fresh, fresh_tracker) =
-        consume::consumer(&fresh_settings, limits, admin.readiness.register("deliverer.group"))?;
+        consume::consumer(&fresh_settings, limits, admin.readiness.register("deliverer.group"), &lag)?;
     fresh.subscribe(&[&topics.deliveries()])?;
     let c = ctx.clone();
     let fresh_loop = consume::run(fresh, fresh_tracker, limits, shutdown.clone(), move |m| handle(c.clone(), m));
@@ -123,7 +124,7 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
         let retry_settings =
             kafka::consumer_config(&config.kafka, &format!("{}-retry", settings.group_id), settings.session_timeout);
         let (retry, retry_tracker) =
-            consume::consumer(&retry_settings, limits, admin.readiness.register("deliverer.retry_group"))?;
+            consume::consumer(&retry_settings, limits, admin.readiness.register("deliverer.retry_group"), &lag)?;
         retry.subscribe(&retry_names.iter().map(String::as_str).collect::<Vec<_>>())?;
         let c = ctx.clone();
         consume::run(retry, retry_tracker, limits, shutdown.clone(), move |m| handle(c.clone(), m)).await;

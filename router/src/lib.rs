@@ -71,6 +71,7 @@ pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Resu
         kafka::ensure_topics(&config.kafka, &topics.all(0)).await?;
     }
     let metrics = metrics::Metrics::register(&admin.registry)?;
+    let lag = consume::ConsumerLag::register(&admin.registry)?;
     let ready_tree = admin.readiness.register("router.namespaces");
     let ready_dest = admin.readiness.register("router.destinations");
     let (tree, _) =
@@ -93,7 +94,7 @@ pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Resu
     }
     let limits = consume::LoopLimits { max_in_flight: config.router.max_in_flight, grace: config.shutdown.grace };
     let settings = kafka::consumer_config(&config.kafka, &config.router.group_id, config.router.session_timeout);
-    let (consumer, tracker) = consume::consumer(&settings, limits, admin.readiness.register("router.group"))?;
+    let (consumer, tracker) = consume::consumer(&settings, limits, admin.readiness.register("router.group"), &lag)?;
     consumer.subscribe(&[&topics.events()])?;
     let ctx = Arc::new(Context {
         tree,

@@ -17,6 +17,7 @@
 //!   whoever owns the partition next: a duplicate at worst, never a loss.
 
 use std::{
+    collections::HashSet,
     future::Future,
     sync::{
         Arc, Condvar, Mutex, MutexGuard,
@@ -25,8 +26,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prometheus::{IntGaugeVec, Opts, Registry};
 use rdkafka::{
-    ClientConfig, ClientContext, Message,
+    ClientConfig, ClientContext, Message, Statistics,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     error::KafkaError,
     message::OwnedMessage,
@@ -137,15 +139,80 @@ impl Tracker {
     }
 }
 
-/// The consumer context: drains revoked partitions before they move, and
-/// reports readiness once the consumer has joined its group.
+/// How often librdkafka reports statistics (and the lag gauge updates),
+/// unless the operator's `statistics.interval.ms` says otherwise.
+const STATS_INTERVAL_MS: &str = "5000";
+
+/// `auditstream_consumer_lag{group,topic,partition}`: records of each
+/// assigned partition not yet finished (the partition's end offset minus
+/// the stored watermark, or the committed offset, or, before either
+/// exists, its start). Exported by the process itself, so lag panels and
+/// autoscaling need no Kafka exporter. Register once per process.
+#[derive(Clone)]
+pub struct ConsumerLag(IntGaugeVec);
+
+impl ConsumerLag {
+    /// Registers the gauge in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let gauge = IntGaugeVec::new(
+            Opts::new("auditstream_consumer_lag", "Records of an assigned partition not yet finished"),
+            &["group", "topic", "partition"],
+        )?;
+        registry.register(Box::new(gauge.clone()))?;
+        Ok(Self(gauge))
+    }
+}
+
+/// A partition's lag from librdkafka's statistics, when it is known.
+fn partition_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    if p.consumer_lag_stored >= 0 {
+        Some(p.consumer_lag_stored)
+    } else if p.consumer_lag >= 0 {
+        Some(p.consumer_lag)
+    } else if p.lo_offset >= 0 && p.hi_offset >= p.lo_offset {
+        // Nothing stored or committed yet: everything from the start
+        // (`auto.offset.reset` = earliest) is still to do.
+        Some(p.hi_offset - p.lo_offset)
+    } else {
+        None
+    }
+}
+
+/// The consumer context: drains revoked partitions before they move,
+/// reports readiness once the consumer has joined its group, and exports
+/// its partitions' lag.
 pub struct LoopContext {
     tracker: Arc<Tracker>,
     grace: Duration,
     joined: ReadyFlag,
+    group: String,
+    lag: ConsumerLag,
+    /// (topic, partition) pairs the gauge holds a value for.
+    reported: Mutex<HashSet<(String, i32)>>,
 }
 
-impl ClientContext for LoopContext {}
+impl ClientContext for LoopContext {
+    fn stats(&self, statistics: Statistics) {
+        let mut now = HashSet::new();
+        for (topic, t) in &statistics.topics {
+            for p in t.partitions.values() {
+                // Only partitions this member was assigned.
+                if p.partition < 0 || !p.desired {
+                    continue;
+                }
+                let Some(lag) = partition_lag(p) else { continue };
+                self.lag.0.with_label_values(&[&self.group, topic, &p.partition.to_string()]).set(lag);
+                now.insert((topic.clone(), p.partition));
+            }
+        }
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        for (topic, partition) in reported.difference(&now) {
+            // Revoked: another member reports it now.
+            let _ = self.lag.0.remove_label_values(&[&self.group, topic, &partition.to_string()]);
+        }
+        *reported = now;
+    }
+}
 
 impl ConsumerContext for LoopContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -186,15 +253,27 @@ pub type LoopConsumer = StreamConsumer<LoopContext>;
 
 /// Creates a consumer from `config` (see [`crate::kafka::consumer_config`])
 /// with the draining context; `joined` is set once the group assigned it
-/// its partitions.
+/// its partitions, and `lag` holds its partitions' lag.
 pub fn consumer(
     config: &ClientConfig,
     limits: LoopLimits,
     joined: ReadyFlag,
+    lag: &ConsumerLag,
 ) -> Result<(Arc<LoopConsumer>, Arc<Tracker>), KafkaError> {
     let tracker = Arc::new(Tracker::default());
-    let consumer: LoopConsumer =
-        config.create_with_context(LoopContext { tracker: tracker.clone(), grace: limits.grace, joined })?;
+    let mut config = config.clone();
+    if config.get("statistics.interval.ms").is_none() {
+        config.set("statistics.interval.ms", STATS_INTERVAL_MS);
+    }
+    let context = LoopContext {
+        tracker: tracker.clone(),
+        grace: limits.grace,
+        joined,
+        group: config.get("group.id").unwrap_or_default().to_owned(),
+        lag: lag.clone(),
+        reported: Mutex::default(),
+    };
+    let consumer: LoopConsumer = config.create_with_context(context)?;
     Ok((Arc::new(consumer), tracker))
 }
 

@@ -34,14 +34,44 @@ impl Seen {
     }
 }
 
+/// One loop under test.
+struct Run {
+    seen: Arc<Seen>,
+    trigger: shutdown::ShutdownTrigger,
+    task: tokio::task::JoinHandle<()>,
+    registry: prometheus::Registry,
+    group: String,
+    topic: String,
+    _broker: TestBroker,
+}
+
+impl Run {
+    async fn stop(self) -> Arc<Seen> {
+        self.trigger.trigger();
+        self.task.await.unwrap();
+        self.seen
+    }
+
+    /// The lag gauge's value for partition 0, if it has one.
+    fn lag(&self) -> Option<i64> {
+        let families = self.registry.gather();
+        let family = families.iter().find(|f| f.name() == "auditstream_consumer_lag")?;
+        family
+            .get_metric()
+            .iter()
+            .find(|m| {
+                let label = |n: &str| m.get_label().iter().find(|l| l.name() == n).map(|l| l.value().to_owned());
+                label("group").as_deref() == Some(self.group.as_str())
+                    && label("topic").as_deref() == Some(self.topic.as_str())
+                    && label("partition").as_deref() == Some("0")
+            })
+            .map(|m| m.get_gauge().get_value() as i64)
+    }
+}
+
 /// Starts a loop on a fresh one-partition topic holding `n` messages; each
 /// handler takes (and uses up) a permit of `gate` before finishing.
-async fn start(
-    n: usize,
-    max_in_flight: usize,
-    extra: &[(&str, &str)],
-    gate: Arc<Semaphore>,
-) -> (Arc<Seen>, shutdown::ShutdownTrigger, tokio::task::JoinHandle<()>, TestBroker) {
+async fn start(n: usize, max_in_flight: usize, extra: &[(&str, &str)], gate: Arc<Semaphore>) -> Run {
     let broker = TestBroker::start();
     let topic = unique("consume");
     let mut kafka = broker.kafka("");
@@ -50,12 +80,16 @@ async fn start(
     let messages: Vec<(String, Vec<u8>)> = (0..n).map(|i| ("k".to_owned(), format!("m{i}").into_bytes())).collect();
     produce_many(&kafka, &topic, &messages).await;
 
-    let mut settings = service::kafka::consumer_config(&kafka, &unique("group"), Duration::from_secs(3));
+    let group = unique("group");
+    let mut settings = service::kafka::consumer_config(&kafka, &group, Duration::from_secs(3));
     for (k, v) in extra {
         settings.set(*k, *v);
     }
     let limits = consume::LoopLimits { max_in_flight, grace: Duration::from_secs(5) };
-    let (consumer, tracker) = consume::consumer(&settings, limits, Readiness::default().register("joined")).unwrap();
+    let registry = prometheus::Registry::new();
+    let lag = consume::ConsumerLag::register(&registry).unwrap();
+    let (consumer, tracker) =
+        consume::consumer(&settings, limits, Readiness::default().register("joined"), &lag).unwrap();
     consumer.subscribe(&[&topic]).unwrap();
     let seen = Arc::new(Seen::default());
     let (trigger, stop) = shutdown::channel();
@@ -71,13 +105,14 @@ async fn start(
             s.running.fetch_sub(1, Ordering::SeqCst);
         }
     }));
-    (seen, trigger, task, broker)
+    Run { seen, trigger, task, registry, group, topic, _broker: broker }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_loop_never_holds_more_than_its_bound() {
     let gate = Arc::new(Semaphore::new(0));
-    let (seen, trigger, task, _broker) = start(300, 16, &[], gate.clone()).await;
+    let run = start(300, 16, &[], gate.clone()).await;
+    let seen = run.seen.clone();
     let filled = wait_until(Duration::from_secs(30), || {
         let n = seen.running.load(Ordering::SeqCst);
         async move { n >= 16 }
@@ -100,8 +135,7 @@ async fn the_loop_never_holds_more_than_its_bound() {
         async move { n >= 300 }
     })
     .await;
-    trigger.trigger();
-    task.await.unwrap();
+    run.stop().await;
     opener.abort();
     assert!(all, "only {} of 300 handled", seen.total());
     let most = seen.most_running.load(Ordering::SeqCst);
@@ -115,7 +149,8 @@ async fn work_held_longer_than_the_poll_interval_keeps_the_group() {
     // the held messages are read again after it rejoins.
     let gate = Arc::new(Semaphore::new(0));
     let extra = [("max.poll.interval.ms", "3000")];
-    let (seen, trigger, task, _broker) = start(8, 4, &extra, gate.clone()).await;
+    let run = start(8, 4, &extra, gate.clone()).await;
+    let seen = run.seen.clone();
     let held = wait_until(Duration::from_secs(30), || {
         let n = seen.running.load(Ordering::SeqCst);
         async move { n == 4 }
@@ -132,8 +167,28 @@ async fn work_held_longer_than_the_poll_interval_keeps_the_group() {
     .await;
     // Time for a rejoin's re-reads to show up, if there were any.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    trigger.trigger();
-    task.await.unwrap();
+    run.stop().await;
     assert!(all, "only {} of 8 handled", seen.total());
     assert_eq!(seen.repeats(), 0, "messages were handled again: membership lapsed while work was held");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_is_exported_per_partition() {
+    let gate = Arc::new(Semaphore::new(0));
+    let run = start(20, 4, &[("statistics.interval.ms", "200")], gate.clone()).await;
+    // Nothing finished: all 20 records are still to do.
+    let waiting = wait_until(Duration::from_secs(30), || {
+        let lag = run.lag();
+        async move { lag == Some(20) }
+    })
+    .await;
+    assert!(waiting, "lag with nothing finished: {:?}", run.lag());
+    gate.add_permits(1_000);
+    let caught_up = wait_until(Duration::from_secs(30), || {
+        let lag = run.lag();
+        async move { lag == Some(0) }
+    })
+    .await;
+    assert!(caught_up, "lag once everything finished: {:?}", run.lag());
+    run.stop().await;
 }
