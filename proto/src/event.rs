@@ -242,6 +242,61 @@ fn expect(errors: &mut Vec<FieldError>, field: &str, raw: Option<&RawValue>, all
     }
 }
 
+/// Any JSON value, read as strictly as `serde_json::Value` reads it (lone
+/// surrogate escapes and numbers beyond f64 are errors) but kept nowhere:
+/// no allocation per node.
+struct Strict;
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(|()| Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<Strict>()?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<Strict, Strict>()?.is_some() {}
+        Ok(())
+    }
+}
+
 impl<'a> EventView<'a> {
     /// Reads and type-checks the fields of SPEC §1 from an event's bytes.
     ///
@@ -264,7 +319,7 @@ impl<'a> EventView<'a> {
         // Fields the pipeline does not read are skipped leniently below; a
         // receiver's strict parser is not: refuse lone surrogate escapes and
         // numbers beyond f64 anywhere in the document.
-        if let Err(e) = serde_json::from_str::<serde_json::Value>(text) {
+        if let Err(e) = serde_json::from_str::<Strict>(text) {
             return Err(vec![FieldError::whole(format!("is not valid JSON: {e}"))]);
         }
         let raw: RawFields<'a> =
@@ -570,6 +625,8 @@ mod tests {
         for body in [
             r#"{"event_type":"audit_operation","entity_type":"Project","entity_id":6,"details":{"a":"\ud800"}}"#,
             r#"{"event_type":"audit_operation","entity_type":"Project","entity_id":6,"x":1e399}"#,
+            r#"{"event_type":"audit_operation","entity_type":"Project","entity_id":6,"\udc00k":1}"#,
+            r#"{"event_type":"audit_operation","entity_type":"Project","entity_id":6,"x":[1,{"y":[-1e400]}]}"#,
         ] {
             let errs = problems(body);
             assert!(errs[0].problem.contains("not valid JSON"), "{body}: {errs:?}");
