@@ -73,7 +73,7 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
         kafka::ensure_topics(&config.kafka, &topics.all(rungs)).await?;
     }
     let metrics = metrics::Metrics::register(&admin.registry)?;
-    let lag = consume::ConsumerLag::register(&admin.registry)?;
+    let lag = admin.consumer_lag()?;
     let keyring = config.secrets.keyring().map_err(|e| DelivererError::Config(e.to_string()))?;
     let ready = admin.readiness.register("deliverer.destinations");
     let (destinations, _) = service::table::follow(

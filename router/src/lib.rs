@@ -71,7 +71,7 @@ pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Resu
         kafka::ensure_topics(&config.kafka, &topics.all(0)).await?;
     }
     let metrics = metrics::Metrics::register(&admin.registry)?;
-    let lag = consume::ConsumerLag::register(&admin.registry)?;
+    let lag = admin.consumer_lag()?;
     let ready_tree = admin.readiness.register("router.namespaces");
     let ready_dest = admin.readiness.register("router.destinations");
     let (tree, _) =

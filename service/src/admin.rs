@@ -14,7 +14,7 @@ use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, rou
 use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 
-use crate::shutdown::Shutdown;
+use crate::{consume::ConsumerLag, shutdown::Shutdown};
 
 /// Named readiness checks; ready when every one is set.
 #[derive(Debug, Clone, Default)]
@@ -63,9 +63,23 @@ pub struct Admin {
     pub registry: prometheus::Registry,
     /// Readiness checks.
     pub readiness: Readiness,
+    /// The consumer-lag gauge, shared by every consumer loop of the
+    /// process (`auditstream dev` runs router and deliverer in one).
+    consumer_lag: Arc<Mutex<Option<ConsumerLag>>>,
 }
 
 impl Admin {
+    /// The process's consumer-lag gauge, registered on first use.
+    pub fn consumer_lag(&self) -> prometheus::Result<ConsumerLag> {
+        let mut lag = self.consumer_lag.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = lag.as_ref() {
+            return Ok(l.clone());
+        }
+        let l = ConsumerLag::register(&self.registry)?;
+        *lag = Some(l.clone());
+        Ok(l)
+    }
+
     /// The admin routes, for serving or for tests.
     pub fn router(&self) -> Router {
         Router::new()

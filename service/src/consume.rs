@@ -147,7 +147,8 @@ const STATS_INTERVAL_MS: &str = "5000";
 /// assigned partition not yet finished (the partition's end offset minus
 /// the stored watermark, or the committed offset, or, before either
 /// exists, its start). Exported by the process itself, so lag panels and
-/// autoscaling need no Kafka exporter. Register once per process.
+/// autoscaling need no Kafka exporter. Roles take it from
+/// [`crate::Admin::consumer_lag`], registered once per process.
 #[derive(Clone)]
 pub struct ConsumerLag(IntGaugeVec);
 
