@@ -13,7 +13,9 @@ data from a running pipeline. Stdlib only.
 
 Variables: $datasource (a Prometheus) and $namespace (the Kubernetes
 namespace; `.*` matches series without the label, e.g. outside Kubernetes).
-Consumer lag comes from kafka-exporter (kafka_consumergroup_lag).
+Consumer lag comes from the roles themselves: auditstream_consumer_lag
+{group, topic, partition}, each replica reporting the partitions it is
+assigned, so it is always summed over replicas.
 """
 
 import json
@@ -23,13 +25,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TARGET = HERE / "auditstream.json"
 
-# Metrics the dashboard shows that older builds do not export yet: the checks
+# Metrics the dashboard shows that the code does not export yet: the checks
 # tolerate their absence from the code and from a running binary (and say so).
-PLANNED_METRICS = [
-    "auditstream_deliverer_delivery_latency_seconds",
-    "auditstream_deliverer_circuit_open",
-    "auditstream_deliverer_retry_waiting",
-]
+# Empty: every metric the dashboard uses is exported.
+PLANNED_METRICS: list[str] = []
 
 NS = 'namespace=~"$namespace"'
 RI = "$__rate_interval"
@@ -42,6 +41,7 @@ FAILED = 'outcome="failed"'
 NOT_ACCEPTED = 'outcome!="accepted"'
 RETRIED = 'outcome="retried"'
 GROUPS = {"router": "auditstream-router", "deliverer": "auditstream-deliverer", "retry": "auditstream-deliverer-retry"}
+LAG_GROUPS = f'group=~"{GROUPS["router"]}|{GROUPS["deliverer"]}"'
 
 
 def sel(metric: str, *matchers: str) -> str:
@@ -53,10 +53,10 @@ def rate(metric: str, *matchers: str) -> str:
     return f"rate({sel(metric, *matchers)}[{RI}])"
 
 
-def quantiles(histogram: str, by: str = "") -> list:
-    """p50, p90 and p99 of a histogram, optionally split by one label."""
+def quantiles(histogram: str, by: str = "", qs: tuple = ("0.5", "0.9", "0.99")) -> list:
+    """Quantiles (default p50, p90, p99) of a histogram, optionally split by one label."""
     out = []
-    for q in ("0.5", "0.9", "0.99"):
+    for q in qs:
         labels = f"le, {by}" if by else "le"
         legend = f"p{round(float(q) * 100)}" + (f" {{{{{by}}}}}" if by else "")
         out.append((f"histogram_quantile({q}, sum by ({labels}) ({rate(histogram + '_bucket')}))", legend))
@@ -64,8 +64,9 @@ def quantiles(histogram: str, by: str = "") -> list:
 
 
 def lag(group: str, by: str = "topic") -> str:
-    # kafka-exporter runs beside Kafka, so no namespace filter here.
-    return f'sum by ({by}) (kafka_consumergroup_lag{{consumergroup="{GROUPS[group]}"}})'
+    # Summed over the replicas: each reports only its own partitions.
+    matcher = 'group="' + GROUPS[group] + '"'
+    return f"sum by ({by}) ({sel('auditstream_consumer_lag', matcher)})"
 
 
 class Dashboard:
@@ -167,12 +168,12 @@ def build() -> dict:
         "short", w=4, h=5, **{"fieldConfig": {"defaults": {"unit": "short", **thresholds_zero_good}, "overrides": []}},
     )
     d.panel(
-        "stat", "Consumer lag", "Messages not yet processed by the router and the deliverer (kafka-exporter). The retry group is not counted: its lag is the retry schedule.",
-        [(f'sum(kafka_consumergroup_lag{{consumergroup=~"{GROUPS["router"]}|{GROUPS["deliverer"]}"}})', "lag")],
+        "stat", "Consumer lag", "Messages not yet processed by the router and the deliverer (auditstream_consumer_lag, summed over replicas). The retry group is not counted: its lag is the retry schedule.",
+        [(f"sum({sel('auditstream_consumer_lag', LAG_GROUPS)})", "lag")],
         "short", w=4, h=5,
     )
     d.panel(
-        "stat", "Open circuits", "Destinations whose circuit breaker is open, worst deliverer (metric planned: shows no data until the deliverer exports it).",
+        "stat", "Open circuits", "Destinations whose circuit breaker is open, worst deliverer.",
         [("max(auditstream_deliverer_circuit_open{" + NS + "})", "open")],
         "short", w=4, h=5, **{"fieldConfig": {"defaults": {"unit": "short", **thresholds_zero_good}, "overrides": []}},
     )
@@ -237,7 +238,7 @@ def build() -> dict:
         "short", w=12,
     )
     d.panel(
-        "timeseries", "Router consumer lag", "Events not yet routed, by topic (auditstream-router group).",
+        "timeseries", "Router consumer lag", "Events not yet routed, by topic (auditstream-router group, summed over replicas).",
         [(lag("router"), "{{topic}}")],
         "short", w=12,
     )
@@ -268,18 +269,23 @@ def build() -> dict:
     )
     d.panel(
         "timeseries", "Delivery latency (event created → 2xx)",
-        "From the event's created_at to the destination's 2xx, retries included (metric planned: shows no data until the deliverer exports it).",
-        quantiles("auditstream_deliverer_delivery_latency_seconds"), "s",
+        "From the event's created_at to the destination's 2xx, retries included.",
+        quantiles("auditstream_deliverer_delivery_latency_seconds"), "s", w=12,
     )
     d.panel(
-        "timeseries", "Open circuits by pod", "Destinations with an open circuit breaker, per deliverer (metric planned).",
+        "timeseries", "Destination attempt time",
+        "Time one HTTP attempt to a destination took, from sending the request to reading the response, failed attempts included (p50, p99). A rising p99 means slow destinations, which hold deliverer.max_in_flight places longer.",
+        quantiles("auditstream_deliverer_attempt_duration_seconds", qs=("0.5", "0.99")), "s", w=12,
+    )
+    d.panel(
+        "timeseries", "Open circuits by pod", "Destinations with an open circuit breaker, per deliverer.",
         [(f"sum by (pod) ({sel('auditstream_deliverer_circuit_open')})", "{{pod}}")],
-        "short",
+        "short", w=12,
     )
     d.panel(
-        "timeseries", "Deliverer consumer lag", "Deliveries not yet attempted, by topic (auditstream-deliverer group).",
+        "timeseries", "Deliverer consumer lag", "Deliveries not yet attempted, by topic (auditstream-deliverer group, summed over replicas).",
         [(lag("deliverer"), "{{topic}}")],
-        "short",
+        "short", w=12,
     )
 
     d.row("Retries and dead letters")

@@ -55,8 +55,9 @@ EXTERNAL_SECRETS = {
     "auditstream-app": "Strimzi's User Operator, from the KafkaUser",
     "auditstream-cluster-ca-cert": "Strimzi's Cluster Operator",
 }
-# Metrics of other software the dashboard and alerts may use.
-FOREIGN_METRICS = {"kafka_consumergroup_lag", "up"}
+# Metrics of other software the dashboard and alerts may use (consumer lag
+# is the roles' own auditstream_consumer_lag: no Kafka exporter needed).
+FOREIGN_METRICS = {"up"}
 
 problems: list[str] = []
 
@@ -451,12 +452,41 @@ def cmd_manifests(overlay: str, rendered: str) -> int:
             continue
         if topic in partitions and found[0][1] > partitions[topic]:
             fail(f"{found[0][0]}: maxReplicas {found[0][1]} above the {partitions[topic]} partitions of {topic}: extra consumers sit idle")
+    # Lag triggers read the roles' own gauge, for the role's group and
+    # consumed topic, never the retry group, the retry topics (their lag is
+    # the retry schedule, not load) or a dead-letter topic.
+    lag_triggers = 0
     for so in get("ScaledObject"):
+        role = next((r for r in consumed if so["spec"]["scaleTargetRef"]["name"] == f"auditstream-{r}"), None)
+        cfg = role_configs.get(role) if role else None
         for trig in so["spec"]["triggers"]:
+            if trig.get("type") != "prometheus" or not cfg:
+                continue
             q = trig.get("metadata", {}).get("query", "")
-            if "kafka_consumergroup_lag" in q and "auditstream-deliverer-retry" in q:
-                fail(f"{name_of(so)}: scales on the retry group's lag, which is the retry schedule, not load")
-    ok("autoscaling: one autoscaler each for router and deliverer, at most one replica per partition")
+            where = f"{name_of(so)}: query {q!r}"
+            if "kafka_consumergroup_lag" in q or "auditstream_consumer_lag" not in q:
+                fail(f"{where}: should read auditstream_consumer_lag (the roles export their own lag)")
+                continue
+            lag_triggers += 1
+            prefix = cfg["kafka"].get("topic_prefix", "")
+            group = cfg[role]["group_id"]
+            wanted = {"group": [group], "topic": [prefix + consumed[role]]}
+            unwanted = {"group": [retry_group_id(cfg) if role == "deliverer" else group + "-retry"],
+                        "topic": [prefix + "audit.deliveries.retry.0", prefix + consumed[role] + ".dlq"]}
+            for label in ("group", "topic"):
+                m = re.search(r"\b" + label + r'\s*(=~|=)\s*"([^"]*)"', q)
+                if not m:
+                    fail(f"{where}: no {label} matcher")
+                    continue
+                hit = (lambda v, m=m: re.fullmatch(m.group(2), v) is not None) if m.group(1) == "=~" else (lambda v, m=m: v == m.group(2))
+                for v in wanted[label]:
+                    if not hit(v):
+                        fail(f"{where}: {label} matcher does not select {v!r}")
+                for v in unwanted[label]:
+                    if hit(v):
+                        fail(f"{where}: {label} matcher also selects {v!r}, whose lag is not load (the retry schedule, or unread dead letters)")
+    ok(f"autoscaling: one autoscaler each for router and deliverer, at most one replica per partition; "
+       f"{lag_triggers} lag triggers on auditstream_consumer_lag of the role's own group and topic")
 
     # Topics.
     check_topics(topics, role_configs.get("deliverer") or default_config("deliverer"))
@@ -515,12 +545,23 @@ def check_topics(topics: list[dict], deliverer_cfg: dict) -> None:
 # --- metric names of alerts and dashboard ------------------------------------------
 
 def code_strings() -> set[str]:
-    """Every string literal of the Rust code (label values are among them)."""
+    """Every string literal of the Rust code (label values are among them),
+    plus the label values the code builds at run time (retry_group_id)."""
     found = set()
     for member in workspace_members():
         for rs in (ROOT / member).rglob("*.rs"):
             found.update(re.findall(r'"([A-Za-z0-9_.:-]+)"', rs.read_text(encoding="utf-8")))
+    found.add(retry_group_id(default_config("deliverer")))
     return found
+
+
+def retry_group_id(deliverer_cfg: dict) -> str:
+    """The retry rungs' consumer group: `<deliverer.group_id>-retry`
+    (deliverer/src/lib.rs builds it; the `group` label of its lag)."""
+    src = (ROOT / "deliverer/src/lib.rs").read_text(encoding="utf-8")
+    if 'format!("{}-retry", settings.group_id)' not in src:
+        raise ValueError("cannot find how deliverer/src/lib.rs names the retry group: update deploy/tools/check_deploy.py")
+    return deliverer_cfg["deliverer"]["group_id"] + "-retry"
 
 
 def check_metric_names(exprs: list[tuple[str, str]], what: str) -> None:
@@ -894,10 +935,43 @@ def wait_for(what: str, fn, timeout: float) -> bool:
     return False
 
 
+def dev_bootstrap(log: Path) -> str | None:
+    """The embedded mock cluster's bootstrap address, from the startup text
+    of `auditstream dev` ("broker  embedded mock cluster (HOST:PORT)")."""
+    m = re.search(r"^\s*broker\s+embedded mock cluster \(([^()\s]+)\)\s*$", log.read_text(errors="replace"), re.M)
+    return m.group(1) if m else None
+
+
+def produce_raw(bootstrap: str, topic: str, value: bytes) -> str | None:
+    """Writes one record straight to Kafka with a stock client (not through
+    the producer API, which validates); None on success, else the error."""
+    from confluent_kafka import Producer  # installed into the virtualenv by scripts/check-deploy
+
+    results: list = []
+    producer = Producer({"bootstrap.servers": bootstrap, "message.timeout.ms": 15000, "acks": "all"})
+    producer.produce(topic, value=value, on_delivery=lambda err, _msg: results.append(err))
+    if producer.flush(20) != 0 or not results:
+        return "not acknowledged within 20 s"
+    return str(results[0]) if results[0] is not None else None
+
+
+# A record the router cannot read: it must dead-letter it to audit.events.dlq.
+POISON = b"{not json"
+
+
 def cmd_e2e(binary: str) -> int:
     prometheus = shutil.which("prometheus")
     if not prometheus:
         fail("prometheus (Debian package) not installed")
+        return finish()
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        fail("confluent-kafka is not installed (scripts/check-deploy puts it into its virtualenv)")
+        return finish()
+    events_topic = "audit.events"  # `auditstream dev` runs without a topic prefix
+    if events_topic not in code_topics():
+        fail(f"{events_topic} is not a topic of proto/src/topics.rs: update deploy/tools/check_deploy.py")
         return finish()
     tmp = Path(tempfile.mkdtemp(prefix="auditstream-e2e-"))
     api, rcv, admin, prom = free_port(), free_port(), free_port(), free_port()
@@ -918,12 +992,27 @@ def cmd_e2e(binary: str) -> int:
             [prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{prom}"],
             stdout=prom_log, stderr=subprocess.STDOUT, start_new_session=True))
-        if not wait_for("auditstream dev ready", lambda: http(f"http://127.0.0.1:{admin}/ready")[0] == 200, 90):
+        def dev_ready() -> bool:
+            # /ready answers 200 for a moment at start, before the roles
+            # register their checks: wait for every role's checks too.
+            st, body = http(f"http://127.0.0.1:{admin}/ready")
+            checks = json.loads(body).get("checks", {}) if st == 200 else {}
+            return st == 200 and all(any(k == r or k.startswith(r + ".") for k in checks) for r in ROLES)
+
+        if not wait_for("auditstream dev ready (all roles' checks)", lambda: procs[0].poll() is not None or dev_ready(), 90) \
+                or procs[0].poll() is not None:
+            if procs[0].poll() is not None:
+                fail(f"auditstream dev exited with status {procs[0].returncode} before it was ready")
             print((tmp / "dev.log").read_text()[-3000:])
             return finish()
         if not wait_for("prometheus ready", lambda: http(f"http://127.0.0.1:{prom}/-/ready")[0] == 200, 30):
             return finish()
         ok(f"auditstream dev (admin 127.0.0.1:{admin}) and Prometheus (127.0.0.1:{prom}) running")
+        bootstrap = dev_bootstrap(tmp / "dev.log")
+        if not bootstrap:
+            fail("auditstream dev did not print its embedded mock cluster's bootstrap address (line `broker  embedded mock cluster (HOST:PORT)`)")
+            print((tmp / "dev.log").read_text()[-3000:])
+            return finish()
         # Failures, so the failure panels have something to show: two
         # instance destinations nobody listens for (attempts fail, deliveries
         # go down the ladder). Later one is deactivated (its retries are
@@ -963,6 +1052,22 @@ def cmd_e2e(binary: str) -> int:
                 if r.status not in (200, 204):
                     fail(f"{req.get_method()} {req.full_url} answered {r.status}")
         query = lambda q: json.loads(http(f"http://127.0.0.1:{prom}/api/v1/query?" + urllib.parse.urlencode({"query": q}))[1])  # noqa: E731
+        # Poison: records no publisher could send through the API, written
+        # straight onto the events topic with a stock client, so the router
+        # dead-letters them (its dead-letter panels and alert). Two, one after
+        # Prometheus has seen the first: the counter is created at 1, and
+        # increase() needs it to grow while scraped.
+        routed_dead = 'sum(auditstream_router_events_total{outcome="dead_lettered"})'
+        for n in (1, 2):
+            err = produce_raw(bootstrap, events_topic, POISON)
+            if err:
+                fail(f"writing the poison record {POISON!r} to {events_topic} on {bootstrap}: {err}")
+                break
+            if not wait_for(f"poison record {n} dead-lettered by the router, counted by Prometheus",
+                            lambda n=n: query(f"{routed_dead} >= {n}")["data"]["result"], 45):
+                break
+        else:
+            ok(f"2 poison records ({POISON!r}) written to {events_topic} on the mock cluster {bootstrap}; the router dead-lettered both")
         wait_for("deliveries counted by Prometheus",
                  lambda: query('sum(auditstream_deliverer_deliveries_total{outcome="delivered"}) >= 120')["data"]["result"], 45)
         # The first retry rung is due after 10 s: the deactivated
@@ -972,20 +1077,22 @@ def cmd_e2e(binary: str) -> int:
             wait_for(f"deliveries {outcome} counted by Prometheus",
                      lambda o=outcome: query(f'sum(auditstream_deliverer_deliveries_total{{outcome="{o}"}}) > 0')["data"]["result"], 60)
         time.sleep(3)
-        # Every dashboard query, as Grafana would send it.
-        # What a healthy run without kafka-exporter cannot show: lag, planned
-        # metrics this binary does not export, and failures.
+        # Every dashboard query, as Grafana would send it. Only planned
+        # metrics this binary does not export may be empty: lag comes from
+        # the roles, failures and dead letters (router and deliverer) were
+        # provoked above.
         exported = http(f"http://127.0.0.1:{admin}/metrics")[1].decode()
         missing_planned = {m for m in planned_metrics() if m not in exported}
         for m in sorted(set(planned_metrics()) - missing_planned):
             print(f"  note {m} (planned) is exported by this binary: its panels must show data")
-        # Only what this run cannot produce may be empty: lag needs
-        # kafka-exporter, and no event is dead-lettered by the router here.
-        empty_ok = missing_planned | {
-            "kafka_consumergroup_lag",
-            'auditstream_router_events_total{namespace=~"$namespace", outcome="dead_lettered"}',
+        # Panels this check exists to prove, named in its output.
+        required = {
+            "consumer lag": "auditstream_consumer_lag",
+            "destination attempt time": "auditstream_deliverer_attempt_duration_seconds",
+            "router dead letters": 'auditstream_router_events_total{namespace=~"$namespace", outcome="dead_lettered"}',
         }
         with_data, expected_empty = 0, []
+        shown: dict[str, list[str]] = {k: [] for k in required}
         for where, _, expr in dashboard_targets():
             # Without the `or vector(0)` fallback, which would hide a wrong selector.
             res = query(grafana_to_promql(expr.replace(" or vector(0)", "")))
@@ -994,26 +1101,34 @@ def cmd_e2e(binary: str) -> int:
                 continue
             if res["data"]["result"]:
                 with_data += 1
+                for what, needle in required.items():
+                    if needle in expr:
+                        shown[what].append(where)
                 continue
-            reasons = sorted(m for m in empty_ok if m in expr)
+            reasons = sorted(m for m in missing_planned if m in expr)
             if reasons:
                 expected_empty.append(f"{where} ({', '.join(reasons)})")
             else:
                 fail(f"{where}: no data from a running pipeline: {expr}")
         ok(f"{with_data} dashboard queries return data from the running pipeline")
+        for what, wheres in shown.items():
+            if wheres:
+                ok(f"{what}: {len(wheres)} queries return data: {'; '.join(wheres)}")
+            else:
+                fail(f"{what}: no dashboard query returns data")
         for e in expected_empty:
-            print(f"  note no data, as expected (needs kafka-exporter, router dead letters need a stock-client "
-                  f"publisher, or a metric this binary does not export): {e}")
+            print(f"  note no data, as expected (a planned metric this binary does not export): {e}")
         # Prometheus evaluated every alert rule without error.
         rules = json.loads(http(f"http://127.0.0.1:{prom}/api/v1/rules")[1])["data"]["groups"]
         evaluated = [r for g in rules for r in g["rules"]]
         for r in evaluated:
             if r.get("health") != "ok":
                 fail(f"alert {r['name']}: health {r.get('health')}: {r.get('lastError')}")
-        # The injected dead letters must raise their alert, and nothing else
-        # may fire: the rest of the pipeline is healthy.
-        provoked = {"AuditstreamDeliveriesDeadLettered"}
-        wait_for("the dead-letter alert firing", lambda: provoked <= {
+        # The injected dead letters (deliveries of the deactivated
+        # destination, the router's poison records) must raise their alerts,
+        # and nothing else may fire: the rest of the pipeline is healthy.
+        provoked = {"AuditstreamDeliveriesDeadLettered", "AuditstreamEventsDeadLettered"}
+        wait_for("the dead-letter alerts firing", lambda: provoked <= {
             r["name"] for g in json.loads(http(f"http://127.0.0.1:{prom}/api/v1/rules")[1])["data"]["groups"]
             for r in g["rules"] if r.get("state") == "firing"}, 30)
         rules = json.loads(http(f"http://127.0.0.1:{prom}/api/v1/rules")[1])["data"]["groups"]
