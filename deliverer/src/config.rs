@@ -127,8 +127,12 @@ impl DelivererConfig {
                     .into(),
             ));
         }
-        if d.retry_delays.iter().any(Duration::is_zero) {
-            return Err(ConfigError::Invalid("deliverer.retry_delays must all be above zero".into()));
+        if d.retry_delays.is_empty() || d.retry_delays.iter().any(Duration::is_zero) {
+            return Err(ConfigError::Invalid(
+                "deliverer.retry_delays needs at least one delay, all above zero (busy destinations' deliveries are \
+                 set aside through the first rung)"
+                    .into(),
+            ));
         }
         Ok(())
     }

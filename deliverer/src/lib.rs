@@ -114,27 +114,33 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
     let c = ctx.clone();
     let fresh_loop = consume::run(fresh, fresh_tracker, limits, shutdown.clone(), move |m| handle(c.clone(), m));
 
-    // Retries wait in their own consumer, so waiting deliveries never take
-    // the places of fresh ones.
-    let retry_names: Vec<String> = (0..rungs).map(|n| topics.retry(n)).collect();
-    let retry_loop = async {
-        if retry_names.is_empty() {
-            return Ok::<(), DelivererError>(());
+    // Each retry rung has its own consumer (group `<group_id>-retry-<n>`)
+    // and in-flight window: deliveries held until due never take the places
+    // of fresh ones, and a long rung's (12 h) never those of a short one.
+    let mut retry_loops = Vec::with_capacity(rungs);
+    for n in 0..rungs {
+        let mut retry_settings =
+            kafka::consumer_config(&config.kafka, &retry_group(&settings.group_id, n), settings.session_timeout);
+        if !config.kafka.properties.contains_key("queued.max.messages.kbytes") {
+            // Seven rungs prefetching librdkafka's default 64 MiB each would
+            // be a lot of memory for records that mostly wait.
+            retry_settings.set("queued.max.messages.kbytes", "8192");
         }
-        let retry_settings =
-            kafka::consumer_config(&config.kafka, &format!("{}-retry", settings.group_id), settings.session_timeout);
-        let (retry, retry_tracker) =
-            consume::consumer(&retry_settings, limits, admin.readiness.register("deliverer.retry_group"), &lag)?;
-        retry.subscribe(&retry_names.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let ready = admin.readiness.register(&format!("deliverer.retry_group.{n}"));
+        let (retry, retry_tracker) = consume::consumer(&retry_settings, limits, ready, &lag)?;
+        retry.subscribe(&[&topics.retry(n)])?;
         let c = ctx.clone();
-        consume::run(retry, retry_tracker, limits, shutdown.clone(), move |m| handle(c.clone(), m)).await;
-        Ok(())
-    };
+        retry_loops.push(consume::run(retry, retry_tracker, limits, shutdown.clone(), move |m| handle(c.clone(), m)));
+    }
     tracing::info!(group = %settings.group_id, rungs, "deliverer consuming");
-    let ((), retried) = tokio::join!(fresh_loop, retry_loop);
-    retried?;
+    tokio::join!(fresh_loop, futures_util::future::join_all(retry_loops));
     tracing::info!("deliverer stopped");
     Ok(())
+}
+
+/// The consumer group of retry rung `n`.
+pub fn retry_group(group_id: &str, n: usize) -> String {
+    format!("{group_id}-retry-{n}")
 }
 
 /// What the destinations table says about an id.
@@ -191,6 +197,12 @@ impl Context {
         (0..self.settings.retry_delays.len()).find(|n| self.topics.retry(*n) == topic)
     }
 
+    /// How far down the ladder a delivery is: its `auditstream-rung` header,
+    /// else the topic it was read from (0 = fresh, n = retry rung n − 1).
+    fn position(&self, topic: &str, meta: &DeliveryMeta) -> usize {
+        meta.rung.unwrap_or_else(|| self.rung_of(topic).map_or(0, |n| n + 1))
+    }
+
     async fn dead_letter(&self, m: &OwnedMessage, meta: Option<&DeliveryMeta>, reason: &str) {
         tracing::warn!(topic = m.topic(), offset = m.offset(), destination = meta.map(|m| m.destination_id.as_str()), %reason, "dead-lettering delivery");
         let meta_headers = meta.map(DeliveryMeta::to_headers).unwrap_or_default();
@@ -229,6 +241,7 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
         Err(reason) => return ctx.dead_letter(&m, None, &format!("unreadable delivery: {reason}")).await,
     };
     let rung = ctx.rung_of(m.topic());
+    let position = ctx.position(m.topic(), &meta);
     if let Some(due) = meta.due_at_ms {
         let wait = due - now_ms();
         if wait > 0 {
@@ -244,12 +257,14 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
         Turn::Done => {}
         Turn::Hopeless(reason) => ctx.dead_letter(&m, Some(&meta), &reason).await,
         Turn::Bounce => {
-            // Busy, not failing: back soon, on the same rung.
-            let same = rung.unwrap_or(0);
-            ctx.requeue(&m, &mut meta, body, same, ctx.settings.quick_retry_delay).await;
+            // Busy, not failing: back soon through the first rung (the one
+            // with the shortest wait), keeping its place on the ladder.
+            meta.rung = Some(position);
+            ctx.requeue(&m, &mut meta, body, 0, ctx.settings.quick_retry_delay).await;
         }
         Turn::Ladder(retry_after) => {
-            let next = rung.map_or(0, |n| n + 1);
+            let next = position;
+            meta.rung = None;
             let Some(delay) = ctx.settings.retry_delays.get(next) else {
                 let reason = format!("retries exhausted after {} attempts", meta.attempt);
                 return ctx.dead_letter(&m, Some(&meta), &reason).await;

@@ -40,7 +40,9 @@ DELIVERED = 'outcome="delivered"'
 FAILED = 'outcome="failed"'
 NOT_ACCEPTED = 'outcome!="accepted"'
 RETRIED = 'outcome="retried"'
-GROUPS = {"router": "auditstream-router", "deliverer": "auditstream-deliverer", "retry": "auditstream-deliverer-retry"}
+GROUPS = {"router": "auditstream-router", "deliverer": "auditstream-deliverer"}
+# One consumer group per retry rung: auditstream-deliverer-retry-<n>.
+RETRY_GROUPS = 'group=~"auditstream-deliverer-retry-[0-9]+"'
 LAG_GROUPS = f'group=~"{GROUPS["router"]}|{GROUPS["deliverer"]}"'
 
 
@@ -65,7 +67,7 @@ def quantiles(histogram: str, by: str = "", qs: tuple = ("0.5", "0.9", "0.99")) 
 
 def lag(group: str, by: str = "topic") -> str:
     # Summed over the replicas: each reports only its own partitions.
-    matcher = 'group="' + GROUPS[group] + '"'
+    matcher = RETRY_GROUPS if group == "retry" else 'group="' + GROUPS[group] + '"'
     return f"sum by ({by}) ({sel('auditstream_consumer_lag', matcher)})"
 
 
@@ -295,7 +297,7 @@ def build() -> dict:
         "ops",
     )
     d.panel(
-        "timeseries", "Retry backlog by rung", "Deliveries waiting in each retry topic (auditstream-deliverer-retry group). Waiting is normal: each rung holds its messages until due.",
+        "timeseries", "Retry backlog by rung", "Deliveries waiting in each retry topic (groups auditstream-deliverer-retry-N, one per rung). Waiting is normal: each rung holds its messages until due.",
         [(lag("retry"), "{{topic}}")],
         "short",
     )

@@ -471,7 +471,7 @@ def cmd_manifests(overlay: str, rendered: str) -> int:
             prefix = cfg["kafka"].get("topic_prefix", "")
             group = cfg[role]["group_id"]
             wanted = {"group": [group], "topic": [prefix + consumed[role]]}
-            unwanted = {"group": [retry_group_id(cfg) if role == "deliverer" else group + "-retry"],
+            unwanted = {"group": [retry_group_id(cfg) if role == "deliverer" else group + "-retry-0"],
                         "topic": [prefix + "audit.deliveries.retry.0", prefix + consumed[role] + ".dlq"]}
             for label in ("group", "topic"):
                 m = re.search(r"\b" + label + r'\s*(=~|=)\s*"([^"]*)"', q)
@@ -551,17 +551,19 @@ def code_strings() -> set[str]:
     for member in workspace_members():
         for rs in (ROOT / member).rglob("*.rs"):
             found.update(re.findall(r'"([A-Za-z0-9_.:-]+)"', rs.read_text(encoding="utf-8")))
-    found.add(retry_group_id(default_config("deliverer")))
+    deliverer = default_config("deliverer")
+    for rung in range(len(deliverer["deliverer"]["retry_delays"])):
+        found.add(retry_group_id(deliverer, rung))
     return found
 
 
-def retry_group_id(deliverer_cfg: dict) -> str:
-    """The retry rungs' consumer group: `<deliverer.group_id>-retry`
+def retry_group_id(deliverer_cfg: dict, rung: int = 0) -> str:
+    """Retry rung `rung`'s consumer group: `<deliverer.group_id>-retry-<n>`
     (deliverer/src/lib.rs builds it; the `group` label of its lag)."""
     src = (ROOT / "deliverer/src/lib.rs").read_text(encoding="utf-8")
-    if 'format!("{}-retry", settings.group_id)' not in src:
-        raise ValueError("cannot find how deliverer/src/lib.rs names the retry group: update deploy/tools/check_deploy.py")
-    return deliverer_cfg["deliverer"]["group_id"] + "-retry"
+    if 'format!("{group_id}-retry-{n}")' not in src:
+        raise ValueError("cannot find how deliverer/src/lib.rs names the retry groups: update deploy/tools/check_deploy.py")
+    return f"{deliverer_cfg['deliverer']['group_id']}-retry-{rung}"
 
 
 def check_metric_names(exprs: list[tuple[str, str]], what: str) -> None:

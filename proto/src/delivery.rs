@@ -16,6 +16,10 @@ pub const H_EVENT_TYPE: &str = "auditstream-event-type";
 pub const H_ATTEMPT: &str = "auditstream-attempt";
 /// Header: when the next attempt is due (Unix milliseconds).
 pub const H_DUE_AT: &str = "auditstream-due-at";
+/// Header: how far down the retry ladder a delivery is (0 = fresh, n =
+/// retry rung n − 1), when that is not the topic it sits in (a busy
+/// destination's delivery set aside through the first rung).
+pub const H_RUNG: &str = "auditstream-rung";
 /// Header: the event's `created_at` (Unix milliseconds), so the deliverer
 /// can measure latency without parsing the payload.
 pub const H_CREATED_AT: &str = "auditstream-created-at";
@@ -56,6 +60,8 @@ pub struct DeliveryMeta {
     pub due_at_ms: Option<i64>,
     /// The event's `created_at` (Unix ms), when the router could read it.
     pub created_at_ms: Option<i64>,
+    /// Ladder position when it differs from the topic's ([`H_RUNG`]).
+    pub rung: Option<usize>,
     /// Past attempts, oldest first.
     pub history: Vec<Attempt>,
 }
@@ -70,6 +76,7 @@ impl DeliveryMeta {
             attempt: 0,
             due_at_ms: None,
             created_at_ms: None,
+            rung: None,
             history: Vec::new(),
         }
     }
@@ -98,6 +105,9 @@ impl DeliveryMeta {
         if let Some(created) = self.created_at_ms {
             h.push((H_CREATED_AT, created.to_string().into_bytes()));
         }
+        if let Some(rung) = self.rung {
+            h.push((H_RUNG, rung.to_string().into_bytes()));
+        }
         if !self.history.is_empty() {
             // Serializing plain data cannot fail.
             h.push((H_HISTORY, serde_json::to_vec(&self.history).unwrap_or_default()));
@@ -108,7 +118,7 @@ impl DeliveryMeta {
     /// Reads the metadata back from a record's headers.
     pub fn from_headers<'a>(headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> Result<Self, String> {
         let (mut dest, mut id, mut ty, mut attempt, mut due, mut history) = (None, None, None, 0u32, None, Vec::new());
-        let mut created = None;
+        let (mut created, mut rung) = (None, None);
         let text = |name: &str, v: Option<&[u8]>| {
             v.and_then(|v| std::str::from_utf8(v).ok())
                 .map(str::to_owned)
@@ -132,6 +142,9 @@ impl DeliveryMeta {
                         text(name, value)?.parse().map_err(|_| format!("header {name} is not a Unix time in ms"))?,
                     )
                 }
+                H_RUNG => {
+                    rung = Some(text(name, value)?.parse().map_err(|_| format!("header {name} is not a rung number"))?)
+                }
                 H_HISTORY => {
                     history = serde_json::from_slice(value.unwrap_or_default())
                         .map_err(|e| format!("header {name} is not an attempt list: {e}"))?
@@ -147,6 +160,7 @@ impl DeliveryMeta {
             attempt,
             due_at_ms: due,
             created_at_ms: created,
+            rung,
             history,
         })
     }
@@ -172,6 +186,8 @@ mod tests {
         assert!(err.contains(H_EVENT_TYPE), "{err}");
         let err = DeliveryMeta::from_headers([(H_CREATED_AT, Some(&b"2026-11-21"[..]))]).unwrap_err();
         assert!(err.contains(H_CREATED_AT), "{err}");
+        let err = DeliveryMeta::from_headers([(H_RUNG, Some(&b"-1"[..]))]).unwrap_err();
+        assert!(err.contains(H_RUNG), "{err}");
     }
 
     #[test]
@@ -193,6 +209,7 @@ mod tests {
             tries in proptest::collection::vec((any::<i64>(), proptest::option::of(100u16..600), proptest::option::of(".{0,40}")), 0..5),
             due in proptest::option::of(any::<i64>()),
             created in proptest::option::of(any::<i64>()),
+            rung in proptest::option::of(0usize..100),
         ) {
             let mut m = DeliveryMeta::new(&dest, &id, &ty);
             for (at_ms, status, error) in tries {
@@ -200,6 +217,7 @@ mod tests {
             }
             m.due_at_ms = due;
             m.created_at_ms = created;
+            m.rung = rung;
             prop_assert_eq!(round_trip(&m), m);
         }
     }

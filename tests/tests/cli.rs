@@ -63,6 +63,9 @@ fn bad_configuration_exits_64_before_touching_the_network() {
     let (code, _, err) = run(&["deliverer"], &[("AUDITSTREAM_DELIVERER__RETRY_DELAYS", r#"["soon"]"#)]);
     assert_eq!(code, 64);
     assert!(err.contains("soon"), "{err}");
+    let (code, _, err) = run(&["deliverer"], &[("AUDITSTREAM_DELIVERER__RETRY_DELAYS", "[]")]);
+    assert_eq!(code, 64);
+    assert!(err.contains("retry_delays needs at least one delay"), "{err}");
     let (code, _, err) = run(&["router", "--config", "/nonexistent.toml"], &[]);
     assert_eq!(code, 64);
     assert!(err.contains("/nonexistent.toml"), "{err}");

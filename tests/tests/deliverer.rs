@@ -46,7 +46,8 @@ fn expected(name: &str, token: &str) -> Expected {
 async fn world() -> World {
     let broker = TestBroker::start();
     let prefix = format!("{}.", unique("deliver"));
-    broker.create_topics(&prefix, 2).await;
+    // Five rungs exist; most deliverers here use two (one test uses all).
+    broker.create_topics(&prefix, 5).await;
     let kafka = broker.kafka(&prefix);
     let (receiver, addr) = start_receiver(vec![expected("a", TOKEN_A), expected("b", TOKEN_B)]).await;
     let seed =
@@ -473,4 +474,45 @@ async fn names_resolving_to_refused_addresses_are_not_connected_to() {
     let reason = header(&dlq[0], H_REASON).unwrap();
     assert!(reason.contains("refused to connect to localhost") && reason.contains("loopback"), "{reason}");
     assert!(w.receiver.received().is_empty(), "no request reached the receiver");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_rung_full_of_waiting_deliveries_does_not_hold_up_a_short_one() {
+    let w = world().await;
+    // Rung 1 holds deliveries due in an hour, more than a window's worth.
+    let in_an_hour = (time::OffsetDateTime::now_utc().unix_timestamp() + 3600) * 1000;
+    for i in 0..8 {
+        let mut meta = DeliveryMeta::new("a", &format!("later{i}"), "audit_operation");
+        meta.due_at_ms = Some(in_an_hour);
+        meta.attempt = 2;
+        let headers = meta.to_headers();
+        let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        let body =
+            format!(r#"{{"id":"later{i}","event_type":"audit_operation","entity_type":"Project","entity_id":1}}"#);
+        service::kafka::produce_durably(&w.producer, &w.topics.retry(1), b"a", Some(body.as_bytes()), &headers).await;
+    }
+    let d = w
+        .ready_deliverer(&[
+            ("AUDITSTREAM_DELIVERER__RETRY_DELAYS", r#"["1s", "1h"]"#.into()),
+            ("AUDITSTREAM_DELIVERER__MAX_IN_FLIGHT", "4".into()),
+        ])
+        .await;
+    let full = wait_until(Duration::from_secs(30), || async {
+        count(&d, "auditstream_deliverer_retry_waiting{rung=\"1\"}").await >= 4.0
+    })
+    .await;
+    assert!(full, "rung 1's window did not fill with waiting deliveries");
+    // Now a delivery due at once on rung 0, for another destination.
+    let mut meta = DeliveryMeta::new("b", "soon", "audit_operation");
+    meta.due_at_ms = Some(time::OffsetDateTime::now_utc().unix_timestamp() * 1000);
+    meta.attempt = 1;
+    let headers = meta.to_headers();
+    let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+    let body = r#"{"id":"soon","event_type":"audit_operation","entity_type":"Project","entity_id":1}"#;
+    service::kafka::produce_durably(&w.producer, &w.topics.retry(0), b"b", Some(body.as_bytes()), &headers).await;
+    assert!(
+        w.wait_received("/b", "soon", Duration::from_secs(15)).await,
+        "a rung-0 delivery waited behind rung 1's hour-long waits"
+    );
+    assert_eq!(w.received("/a", "later0"), 0, "rung 1's deliveries are not due yet");
 }

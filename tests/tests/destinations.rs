@@ -28,7 +28,9 @@ struct Api {
 async fn start(extra: &[(&str, String)]) -> Api {
     let broker = TestBroker::start();
     let prefix = format!("{}.", unique("dest"));
-    broker.create_topics(&prefix, 1).await;
+    // The deliverers here use the default ladder: seven retry rungs, each
+    // consumed (and waited for by /ready) on its own.
+    broker.create_topics(&prefix, 7).await;
     let kafka = broker.kafka(&prefix);
     let seed =
         producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
