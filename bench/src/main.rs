@@ -156,12 +156,19 @@ async fn main() -> Result<()> {
     if !args.no_ceilings {
         eprintln!("bench: ceilings");
         let a = ceiling_broker(&broker, &payload, args.ceiling_seconds).await?;
+        let cpu_before = cpu_seconds(std::process::id());
         let b = ceiling_http(&client, sink.addr, &payload, args.connections, args.ceiling_seconds).await?;
-        writeln!(out, "## Ceilings\n\n| ceiling | rate |\n|---|---|")?;
-        writeln!(out, "| (a) broker produce→consume, same messages, no processing | {a:.0} msg/s |")?;
+        let cpu_after = cpu_seconds(std::process::id());
+        // Client and sink both run in the harness: its CPU is the whole
+        // cost of a request.
+        let per_request = cpu_before
+            .zip(cpu_after)
+            .map_or("–".to_owned(), |(x, y)| format!("{:.0}", (y - x) * 1e6 / (b * args.ceiling_seconds as f64)));
+        writeln!(out, "## Ceilings\n\n| ceiling | rate | CPU µs per message |\n|---|---|---|")?;
+        writeln!(out, "| (a) broker produce→consume, same messages, no processing | {a:.0} msg/s | – |")?;
         writeln!(
             out,
-            "| (b) HTTP POST to the sink, same payload, {} connections | {b:.0} req/s |\n",
+            "| (b) HTTP POST to the sink, same payload, {} connections | {b:.0} req/s | {per_request} (client and sink) |\n",
             args.connections
         )?;
         ceilings = Some((a, b));
@@ -180,20 +187,22 @@ async fn main() -> Result<()> {
     writeln!(
         out,
         "Delivered = deliveries to healthy destinations (unique by event and destination). Latency: `created_at` \
-         (set by the load generator, ms) → arrival at the sink. CPU: seconds per 1000 deliveries.\n"
+         (set by the load generator, ms) → arrival at the sink. CPU: seconds per 1000 deliveries; harness = load \
+         generator and sink; total = all five.\n"
     )?;
     writeln!(
         out,
         "| scenario | run | published | accepted/s | delivered | delivered/s | vs (a) | vs (b) | p50 ms | p95 ms | p99 ms | \
-         CPU producer | CPU router | CPU deliverer | CPU broker | set aside to retry |"
+         CPU producer | CPU router | CPU deliverer | CPU broker | CPU harness | CPU total | set aside to retry |"
     )?;
-    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for r in &rows {
         let ratio = |c: Option<f64>| c.map_or("–".to_owned(), |c| format!("{:.1}%", 100.0 * r.rate / c));
         let cpu = |i: usize| r.cpu.get(i).copied().flatten().map_or("–".to_owned(), |c| format!("{c:.3}"));
+        let total = r.cpu.iter().copied().sum::<Option<f64>>().map_or("–".to_owned(), |c| format!("{c:.3}"));
         writeln!(
             out,
-            "| {:?} | {} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {:?} | {} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.scenario,
             r.run,
             r.published,
@@ -209,6 +218,8 @@ async fn main() -> Result<()> {
             cpu(1),
             cpu(2),
             cpu(3),
+            cpu(4),
+            total,
             r.retried,
         )?;
     }
@@ -236,7 +247,7 @@ struct Row {
     rate: f64,
     /// p50, p95, p99 in ms.
     latency: [i64; 3],
-    /// Producer, router, deliverer, broker.
+    /// Producer, router, deliverer, broker, harness (load and sink).
     cpu: Vec<Option<f64>>,
     /// Deliveries the deliverer set aside to a retry topic during the run.
     retried: f64,
@@ -774,7 +785,14 @@ async fn run_scenario(
     for (role, name) in [(&producer, "producer"), (&router, "router"), (&deliverer, "deliverer")] {
         wait_ready(client, role, name).await?;
     }
-    let pids = [Some(producer.child.id()), Some(router.child.id()), Some(deliverer.child.id()), broker.pid];
+    // The harness itself last: it publishes the load and runs the sink.
+    let pids = [
+        Some(producer.child.id()),
+        Some(router.child.id()),
+        Some(deliverer.child.id()),
+        broker.pid,
+        Some(std::process::id()),
+    ];
 
     // Warm-up: consumer groups joined, connections open.
     sink.reset();
@@ -828,6 +846,6 @@ async fn run_scenario(
                 std::fs::write(args.logs.join(format!("{prefix}{name}.metrics")), r.text().await.unwrap_or_default());
         }
     }
-    let rss = pids.iter().map(|p| p.and_then(peak_rss)).collect();
+    let rss = pids[..4].iter().map(|p| p.and_then(peak_rss)).collect();
     Ok((rows, rss))
 }
