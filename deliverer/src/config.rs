@@ -102,6 +102,22 @@ impl Default for DelivererSettings {
     }
 }
 
+impl DelivererSettings {
+    /// How long a delivery set aside for the `n`th time in a row waits:
+    /// `quick_retry_delay` doubling each time, up to the first rung's delay.
+    pub fn bounce_delay(&self, n: u32) -> Duration {
+        let cap = self.retry_delays.first().copied().unwrap_or(self.quick_retry_delay).max(self.quick_retry_delay);
+        self.quick_retry_delay.saturating_mul(1u32 << n.min(20)).min(cap)
+    }
+
+    /// Times in a row a delivery may be set aside before it goes down the
+    /// ladder as if an attempt had failed: once the doubling reached the
+    /// first rung's delay.
+    pub fn max_bounces(&self) -> u32 {
+        (0..20).find(|&n| self.bounce_delay(n) >= self.bounce_delay(20)).map_or(20, |n| n + 1)
+    }
+}
+
 impl DelivererConfig {
     /// Checks the values before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -135,5 +151,22 @@ impl DelivererConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounces_double_up_to_the_first_rung_then_stop() {
+        let s = DelivererSettings::default();
+        let ms = |n| s.bounce_delay(n).as_millis();
+        // 500 ms doubling, capped at the first rung's 10 s.
+        assert_eq!([ms(0), ms(1), ms(2), ms(3), ms(4), ms(5), ms(40)], [500, 1000, 2000, 4000, 8000, 10_000, 10_000]);
+        assert_eq!(s.max_bounces(), 6, "500 ms .. 8 s and one at 10 s, then down the ladder");
+        let quick =
+            DelivererSettings { retry_delays: vec![Duration::from_millis(100)], ..DelivererSettings::default() };
+        assert_eq!(quick.max_bounces(), 1, "a first rung shorter than the quick delay: one bounce");
     }
 }

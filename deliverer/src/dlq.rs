@@ -119,6 +119,7 @@ pub async fn replay(config: &KafkaConfig, parked: &[Parked]) -> Result<(usize, u
         meta.due_at_ms = None;
         // Replayed deliveries start the ladder afresh.
         meta.rung = None;
+        meta.bounces = 0;
         let from = format!("{}:{}", p.partition, p.offset);
         let mut headers = meta.to_headers();
         headers.push((H_REPLAYED_FROM, from.into_bytes()));

@@ -253,18 +253,33 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
         }
     }
     let body = m.payload().unwrap_or_default();
-    match attempts(&ctx, &m, &mut meta, body).await {
+    let mut turn = attempts(&ctx, &m, &mut meta, body).await;
+    if let Turn::Bounce = turn
+        && meta.bounces >= ctx.settings.max_bounces()
+    {
+        // Set aside again and again: the destination cannot keep up. The
+        // delivery goes down the ladder like a failed attempt, so its
+        // waits grow, instead of churning through the first rung forever.
+        let error = "not attempted: destination saturated".to_owned();
+        meta.record(Attempt { at_ms: now_ms(), status: None, error: Some(error) });
+        turn = Turn::Ladder(None);
+    }
+    match turn {
         Turn::Done => {}
         Turn::Hopeless(reason) => ctx.dead_letter(&m, Some(&meta), &reason).await,
         Turn::Bounce => {
             // Busy, not failing: back soon through the first rung (the one
-            // with the shortest wait), keeping its place on the ladder.
+            // with the shortest wait), keeping its place on the ladder, a
+            // little later each time.
             meta.rung = Some(position);
-            ctx.requeue(&m, &mut meta, body, 0, ctx.settings.quick_retry_delay).await;
+            let delay = ctx.settings.bounce_delay(meta.bounces);
+            meta.bounces += 1;
+            ctx.requeue(&m, &mut meta, body, 0, delay).await;
         }
         Turn::Ladder(retry_after) => {
             let next = position;
             meta.rung = None;
+            meta.bounces = 0;
             let Some(delay) = ctx.settings.retry_delays.get(next) else {
                 let reason = format!("retries exhausted after {} attempts", meta.attempt);
                 return ctx.dead_letter(&m, Some(&meta), &reason).await;

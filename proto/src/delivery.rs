@@ -20,6 +20,9 @@ pub const H_DUE_AT: &str = "auditstream-due-at";
 /// retry rung n − 1), when that is not the topic it sits in (a busy
 /// destination's delivery set aside through the first rung).
 pub const H_RUNG: &str = "auditstream-rung";
+/// Header: times in a row the delivery was set aside because its
+/// destination was busy.
+pub const H_BOUNCES: &str = "auditstream-bounces";
 /// Header: the event's `created_at` (Unix milliseconds), so the deliverer
 /// can measure latency without parsing the payload.
 pub const H_CREATED_AT: &str = "auditstream-created-at";
@@ -62,6 +65,8 @@ pub struct DeliveryMeta {
     pub created_at_ms: Option<i64>,
     /// Ladder position when it differs from the topic's ([`H_RUNG`]).
     pub rung: Option<usize>,
+    /// Times in a row set aside as busy ([`H_BOUNCES`]).
+    pub bounces: u32,
     /// Past attempts, oldest first.
     pub history: Vec<Attempt>,
 }
@@ -77,6 +82,7 @@ impl DeliveryMeta {
             due_at_ms: None,
             created_at_ms: None,
             rung: None,
+            bounces: 0,
             history: Vec::new(),
         }
     }
@@ -108,6 +114,9 @@ impl DeliveryMeta {
         if let Some(rung) = self.rung {
             h.push((H_RUNG, rung.to_string().into_bytes()));
         }
+        if self.bounces > 0 {
+            h.push((H_BOUNCES, self.bounces.to_string().into_bytes()));
+        }
         if !self.history.is_empty() {
             // Serializing plain data cannot fail.
             h.push((H_HISTORY, serde_json::to_vec(&self.history).unwrap_or_default()));
@@ -118,7 +127,7 @@ impl DeliveryMeta {
     /// Reads the metadata back from a record's headers.
     pub fn from_headers<'a>(headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> Result<Self, String> {
         let (mut dest, mut id, mut ty, mut attempt, mut due, mut history) = (None, None, None, 0u32, None, Vec::new());
-        let (mut created, mut rung) = (None, None);
+        let (mut created, mut rung, mut bounces) = (None, None, 0u32);
         let text = |name: &str, v: Option<&[u8]>| {
             v.and_then(|v| std::str::from_utf8(v).ok())
                 .map(str::to_owned)
@@ -145,6 +154,9 @@ impl DeliveryMeta {
                 H_RUNG => {
                     rung = Some(text(name, value)?.parse().map_err(|_| format!("header {name} is not a rung number"))?)
                 }
+                H_BOUNCES => {
+                    bounces = text(name, value)?.parse().map_err(|_| format!("header {name} is not a count"))?
+                }
                 H_HISTORY => {
                     history = serde_json::from_slice(value.unwrap_or_default())
                         .map_err(|e| format!("header {name} is not an attempt list: {e}"))?
@@ -161,6 +173,7 @@ impl DeliveryMeta {
             due_at_ms: due,
             created_at_ms: created,
             rung,
+            bounces,
             history,
         })
     }
@@ -210,6 +223,7 @@ mod tests {
             due in proptest::option::of(any::<i64>()),
             created in proptest::option::of(any::<i64>()),
             rung in proptest::option::of(0usize..100),
+            bounces in 0u32..50,
         ) {
             let mut m = DeliveryMeta::new(&dest, &id, &ty);
             for (at_ms, status, error) in tries {
@@ -218,6 +232,7 @@ mod tests {
             m.due_at_ms = due;
             m.created_at_ms = created;
             m.rung = rung;
+            m.bounces = bounces;
             prop_assert_eq!(round_trip(&m), m);
         }
     }

@@ -125,6 +125,15 @@ impl World {
         .await
     }
 
+    /// Destination "slow": its own receiver, answering after `delay`.
+    async fn slow_destination(&self, delay: Duration) -> Receiver {
+        let (slow, addr) = start_receiver(vec![expected("slow", TOKEN_A)]).await;
+        slow.set_faults(Faults { delay, ..Faults::default() });
+        let d = destination("slow", Owner::Instance, &format!("http://{addr}/s"), TOKEN_A);
+        self.seed.put_destination(&d).await.unwrap();
+        slow
+    }
+
     async fn dlq(&self, want: usize) -> Vec<rdkafka::message::OwnedMessage> {
         read_topic(&self.kafka, &self.topics.deliveries_dlq(), want, Duration::from_secs(20)).await
     }
@@ -297,12 +306,7 @@ async fn a_deliverer_killed_mid_stream_delivers_every_event() {
 async fn a_slow_destination_does_not_hold_up_a_healthy_one() {
     let w = world().await;
     // "slow" answers after 10 s; "b" is healthy.
-    let (slow, slow_addr) = start_receiver(vec![expected("slow", TOKEN_A)]).await;
-    slow.set_faults(Faults { delay: Duration::from_secs(10), ..Faults::default() });
-    w.seed
-        .put_destination(&destination("slow", Owner::Instance, &format!("http://{slow_addr}/s"), TOKEN_A))
-        .await
-        .unwrap();
+    let slow = w.slow_destination(Duration::from_secs(10)).await;
     // Few in-flight places overall: without isolation the slow destination
     // would take them all for 10 s at a time.
     let d = w
@@ -515,4 +519,38 @@ async fn a_long_rung_full_of_waiting_deliveries_does_not_hold_up_a_short_one() {
         "a rung-0 delivery waited behind rung 1's hour-long waits"
     );
     assert_eq!(w.received("/a", "later0"), 0, "rung 1's deliveries are not due yet");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_set_aside_again_and_again_go_down_the_ladder() {
+    let w = world().await;
+    // One place, held for 30 s by the first delivery: the others are set
+    // aside (100 ms doubling, up to the first rung's 1 s), and once the
+    // doubling is spent they move down the ladder as saturated instead of
+    // churning through the first rung forever.
+    let _slow = w.slow_destination(Duration::from_secs(30)).await;
+    let _d = w
+        .ready_deliverer(&[
+            ("AUDITSTREAM_DELIVERER__PER_DESTINATION_CONCURRENCY", "1".into()),
+            ("AUDITSTREAM_DELIVERER__PER_DESTINATION_MAX_WAIT", "100ms".into()),
+            ("AUDITSTREAM_DELIVERER__QUICK_RETRY_DELAY", "100ms".into()),
+            ("AUDITSTREAM_DELIVERER__RETRY_DELAYS", r#"["1s", "2s", "2s", "2s", "2s"]"#.into()),
+            ("AUDITSTREAM_DELIVERER__REQUEST_TIMEOUT", "60s".into()),
+        ])
+        .await;
+    let batch: Vec<(String, String)> = (0..3).map(|i| ("slow".to_owned(), format!("busy{i}"))).collect();
+    w.enqueue_many(&batch).await;
+    let saturated = |m: &rdkafka::message::OwnedMessage| {
+        header(m, proto::delivery::H_HISTORY).is_some_and(|h| h.contains("destination saturated"))
+    };
+    let moved = wait_until(Duration::from_secs(30), || async {
+        read_topic(&w.kafka, &w.topics.retry(1), 20, Duration::from_secs(2)).await.iter().any(saturated)
+    })
+    .await;
+    assert!(moved, "no set-aside delivery reached the second rung as saturated");
+    let bounced = read_topic(&w.kafka, &w.topics.retry(0), 200, Duration::from_secs(3)).await;
+    assert!(
+        bounced.iter().any(|m| header(m, proto::delivery::H_BOUNCES).is_some()),
+        "set-aside deliveries carry their bounce count"
+    );
 }
