@@ -342,6 +342,37 @@ impl Destination {
     /// Checks the rules that span fields or need the registry. Field-level
     /// rules are enforced by the value types themselves.
     pub fn validate(&self, registry: &Registry) -> Result<(), Vec<FieldError>> {
+        let mut errors = self.shape_errors();
+        for (i, entry) in self.event_type_filters.entries().iter().enumerate() {
+            let field = format!("event_type_filters[{i}]");
+            match entry.strip_prefix(CATEGORY_PREFIX) {
+                Some(c) if registry.has_category(c) => {}
+                Some(c) => {
+                    errors.push(FieldError::new(field, format!("no registered event type has feature_category {c:?}")))
+                }
+                None if registry.get(entry).is_some() => {}
+                None => {
+                    let hint = if EventTypeName::check(entry).is_ok() {
+                        ""
+                    } else {
+                        " (to name a feature category, write category:<name>)"
+                    };
+                    errors.push(FieldError::new(field, format!("{entry:?} is not a registered event type{hint}")));
+                }
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+
+    /// The rules that need no registry: checked on every record read from
+    /// the destinations topic too, since a record written around the API
+    /// reaches the router and the deliverer unchecked otherwise.
+    pub fn validate_shape(&self) -> Result<(), Vec<FieldError>> {
+        let errors = self.shape_errors();
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+
+    fn shape_errors(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if self.id.is_empty() || self.id.len() > 64 || !self.id.bytes().all(|b| b.is_ascii_graphic()) {
             errors.push(FieldError::new("id", "must be 1 to 64 visible ASCII characters"));
@@ -366,24 +397,6 @@ impl Destination {
                 ));
             }
         }
-        for (i, entry) in self.event_type_filters.entries().iter().enumerate() {
-            let field = format!("event_type_filters[{i}]");
-            match entry.strip_prefix(CATEGORY_PREFIX) {
-                Some(c) if registry.has_category(c) => {}
-                Some(c) => {
-                    errors.push(FieldError::new(field, format!("no registered event type has feature_category {c:?}")))
-                }
-                None if registry.get(entry).is_some() => {}
-                None => {
-                    let hint = if EventTypeName::check(entry).is_ok() {
-                        ""
-                    } else {
-                        " (to name a feature category, write category:<name>)"
-                    };
-                    errors.push(FieldError::new(field, format!("{entry:?} is not a registered event type{hint}")));
-                }
-            }
-        }
         if self.namespace_filters.len() > MAX_NAMESPACE_FILTERS {
             errors.push(FieldError::new(
                 "namespace_filters",
@@ -395,7 +408,7 @@ impl Destination {
                 errors.push(FieldError::new(format!("namespace_filters[{i}].kind"), "must be group or project"));
             }
         }
-        if errors.is_empty() { Ok(()) } else { Err(errors) }
+        errors
     }
 
     /// The secrets that sign a delivery made at `now_ms`: the current one,
@@ -435,7 +448,9 @@ impl Directory {
     pub fn decode(&self, bytes: &[u8]) -> Result<Destination, String> {
         let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         crate::seal::open_destination(&mut value, self.keyring.as_deref())?;
-        serde_json::from_value(value).map_err(|e| e.to_string())
+        let d: Destination = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        d.validate_shape().map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))?;
+        Ok(d)
     }
 
     /// Adds or replaces a destination.

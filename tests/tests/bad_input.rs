@@ -900,7 +900,19 @@ async fn poison_written_straight_to_kafka_is_dead_lettered_and_good_events_flow(
     let mut javascript =
         serde_json::to_value(destination("js", Owner::Instance, "https://x.example.com/", DEST_TOKEN)).unwrap();
     javascript["url"] = json!("javascript:alert(1)");
-    for (key, record) in [("evil", evil), ("js", javascript)] {
+    // Rules across fields, which the value types alone do not catch.
+    let mut twice =
+        serde_json::to_value(destination("twice", Owner::Instance, "https://twice.example.com/", DEST_TOKEN)).unwrap();
+    twice["headers"] = json!([
+        {"name": "X-Tenant", "value": "a", "active": true},
+        {"name": "x-tenant", "value": "b", "active": true},
+    ]);
+    let mut crowded =
+        serde_json::to_value(destination("crowded", Owner::Instance, "https://many.example.com/", DEST_TOKEN)).unwrap();
+    crowded["headers"] = (0..=proto::destination::MAX_HEADERS)
+        .map(|i| json!({"name": format!("X-H{i}"), "value": "v", "active": true}))
+        .collect();
+    for (key, record) in [("evil", evil), ("js", javascript), ("twice", twice), ("crowded", crowded)] {
         produce_raw(&kafka, &topics.destinations(), key, record.to_string().as_bytes(), &[]).await;
     }
 
