@@ -312,6 +312,13 @@ pub async fn metric(admin: SocketAddr, prefix: &str) -> f64 {
     text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
+/// How many series of a metric whose line starts with `prefix` an admin
+/// server exports (0 when unreachable).
+pub async fn series(admin: SocketAddr, prefix: &str) -> usize {
+    let Ok(r) = http().get(format!("http://{admin}/metrics")).send().await else { return 0 };
+    r.text().await.unwrap_or_default().lines().filter(|l| l.starts_with(prefix)).count()
+}
+
 /// Writes `events` (key, payload) to a topic, all in flight at once.
 pub async fn produce_many(kafka: &KafkaConfig, topic: &str, events: &[(String, Vec<u8>)]) {
     use rdkafka::producer::FutureRecord;

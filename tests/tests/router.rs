@@ -9,8 +9,8 @@ use proto::{
     topics::Topics,
 };
 use tests::{
-    TestBroker, destination, header, metric, produce_many, produce_raw, read_topic, spawn_role, unique, wait_ready,
-    wait_until,
+    TestBroker, destination, header, metric, produce_many, produce_raw, read_topic, series, spawn_role, unique,
+    wait_ready, wait_until,
 };
 
 async fn setup(broker: &TestBroker) -> (String, service::config::KafkaConfig) {
@@ -163,8 +163,15 @@ async fn two_routers_split_the_partitions_and_route_everything() {
     let a = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", group.clone())]);
     let b = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", group)]);
     assert!(wait_ready(a.admin, Duration::from_secs(60)).await && wait_ready(b.admin, Duration::from_secs(60)).await);
-    // Let the group settle with both members before the load arrives.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // The group has settled once each member reports lag for its own share
+    // and together they cover both partitions (revoked ones drop out).
+    let lag = "auditstream_consumer_lag{";
+    let settled = wait_until(Duration::from_secs(60), || async {
+        let (on_a, on_b) = (series(a.admin, lag).await, series(b.admin, lag).await);
+        on_a >= 1 && on_b >= 1 && on_a + on_b == 2
+    })
+    .await;
+    assert!(settled, "the two routers never split the partitions between them");
 
     const N: usize = 1000;
     let events: Vec<(String, Vec<u8>)> =
