@@ -359,7 +359,7 @@ async fn take(State(sink): State<Arc<Sink>>, Path(name): Path<String>, body: byt
     if name != "raw" {
         let now = now_ms();
         let probe = serde_json::from_slice::<Probe>(&body).ok();
-        let created = probe.as_ref().and_then(|p| p.created_at.and_then(parse_ms));
+        let created = probe.as_ref().and_then(|p| p.created_at.and_then(proto::event::timestamp_ms));
         let id = probe.as_ref().and_then(|p| p.id).map_or("", |id| id.get());
         let mut seen = sink.seen();
         if let Some(created) = created {
@@ -373,11 +373,6 @@ async fn take(State(sink): State<Arc<Sink>>, Path(name): Path<String>, body: byt
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-fn parse_ms(s: &str) -> Option<i64> {
-    let at = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    Some((at.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
 /// One event as a service would send it: no `id` (the producer mints one),

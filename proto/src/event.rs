@@ -468,6 +468,13 @@ pub fn partition_key(entity_type: &str, entity_id: i64) -> String {
     format!("{entity_type}:{entity_id}")
 }
 
+/// Reads an RFC 3339 timestamp as Unix milliseconds (`None` when it is not
+/// one, or is out of range).
+pub fn timestamp_ms(text: &str) -> Option<i64> {
+    let at = OffsetDateTime::parse(text, &Rfc3339).ok()?;
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
 /// Formats a timestamp as SPEC §1 wants it: RFC 3339, milliseconds, UTC.
 pub fn format_timestamp(at: OffsetDateTime) -> String {
     let at = at.to_offset(time::UtcOffset::UTC);
@@ -694,5 +701,7 @@ mod tests {
     #[test]
     fn timestamp_format_has_milliseconds_and_z() {
         assert_eq!(format_timestamp(NOW), "2026-11-21T10:00:00.123Z");
+        assert_eq!(timestamp_ms("2026-11-21T10:00:00.123Z"), Some(1_795_255_200_123));
+        assert_eq!(timestamp_ms("yesterday"), None);
     }
 }

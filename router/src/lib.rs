@@ -158,16 +158,10 @@ fn plan(ctx: &Context, payload: &[u8]) -> Plan {
             ctx.metrics.resolution.with_label_values(&[via]).inc();
             let targets = out.iter().map(|d| (d.id.clone(), d.owner == Owner::Instance)).collect();
             let id = view.id.as_ref().map(ToString::to_string).unwrap_or_default();
-            let created_at_ms = view.created_at.as_deref().and_then(unix_ms);
+            let created_at_ms = view.created_at.as_deref().and_then(proto::event::timestamp_ms);
             Plan::Deliver { targets, event_id: id, event_type: view.event_type.into_owned(), created_at_ms }
         }
     }
-}
-
-/// An RFC 3339 time (already validated) as Unix milliseconds.
-fn unix_ms(text: &str) -> Option<i64> {
-    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
-    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
 async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
