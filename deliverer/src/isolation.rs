@@ -134,6 +134,9 @@ impl Isolation {
 
     fn get(&self, id: &str) -> Arc<Destination> {
         let mut map = self.destinations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = map.get(id) {
+            return d.clone();
+        }
         map.entry(id.to_owned())
             .or_insert_with(|| {
                 Arc::new(Destination {
@@ -150,13 +153,18 @@ impl Isolation {
     /// refuses at once when the circuit is open.
     pub async fn enter(&self, id: &str) -> Result<Slot, Refusal> {
         let d = self.get(id);
-        self.check_breaker(&d)?;
-        let permit = match d.permits.clone().try_acquire_owned() {
-            Ok(p) => {
-                d.breaker.lock().unwrap_or_else(|e| e.into_inner()).last_progress = Instant::now();
-                p
+        let free = {
+            let mut b = d.breaker.lock().unwrap_or_else(|e| e.into_inner());
+            Self::check_breaker(&mut b)?;
+            let free = d.permits.clone().try_acquire_owned().ok();
+            if free.is_some() {
+                b.last_progress = Instant::now();
             }
-            Err(_) => {
+            free
+        };
+        let permit = match free {
+            Some(p) => p,
+            None => {
                 let position = d.waiting.fetch_add(1, Ordering::AcqRel) + 1;
                 let _waiting = Waiting(&d.waiting);
                 if position > self.limits.queue || !self.short_wait(&d, position) {
@@ -193,8 +201,7 @@ impl Isolation {
 
     /// Refuses while the circuit is open; after `open_for`, lets exactly one
     /// trial through (half-open).
-    fn check_breaker(&self, d: &Destination) -> Result<(), Refusal> {
-        let mut b = d.breaker.lock().unwrap_or_else(|e| e.into_inner());
+    fn check_breaker(b: &mut Breaker) -> Result<(), Refusal> {
         if let Some(until) = b.open_until {
             if Instant::now() < until || b.trial {
                 return Err(Refusal::CircuitOpen);

@@ -56,6 +56,8 @@ struct Context {
     sender: Sender,
     producer: FutureProducer,
     topics: Topics,
+    /// `topics.retry(n)` for every rung, named once.
+    retry_topics: Vec<String>,
     settings: config::DelivererSettings,
     metrics: metrics::Metrics,
 }
@@ -102,6 +104,7 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
         sender: Sender::new(&settings)?,
         producer: kafka::producer(&config.kafka, Duration::from_secs(30))?,
         topics: topics.clone(),
+        retry_topics: (0..rungs).map(|n| topics.retry(n)).collect(),
         settings: settings.clone(),
         metrics,
     });
@@ -183,7 +186,7 @@ impl Context {
         let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
         kafka::produce_durably(
             &self.producer,
-            &self.topics.retry(rung),
+            &self.retry_topics[rung],
             m.key().unwrap_or_default(),
             Some(body),
             &headers,
@@ -194,13 +197,7 @@ impl Context {
 
     /// Which retry rung a topic is (`None` for fresh deliveries).
     fn rung_of(&self, topic: &str) -> Option<usize> {
-        (0..self.settings.retry_delays.len()).find(|n| self.topics.retry(*n) == topic)
-    }
-
-    /// How far down the ladder a delivery is: its `auditstream-rung` header,
-    /// else the topic it was read from (0 = fresh, n = retry rung n − 1).
-    fn position(&self, topic: &str, meta: &DeliveryMeta) -> usize {
-        meta.rung.unwrap_or_else(|| self.rung_of(topic).map_or(0, |n| n + 1))
+        self.retry_topics.iter().position(|t| t == topic)
     }
 
     async fn dead_letter(&self, m: &OwnedMessage, meta: Option<&DeliveryMeta>, reason: &str) {
@@ -241,7 +238,9 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
         Err(reason) => return ctx.dead_letter(&m, None, &format!("unreadable delivery: {reason}")).await,
     };
     let rung = ctx.rung_of(m.topic());
-    let position = ctx.position(m.topic(), &meta);
+    // How far down the ladder it is: its `auditstream-rung` header, else
+    // the topic it was read from (0 = fresh, n = retry rung n − 1).
+    let position = meta.rung.unwrap_or(rung.map_or(0, |n| n + 1));
     if let Some(due) = meta.due_at_ms {
         let wait = due - now_ms();
         if wait > 0 {
