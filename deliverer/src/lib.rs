@@ -359,9 +359,5 @@ async fn attempts(ctx: &Context, m: &OwnedMessage, meta: &mut DeliveryMeta, body
 /// The event's `created_at` in Unix ms, read from the payload: only for
 /// deliveries written before the router sent it as a header.
 fn created_at_ms(body: &[u8]) -> Option<i64> {
-    let view = proto::EventView::parse(body).ok()?;
-    let created =
-        time::OffsetDateTime::parse(view.created_at.as_deref()?, &time::format_description::well_known::Rfc3339)
-            .ok()?;
-    i64::try_from(created.unix_timestamp_nanos() / 1_000_000).ok()
+    proto::event::timestamp_ms(proto::EventView::parse(body).ok()?.created_at.as_deref()?)
 }
