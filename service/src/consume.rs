@@ -31,7 +31,7 @@ use rdkafka::{
     ClientConfig, ClientContext, Message, Statistics,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     error::KafkaError,
-    message::OwnedMessage,
+    message::{BorrowedMessage, OwnedMessage},
 };
 use tokio::sync::Notify;
 
@@ -46,6 +46,10 @@ const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// cost about a quarter of a second on every cycle (one destination's
 /// deliveries went at ~1,000/s however fast it answered).
 const PAUSE_AFTER: Duration = Duration::from_millis(500);
+
+/// How often the loop hands finished offsets to librdkafka. Its automatic
+/// commit (every second) takes whatever was stored by then.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Limits of one consumer loop.
 #[derive(Debug, Clone, Copy)]
@@ -92,29 +96,41 @@ impl Tracker {
         self.wake_below.store(0, Ordering::Release);
     }
 
-    fn finish<C: Consumer<LoopContext>>(&self, consumer: &C, topic: &str, partition: i32, offset: i64) {
-        let (next, left) = {
+    /// Marks a message finished. Its partition's watermark is handed to
+    /// librdkafka by the next [`Self::flush`], not here: one store call
+    /// per partition and flush instead of one per message.
+    fn finish(&self, topic: &str, partition: i32, offset: i64) {
+        let left = {
             let mut marks = self.lock();
-            (marks.finish(topic, partition, offset), marks.in_flight())
+            marks.finish(topic, partition, offset);
+            marks.in_flight()
         };
-        // `next` is the next offset to read, which is what a commit must
-        // hold. `store_offsets` stores it as given; `store_offset` would
-        // store `next + 1` (librdkafka's rd_kafka_offset_store adds one) and
-        // the partition's next owner would skip a message.
-        let mut list = rdkafka::TopicPartitionList::new();
-        if let Some(next) = next
-            && let Err(e) = list
-                .add_partition_offset(topic, partition, rdkafka::Offset::Offset(next))
-                .and_then(|()| consumer.store_offsets(&list))
-        {
-            // Revoked meanwhile: the new owner re-reads from the last commit.
-            tracing::debug!(%topic, partition, error = %e, "offset not stored");
-        }
         if self.draining.load(Ordering::Acquire) > 0 {
             self.finished.notify_all();
         }
         if left < self.wake_below.load(Ordering::Acquire) {
             self.capacity.notify_one();
+        }
+    }
+
+    /// Stores the watermarks that moved since the last flush, for the next
+    /// commit (automatic, or the one on revocation and shutdown).
+    fn flush<C: Consumer<LoopContext>>(&self, consumer: &C) {
+        let mut list = rdkafka::TopicPartitionList::new();
+        // The stored offset is the next one to read, which is what a commit
+        // must hold. `store_offsets` stores it as given; `store_offset`
+        // would store `next + 1` (librdkafka's rd_kafka_offset_store adds
+        // one) and the partition's next owner would skip a message.
+        self.lock().take_pending(|topic, partition, next| {
+            if let Err(e) = list.add_partition_offset(topic, partition, rdkafka::Offset::Offset(next)) {
+                tracing::debug!(%topic, partition, error = %e, "offset not listed");
+            }
+        });
+        if list.count() > 0
+            && let Err(e) = consumer.store_offsets(&list)
+        {
+            // Revoked meanwhile: the new owner re-reads from the last commit.
+            tracing::debug!(error = %e, "offsets not stored");
         }
     }
 
@@ -231,6 +247,7 @@ impl ConsumerContext for LoopContext {
         if left > 0 {
             tracing::warn!(left, "partitions revoked with work in flight; the next owner repeats it");
         }
+        self.tracker.flush(consumer);
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(error = %e, "commit on revoke");
         }
@@ -285,19 +302,77 @@ fn set_paused(consumer: &LoopConsumer, pause: bool) {
     }
 }
 
+/// One message taken on by a [`run_inline`] handler. Calling
+/// [`Done::finish`] lets its offset be committed; dropping it without does
+/// not (the message stays in flight and is read again by the partition's
+/// next owner), so a lost hand-off can never skip a message.
+#[must_use = "a message whose Done is never finished holds its partition's offset"]
+pub struct Done {
+    tracker: Arc<Tracker>,
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+}
+
+impl Done {
+    /// The message's work is done, or it is somewhere durable.
+    pub fn finish(self) {
+        self.tracker.finish(&self.topic, self.partition, self.offset);
+    }
+
+    /// The message's partition.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// The message's offset.
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+}
+
 /// Runs until `shutdown`, spawning `handler(message)` for each message.
 pub async fn run<H, F>(
     consumer: Arc<LoopConsumer>,
     tracker: Arc<Tracker>,
     limits: LoopLimits,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     handler: H,
 ) where
     H: Fn(OwnedMessage) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
+    run_inline(consumer, tracker, limits, shutdown, move |m, done| {
+        let work = handler(m.detach());
+        tokio::spawn(async move {
+            work.await;
+            done.finish();
+        });
+    })
+    .await;
+}
+
+/// Runs until `shutdown`, calling `handler(message, done)` for each message
+/// on the loop itself: no task and no copy of the message. The handler
+/// must not block; it hands `done` to whatever finishes the work (for the
+/// router, the acknowledgement of the last record it wrote for the
+/// message).
+pub async fn run_inline<H>(
+    consumer: Arc<LoopConsumer>,
+    tracker: Arc<Tracker>,
+    limits: LoopLimits,
+    mut shutdown: Shutdown,
+    mut handler: H,
+) where
+    H: FnMut(&BorrowedMessage<'_>, Done),
+{
     let mut paused = false;
     let (mut last_logged, mut errors_since) = (None, 0u64);
+    let mut flush = tokio::time::interval(FLUSH_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The topic of the last message, shared with its `Done`: one
+    // allocation per topic change, not per message.
+    let mut topic: Arc<str> = Arc::from("");
     loop {
         if !paused && tracker.in_flight() >= limits.max_in_flight {
             // At the bound: wait, without reading, until a quarter of the
@@ -315,6 +390,7 @@ pub async fn run<H, F>(
                     biased;
                     _ = shutdown.wait() => break None,
                     _ = tracker.capacity.notified() => {}
+                    _ = flush.tick() => tracker.flush(consumer.as_ref()),
                     _ = tokio::time::sleep_until(until) => break Some(false),
                 }
             };
@@ -332,6 +408,7 @@ pub async fn run<H, F>(
         tokio::select! {
             biased;
             _ = shutdown.wait() => break,
+            _ = flush.tick() => tracker.flush(consumer.as_ref()),
             _ = tracker.capacity.notified(), if paused => {
                 // Resume only once half the places are free: resuming at the
                 // first free place paused again one message later, and each
@@ -344,15 +421,13 @@ pub async fn run<H, F>(
             }
             received = consumer.recv() => match received {
                 Ok(m) => {
-                    let m = m.detach();
-                    let (topic, partition, offset) = (m.topic().to_owned(), m.partition(), m.offset());
+                    if *topic != *m.topic() {
+                        topic = Arc::from(m.topic());
+                    }
+                    let (partition, offset) = (m.partition(), m.offset());
                     tracker.lock().start(&topic, partition, offset);
-                    let work = handler(m);
-                    let (t, c) = (tracker.clone(), consumer.clone());
-                    tokio::spawn(async move {
-                        work.await;
-                        t.finish(c.as_ref(), &topic, partition, offset);
-                    });
+                    let done = Done { tracker: tracker.clone(), topic: topic.clone(), partition, offset };
+                    handler(&m, done);
                 }
                 Err(e) => {
                     // Persistent errors (a missing topic) repeat every poll:
@@ -383,6 +458,7 @@ pub async fn run<H, F>(
             break;
         }
     }
+    tracker.flush(consumer.as_ref());
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final commit");
     }
