@@ -237,12 +237,17 @@ def build() -> dict:
     d.panel(
         "timeseries", "Table entries", "Namespaces and destinations held in memory (largest router).",
         [(f"max by (table) ({sel('auditstream_router_table_entries')})", "{{table}}")],
-        "short", w=12,
+        "short",
     )
     d.panel(
         "timeseries", "Router consumer lag", "Events not yet routed, by topic (auditstream-router group, summed over replicas).",
         [(lag("router"), "{{topic}}")],
-        "short", w=12,
+        "short",
+    )
+    d.panel(
+        "timeseries", "Router rewrites", "Records written again because Kafka refused them or the producer queue was full; the event's offset waits for them. Above zero for long: Kafka is unhealthy.",
+        [(f"sum({rate('auditstream_router_rewrites_total')})", "rewrites")],
+        "ops",
     )
 
     d.row("Deliverer")

@@ -99,29 +99,36 @@ impl DeliveryMeta {
 
     /// The headers of the record.
     pub fn to_headers(&self) -> Vec<(&'static str, Vec<u8>)> {
-        let mut h = vec![
-            (H_DESTINATION, self.destination_id.as_bytes().to_vec()),
-            (H_EVENT_ID, self.event_id.as_bytes().to_vec()),
-            (H_EVENT_TYPE, self.event_type.as_bytes().to_vec()),
-            (H_ATTEMPT, self.attempt.to_string().into_bytes()),
-        ];
+        let mut h = Vec::with_capacity(6);
+        self.each_header(|name, value| h.push((name, value.to_vec())));
+        h
+    }
+
+    /// Calls `header(name, value)` for each header of the record, in the
+    /// order of [`Self::to_headers`], without building a list: the router
+    /// writes one record per (event, destination).
+    pub fn each_header(&self, mut header: impl FnMut(&'static str, &[u8])) {
+        let mut digits = Digits::default();
+        header(H_DESTINATION, self.destination_id.as_bytes());
+        header(H_EVENT_ID, self.event_id.as_bytes());
+        header(H_EVENT_TYPE, self.event_type.as_bytes());
+        header(H_ATTEMPT, digits.of(i64::from(self.attempt)));
         if let Some(due) = self.due_at_ms {
-            h.push((H_DUE_AT, due.to_string().into_bytes()));
+            header(H_DUE_AT, digits.of(due));
         }
         if let Some(created) = self.created_at_ms {
-            h.push((H_CREATED_AT, created.to_string().into_bytes()));
+            header(H_CREATED_AT, digits.of(created));
         }
         if let Some(rung) = self.rung {
-            h.push((H_RUNG, rung.to_string().into_bytes()));
+            header(H_RUNG, digits.of(i64::try_from(rung).unwrap_or(i64::MAX)));
         }
         if self.bounces > 0 {
-            h.push((H_BOUNCES, self.bounces.to_string().into_bytes()));
+            header(H_BOUNCES, digits.of(i64::from(self.bounces)));
         }
         if !self.history.is_empty() {
             // Serializing plain data cannot fail.
-            h.push((H_HISTORY, serde_json::to_vec(&self.history).unwrap_or_default()));
+            header(H_HISTORY, &serde_json::to_vec(&self.history).unwrap_or_default());
         }
-        h
     }
 
     /// Reads the metadata back from a record's headers.
@@ -179,6 +186,30 @@ impl DeliveryMeta {
     }
 }
 
+/// A decimal integer written into a stack buffer.
+#[derive(Default)]
+struct Digits([u8; 20]);
+
+impl Digits {
+    fn of(&mut self, n: i64) -> &[u8] {
+        let mut at = self.0.len();
+        let mut rest = n.unsigned_abs();
+        loop {
+            at -= 1;
+            self.0[at] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        if n < 0 {
+            at -= 1;
+            self.0[at] = b'-';
+        }
+        &self.0[at..]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +218,13 @@ mod tests {
     fn round_trip(m: &DeliveryMeta) -> DeliveryMeta {
         let h = m.to_headers();
         DeliveryMeta::from_headers(h.iter().map(|(k, v)| (*k, Some(v.as_slice())))).unwrap()
+    }
+
+    #[test]
+    fn digits_match_to_string() {
+        for n in [0, 7, 10, -1, 1_795_255_200_123, i64::MIN, i64::MAX] {
+            assert_eq!(Digits::default().of(n), n.to_string().as_bytes(), "{n}");
+        }
     }
 
     #[test]

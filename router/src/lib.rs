@@ -9,23 +9,41 @@
 //! An input offset is stored only after every delivery produced for it was
 //! acknowledged by Kafka (or the event was dead-lettered), through the
 //! shared contiguous watermark.
+//!
+//! Events are routed on the consumer loop itself ([`consume::run_inline`]):
+//! the records are handed to the producer at once, and the producer's
+//! acknowledgement callback finishes the event when its last record is in.
+//! No task, future or copy of the event per event; a record Kafka refused
+//! is written again by one background task until it is taken.
 
 pub mod config;
 pub mod metrics;
 pub mod route;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 pub use config::RouterConfig;
 use proto::{
     EventView, Registry,
     delivery::{DeliveryMeta, H_REASON},
-    destination::{Directory, Owner},
+    destination::{Destination, Directory, Owner},
     topics::Topics,
     tree::Tree,
 };
-use rdkafka::{Message, consumer::Consumer, message::OwnedMessage, producer::FutureProducer};
+use rdkafka::{
+    ClientContext, Message,
+    consumer::Consumer,
+    message::{BorrowedMessage, OwnedHeaders},
+    producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer},
+};
 use service::{Admin, Shutdown, consume, kafka, table::Table};
+use tokio::sync::mpsc;
 
 use crate::route::{Decision, Resolution};
 
@@ -51,8 +69,12 @@ struct Context {
     destinations: Table<Directory>,
     registry: Registry,
     accept_unknown: bool,
-    producer: FutureProducer,
+    producer: Arc<ThreadedProducer<Acks>>,
+    /// Records the producer did not take, for [`rewrite`].
+    rewrites: mpsc::UnboundedSender<Rewrite>,
     topics: Topics,
+    /// `topics.deliveries()`, named once.
+    deliveries_topic: String,
     metrics: metrics::Metrics,
 }
 
@@ -96,26 +118,141 @@ pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Resu
     let settings = kafka::consumer_config(&config.kafka, &config.router.group_id, config.router.session_timeout);
     let (consumer, tracker) = consume::consumer(&settings, limits, admin.readiness.register("router.group"), &lag)?;
     consumer.subscribe(&[&topics.events()])?;
-    let ctx = Arc::new(Context {
+    let (rewrites, rewrite_queue) = mpsc::unbounded_channel();
+    let producer: ThreadedProducer<Acks> = kafka::producer_config(&config.kafka, Duration::from_secs(30))
+        .create_with_context(Acks { rewrites: rewrites.clone(), counter: metrics.rewrites.clone() })?;
+    let producer = Arc::new(producer);
+    let rewriter = tokio::spawn(rewrite(producer.clone(), rewrite_queue));
+    let ctx = Context {
         tree,
         destinations,
         registry,
         accept_unknown: config.router.accept_unknown_types,
-        producer: kafka::producer(&config.kafka, Duration::from_secs(30))?,
+        producer,
+        rewrites,
+        deliveries_topic: topics.deliveries(),
         topics,
         metrics,
-    });
+    };
     tracing::info!(group = %config.router.group_id, "router consuming");
-    consume::run(consumer, tracker, limits, shutdown, move |m| handle(ctx.clone(), m)).await;
+    consume::run_inline(consumer, tracker, limits, shutdown, |m, done| handle(&ctx, m, done)).await;
+    // Every event was finished (or its grace ran out): nothing left to
+    // write again.
+    rewriter.abort();
     tracing::info!("router stopped");
     Ok(())
+}
+
+/// An event being routed: finished once every record written for it was
+/// acknowledged.
+struct Pending {
+    done: Mutex<Option<consume::Done>>,
+    left: AtomicUsize,
+}
+
+impl Pending {
+    fn new(done: consume::Done, records: usize) -> Arc<Self> {
+        Arc::new(Self { done: Mutex::new(Some(done)), left: AtomicUsize::new(records) })
+    }
+
+    /// One of its records was acknowledged.
+    fn written(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(done) = self.done.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
+            done.finish();
+        }
+    }
+}
+
+/// A record to write again: Kafka refused it, or the producer's queue was
+/// full.
+struct Rewrite {
+    pending: Arc<Pending>,
+    topic: String,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: Option<OwnedHeaders>,
+}
+
+/// The producer's context: acknowledgements finish events, refusals are
+/// written again.
+struct Acks {
+    rewrites: mpsc::UnboundedSender<Rewrite>,
+    counter: prometheus::IntCounter,
+}
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = Arc<Pending>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, pending: Arc<Pending>) {
+        match result {
+            Ok(_) => pending.written(),
+            Err((e, m)) => {
+                tracing::warn!(topic = m.topic(), error = %e, "write not acknowledged; writing it again");
+                self.counter.inc();
+                let rewrite = Rewrite {
+                    pending,
+                    topic: m.topic().to_owned(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers: m.headers().map(|h| h.detach()),
+                };
+                // Closed only at shutdown: the event stays unfinished, and
+                // the partition's next owner routes it again.
+                let _ = self.rewrites.send(rewrite);
+            }
+        }
+    }
+}
+
+/// Writes refused records again, with growing pauses, for as long as it
+/// takes: an event's offset must not advance past a record Kafka did not
+/// take.
+async fn rewrite(producer: Arc<ThreadedProducer<Acks>>, mut queue: mpsc::UnboundedReceiver<Rewrite>) {
+    while let Some(r) = queue.recv().await {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let mut record = BaseRecord::<[u8], [u8], _>::with_opaque_to(&r.topic, r.pending.clone());
+            record.key = r.key.as_deref();
+            record.payload = r.payload.as_deref();
+            record.headers = r.headers.clone();
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((e, _)) => {
+                    tracing::warn!(topic = %r.topic, error = %e, retry_in_ms = pause.as_millis() as u64, "write not taken; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Hands a record to the producer; one it does not take now goes to
+/// [`rewrite`].
+fn write(ctx: &Context, topic: &str, key: &[u8], payload: &[u8], headers: OwnedHeaders, pending: &Arc<Pending>) {
+    let record = BaseRecord::with_opaque_to(topic, pending.clone()).key(key).payload(payload).headers(headers);
+    if let Err((e, record)) = ctx.producer.send(record) {
+        tracing::debug!(%topic, error = %e, "write not taken at once; queued to write again");
+        ctx.metrics.rewrites.inc();
+        let _ = ctx.rewrites.send(Rewrite {
+            pending: record.delivery_opaque,
+            topic: topic.to_owned(),
+            key: Some(key.to_vec()),
+            payload: Some(payload.to_vec()),
+            headers: record.headers,
+        });
+    }
 }
 
 /// Where one event goes, decided while holding the table read locks.
 enum Plan {
     Deliver {
-        /// Destination ids, and whether each is instance-level.
-        targets: Vec<(String, bool)>,
+        /// The destinations that want it.
+        targets: Vec<Arc<Destination>>,
         event_id: String,
         event_type: String,
         /// `created_at` in Unix ms, for the deliverer's latency metric.
@@ -135,18 +272,22 @@ fn plan(ctx: &Context, payload: &[u8]) -> Plan {
     };
     let tree = ctx.tree.read();
     let destinations = ctx.destinations.read();
-    ctx.metrics.table_size.with_label_values(&["namespaces"]).set(tree.len() as i64);
-    ctx.metrics.table_size.with_label_values(&["destinations"]).set(destinations.len() as i64);
+    let hot = &ctx.metrics.hot;
+    hot.namespaces.set(tree.len() as i64);
+    hot.destinations.set(destinations.len() as i64);
     let mut out = Vec::new();
     match route::route(&view, &tree, &destinations, &ctx.registry, ctx.accept_unknown, &mut out) {
         Err(reason) => Plan::Poison(reason),
         Ok(Decision::NotStreamed) => {
-            ctx.metrics.events.with_label_values(&["not_streamed"]).inc();
+            hot.not_streamed.inc();
             Plan::Nothing
         }
         Ok(Decision::Route(resolution)) => {
             let via = match resolution {
-                Resolution::Tree => "tree",
+                Resolution::Tree => {
+                    hot.via_tree.inc();
+                    ""
+                }
                 Resolution::Path => "path",
                 Resolution::InstanceScope => "instance_scope",
                 Resolution::Unknown => "unknown",
@@ -155,49 +296,50 @@ fn plan(ctx: &Context, payload: &[u8]) -> Plan {
                     bad.as_str()
                 }
             };
-            ctx.metrics.resolution.with_label_values(&[via]).inc();
-            let targets = out.iter().map(|d| (d.id.clone(), d.owner == Owner::Instance)).collect();
+            if !via.is_empty() {
+                ctx.metrics.resolution.with_label_values(&[via]).inc();
+            }
             let id = view.id.as_ref().map(ToString::to_string).unwrap_or_default();
             let created_at_ms = view.created_at.as_deref().and_then(proto::event::timestamp_ms);
-            Plan::Deliver { targets, event_id: id, event_type: view.event_type.into_owned(), created_at_ms }
+            Plan::Deliver { targets: out, event_id: id, event_type: view.event_type.into_owned(), created_at_ms }
         }
     }
 }
 
-async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
+fn handle(ctx: &Context, m: &BorrowedMessage<'_>, done: consume::Done) {
     if let Some(at) = m.timestamp().to_millis() {
         let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
         ctx.metrics.lag.observe(((now as i64 - at).max(0) as f64) / 1000.0);
     }
     let payload = m.payload().unwrap_or_default();
-    match plan(&ctx, payload) {
-        Plan::Nothing => {}
+    match plan(ctx, payload) {
+        Plan::Nothing => done.finish(),
         Plan::Poison(reason) => {
             tracing::warn!(partition = m.partition(), offset = m.offset(), %reason, "dead-lettering event");
             let mut headers: Vec<(&str, &[u8])> =
-                kafka::header_pairs(&m).into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
+                kafka::header_pairs(m).into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
             headers.push((H_REASON, reason.as_bytes()));
             let key = m.key().unwrap_or_default();
-            kafka::produce_durably(&ctx.producer, &ctx.topics.events_dlq(), key, Some(payload), &headers).await;
+            let pending = Pending::new(done, 1);
+            write(ctx, &ctx.topics.events_dlq(), key, payload, kafka::headers(headers), &pending);
             ctx.metrics.events.with_label_values(&["dead_lettered"]).inc();
         }
+        Plan::Deliver { targets, .. } if targets.is_empty() => {
+            ctx.metrics.hot.unrouted.inc();
+            done.finish();
+        }
         Plan::Deliver { targets, event_id, event_type, created_at_ms } => {
-            let topic = ctx.topics.deliveries();
-            let writes = targets.iter().map(|(dest, instance)| {
-                let mut meta = DeliveryMeta::new(dest, &event_id, &event_type);
+            let pending = Pending::new(done, targets.len());
+            for dest in &targets {
+                let mut meta = DeliveryMeta::new(&dest.id, &event_id, &event_type);
                 meta.created_at_ms = created_at_ms;
-                let meta = meta.to_headers();
-                let topic = &topic;
-                let ctx = &ctx;
-                async move {
-                    let headers: Vec<(&str, &[u8])> = meta.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-                    kafka::produce_durably(&ctx.producer, topic, dest.as_bytes(), Some(payload), &headers).await;
-                    ctx.metrics.deliveries.with_label_values(&[if *instance { "instance" } else { "group" }]).inc();
-                }
-            });
-            futures_util::future::join_all(writes).await;
-            let outcome = if targets.is_empty() { "unrouted" } else { "routed" };
-            ctx.metrics.events.with_label_values(&[outcome]).inc();
+                let headers = kafka::meta_headers(&meta);
+                write(ctx, &ctx.deliveries_topic, dest.id.as_bytes(), payload, headers, &pending);
+                let level =
+                    if dest.owner == Owner::Instance { &ctx.metrics.hot.instance } else { &ctx.metrics.hot.group };
+                level.inc();
+            }
+            ctx.metrics.hot.routed.inc();
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The router's metrics, registered under `auditstream_router_`.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Handles to the router's metrics.
 #[derive(Clone)]
@@ -17,28 +17,67 @@ pub struct Metrics {
     pub table_size: IntGaugeVec,
     /// Seconds from an event's arrival in Kafka to its routing.
     pub lag: Histogram,
+    /// Records written again: Kafka refused them, or the producer's queue
+    /// had no room.
+    pub rewrites: IntCounter,
+    /// The per-event series, looked up once (a label lookup hashes the
+    /// labels on every call).
+    pub hot: Hot,
+}
+
+/// Series touched for every event.
+#[derive(Clone)]
+pub struct Hot {
+    /// `events{outcome="routed"}`.
+    pub routed: IntCounter,
+    /// `events{outcome="unrouted"}`.
+    pub unrouted: IntCounter,
+    /// `events{outcome="not_streamed"}`.
+    pub not_streamed: IntCounter,
+    /// `resolution{via="tree"}`.
+    pub via_tree: IntCounter,
+    /// `deliveries{level="instance"}`.
+    pub instance: IntCounter,
+    /// `deliveries{level="group"}`.
+    pub group: IntCounter,
+    /// `table_size{table="namespaces"}`.
+    pub namespaces: IntGauge,
+    /// `table_size{table="destinations"}`.
+    pub destinations: IntGauge,
 }
 
 impl Metrics {
     /// Registers the metrics in `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let events =
+            IntCounterVec::new(Opts::new("auditstream_router_events_total", "Events read, by outcome"), &["outcome"])?;
+        let deliveries = IntCounterVec::new(
+            Opts::new("auditstream_router_deliveries_total", "Deliveries written, by destination level"),
+            &["level"],
+        )?;
+        let table_size = IntGaugeVec::new(
+            Opts::new("auditstream_router_table_entries", "Entries in the in-memory tables"),
+            &["table"],
+        )?;
+        let resolution = IntCounterVec::new(
+            Opts::new("auditstream_router_root_resolution_total", "How each event's root group was found"),
+            &["via"],
+        )?;
+        let hot = Hot {
+            routed: events.with_label_values(&["routed"]),
+            unrouted: events.with_label_values(&["unrouted"]),
+            not_streamed: events.with_label_values(&["not_streamed"]),
+            via_tree: resolution.with_label_values(&["tree"]),
+            instance: deliveries.with_label_values(&["instance"]),
+            group: deliveries.with_label_values(&["group"]),
+            namespaces: table_size.with_label_values(&["namespaces"]),
+            destinations: table_size.with_label_values(&["destinations"]),
+        };
         let m = Self {
-            events: IntCounterVec::new(
-                Opts::new("auditstream_router_events_total", "Events read, by outcome"),
-                &["outcome"],
-            )?,
-            deliveries: IntCounterVec::new(
-                Opts::new("auditstream_router_deliveries_total", "Deliveries written, by destination level"),
-                &["level"],
-            )?,
-            resolution: IntCounterVec::new(
-                Opts::new("auditstream_router_root_resolution_total", "How each event's root group was found"),
-                &["via"],
-            )?,
-            table_size: IntGaugeVec::new(
-                Opts::new("auditstream_router_table_entries", "Entries in the in-memory tables"),
-                &["table"],
-            )?,
+            events,
+            deliveries,
+            resolution,
+            table_size,
             lag: Histogram::with_opts(
                 HistogramOpts::new(
                     "auditstream_router_lag_seconds",
@@ -46,12 +85,18 @@ impl Metrics {
                 )
                 .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
             )?,
+            rewrites: IntCounter::new(
+                "auditstream_router_rewrites_total",
+                "Records written again after Kafka refused them or the producer had no room",
+            )?,
+            hot,
         };
         registry.register(Box::new(m.lag.clone()))?;
         registry.register(Box::new(m.events.clone()))?;
         registry.register(Box::new(m.deliveries.clone()))?;
         registry.register(Box::new(m.resolution.clone()))?;
         registry.register(Box::new(m.table_size.clone()))?;
+        registry.register(Box::new(m.rewrites.clone()))?;
         Ok(m)
     }
 }

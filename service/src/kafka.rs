@@ -29,14 +29,27 @@ pub fn base(config: &KafkaConfig) -> ClientConfig {
 /// A producer whose acknowledgement means every in-sync replica has the
 /// record, without duplicates from its own retries. A record not
 /// acknowledged within `delivery_timeout` fails (and is not written later).
+///
+/// Batching and compression are the operator's to tune
+/// (`kafka.properties`): `linger.ms` defaults to 5 and `compression.type`
+/// to lz4. Acknowledgements and idempotence are not.
 pub fn producer(config: &KafkaConfig, delivery_timeout: Duration) -> Result<FutureProducer, KafkaError> {
+    producer_config(config, delivery_timeout).create()
+}
+
+/// The settings [`producer`] uses.
+pub fn producer_config(config: &KafkaConfig, delivery_timeout: Duration) -> ClientConfig {
     let mut c = base(config);
     c.set("acks", "all")
         .set("message.timeout.ms", delivery_timeout.as_millis().max(1).to_string())
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4");
-    c.create()
+        .set("enable.idempotence", "true");
+    if c.get("linger.ms").is_none() && c.get("queue.buffering.max.ms").is_none() {
+        c.set("linger.ms", "5");
+    }
+    if c.get("compression.type").is_none() && c.get("compression.codec").is_none() {
+        c.set("compression.type", "lz4");
+    }
+    c
 }
 
 /// Settings of a group consumer that stores offsets only when told to
@@ -122,6 +135,15 @@ pub fn header_pairs<M: rdkafka::Message>(m: &M) -> Vec<(&str, Option<&[u8]>)> {
     m.headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect()).unwrap_or_default()
 }
 
+/// The headers of a delivery record, built straight from its metadata.
+pub fn meta_headers(meta: &proto::delivery::DeliveryMeta) -> rdkafka::message::OwnedHeaders {
+    let mut headers = Some(rdkafka::message::OwnedHeaders::new_with_capacity(8));
+    meta.each_header(|key, value| {
+        headers = headers.take().map(|h| h.insert(rdkafka::message::Header { key, value: Some(value) }));
+    });
+    headers.unwrap_or_default()
+}
+
 /// Writes a record and waits for the acknowledgement, retrying with
 /// growing pauses for as long as it takes: the callers' offsets must not
 /// advance past a record Kafka did not take.
@@ -148,5 +170,29 @@ pub async fn produce_durably(
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batching_is_tunable_but_guarantees_are_not() {
+        let mut config = KafkaConfig::default();
+        let defaults = producer_config(&config, Duration::from_secs(30));
+        assert_eq!(defaults.get("linger.ms"), Some("5"));
+        assert_eq!(defaults.get("compression.type"), Some("lz4"));
+        for (k, v) in
+            [("linger.ms", "20"), ("compression.codec", "zstd"), ("acks", "1"), ("enable.idempotence", "false")]
+        {
+            config.properties.insert(k.into(), v.into());
+        }
+        let tuned = producer_config(&config, Duration::from_secs(30));
+        assert_eq!(tuned.get("linger.ms"), Some("20"));
+        assert_eq!(tuned.get("compression.codec"), Some("zstd"));
+        assert_eq!(tuned.get("compression.type"), None, "the operator's alias is not contradicted");
+        assert_eq!(tuned.get("acks"), Some("all"));
+        assert_eq!(tuned.get("enable.idempotence"), Some("true"));
     }
 }

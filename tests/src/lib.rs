@@ -259,6 +259,33 @@ pub async fn read_topic(kafka: &KafkaConfig, topic: &str, want: usize, deadline:
     out
 }
 
+/// The offsets `group` committed on `topic`, summed over its partitions
+/// (a partition without a commit counts 0): how many records the group
+/// finished, when it read from the start.
+pub async fn committed(kafka: &KafkaConfig, group: &str, topic: &str) -> i64 {
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        consumer::{Consumer as _, StreamConsumer},
+    };
+    let mut config = service::kafka::base(kafka);
+    config.set("group.id", group).set("enable.auto.commit", "false");
+    let consumer: StreamConsumer = config.create().expect("consumer");
+    let n = service::kafka::partitions(&consumer, topic, Duration::from_secs(20)).await.expect("topic exists");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n {
+        tpl.add_partition(topic, p);
+    }
+    let found = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    found
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum()
+}
+
 /// The value of a record's header.
 pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
     service::kafka::header_pairs(m)

@@ -276,3 +276,72 @@ async fn a_handover_skips_nothing() {
     assert!(ids.contains("second"), "the event after the handover was skipped");
     assert_eq!(records, 2, "and nothing was routed twice after a clean stop");
 }
+
+/// A write Kafka refuses is written again, and the event's offset waits
+/// for it. The broker is librdkafka's mock cluster: Tansu cannot be told to
+/// refuse writes, the mock can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_writes_are_written_again_and_hold_the_offset() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let broker = TestBroker::mock_cluster();
+    let (prefix, kafka) = setup(&broker).await;
+    let topics = Topics::new(&prefix);
+    produce_raw(&kafka, &topics.events(), "Project:1", &event("held", 1), &[]).await;
+    // The router's next three writes are refused for good (not retried by
+    // the client itself).
+    broker
+        .mock()
+        .unwrap()
+        .request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3]);
+
+    let group = unique("g");
+    let router = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", group.clone())]);
+    assert!(wait_ready(router.admin, Duration::from_secs(60)).await);
+    let (seen, _) = all_delivered(&kafka, &topics, 1, Duration::from_secs(30)).await;
+    assert!(seen.contains("held"), "the event was never delivered");
+    assert!(
+        metric(router.admin, "auditstream_router_rewrites_total").await >= 1.0,
+        "delivered, but not through a rewrite: the refusal was never seen"
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || async { tests::committed(&kafka, &group, &topics.events()).await == 1 })
+            .await,
+        "the offset did not advance once the write was taken"
+    );
+}
+
+/// A write the producer has no room for waits for room: with a queue of
+/// one record, most writes are not taken at once, and every event still
+/// arrives, once each at most as often as it was written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_the_producer_has_no_room_for_wait_for_room() {
+    let broker = TestBroker::start();
+    let (prefix, kafka) = setup(&broker).await;
+    let topics = Topics::new(&prefix);
+    const N: usize = 200;
+    let events: Vec<(String, Vec<u8>)> =
+        (0..N).map(|i| (format!("Project:{}", i % 10), event(&format!("q{i}"), (i % 10) as i64))).collect();
+    produce_many(&kafka, &topics.events(), &events).await;
+    let group = unique("g");
+    let router = spawn_role(
+        "router",
+        &broker,
+        &prefix,
+        &[
+            ("AUDITSTREAM_ROUTER__GROUP_ID", group.clone()),
+            ("AUDITSTREAM_KAFKA__PROPERTIES__QUEUE.BUFFERING.MAX.MESSAGES", "1".into()),
+        ],
+    );
+    assert!(wait_ready(router.admin, Duration::from_secs(60)).await);
+    let (seen, records) = all_delivered(&kafka, &topics, N, Duration::from_secs(60)).await;
+    assert_eq!(seen.len(), N, "events lost");
+    assert_eq!(records, N, "an event written twice");
+    assert!(metric(router.admin, "auditstream_router_rewrites_total").await >= 1.0, "the queue never filled");
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            tests::committed(&kafka, &group, &topics.events()).await == N as i64
+        })
+        .await,
+        "not every offset was committed"
+    );
+}
