@@ -1,6 +1,11 @@
 //! One HTTP delivery attempt (SPEC §2), and the connect-time address guard.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use proto::{destination::Destination, netguard::Policy};
 use reqwest::{
@@ -8,6 +13,13 @@ use reqwest::{
     dns::{Addrs, Name, Resolve, Resolving},
     header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER},
 };
+
+/// Most destinations whose prepared requests are kept; past it the cache
+/// starts over (it only saves work, and deleted destinations linger in it).
+const PREPARED_MAX: usize = 16_384;
+
+const EVENT_TYPE: HeaderName = HeaderName::from_static("x-gitlab-audit-event-type");
+const TOKEN: HeaderName = HeaderName::from_static("x-gitlab-event-streaming-token");
 
 use crate::config::DelivererSettings;
 use proto::signature as sign;
@@ -67,6 +79,15 @@ pub enum Outcome {
     },
 }
 
+/// What every request to one destination shares, worked out once per
+/// version of the destination: its parsed and checked URL, and its fixed
+/// headers. `Err` names why no request can be made.
+type Prepared = Result<(reqwest::Url, Vec<(HeaderName, HeaderValue)>), String>;
+
+/// Per destination id: the version it was prepared from (compared by
+/// pointer: the table replaces the `Arc` on every change) and the result.
+type PreparedCache = HashMap<String, (Arc<Destination>, Arc<Prepared>)>;
+
 /// Sends deliveries.
 #[derive(Clone)]
 pub struct Sender {
@@ -74,6 +95,7 @@ pub struct Sender {
     policy: Arc<Policy>,
     max_response_bytes: usize,
     max_retry_after: Duration,
+    prepared: Arc<Mutex<PreparedCache>>,
 }
 
 impl Sender {
@@ -95,17 +117,30 @@ impl Sender {
             policy,
             max_response_bytes: settings.max_response_bytes,
             max_retry_after: settings.max_retry_after,
+            prepared: Arc::default(),
         })
     }
 
-    /// POSTs `body` to `destination`. `event_id` and `event_type` come from
-    /// the delivery's headers; the body is sent as is.
-    pub async fn attempt(&self, destination: &Destination, event_id: &str, event_type: &str, body: &[u8]) -> Outcome {
-        let failed = |error: String, retryable| Outcome::Failed { status: None, error, retry_after: None, retryable };
-        let url = match reqwest::Url::parse(destination.url.expose()) {
-            Ok(u) => u,
-            Err(e) => return failed(format!("destination URL does not parse: {e}"), false),
-        };
+    /// The destination's URL and fixed headers, from the cache while the
+    /// destination is unchanged.
+    fn prepared(&self, destination: &Arc<Destination>) -> Arc<Prepared> {
+        let mut cache = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((version, prepared)) = cache.get(destination.id.as_str())
+            && Arc::ptr_eq(version, destination)
+        {
+            return prepared.clone();
+        }
+        let prepared = Arc::new(self.prepare(destination));
+        if cache.len() >= PREPARED_MAX {
+            cache.clear();
+        }
+        cache.insert(destination.id.clone(), (destination.clone(), prepared.clone()));
+        prepared
+    }
+
+    fn prepare(&self, destination: &Destination) -> Prepared {
+        let url = reqwest::Url::parse(destination.url.expose())
+            .map_err(|e| format!("destination URL does not parse: {e}"))?;
         // IP literals never reach the resolver: check them here.
         if let Some(host) = url.host() {
             let literal = match host {
@@ -113,17 +148,36 @@ impl Sender {
                 url::Host::Ipv6(a) => Some(std::net::IpAddr::V6(a)),
                 url::Host::Domain(_) => None,
             };
-            if let Some(ip) = literal
-                && let Err(why) = self.policy.check(ip)
-            {
-                return failed(why, false);
+            if let Some(ip) = literal {
+                self.policy.check(ip)?;
             }
         }
-        let headers = match build_headers(destination, event_id, event_type, body) {
+        Ok((url, fixed_headers(destination)?))
+    }
+
+    /// POSTs `body` to `destination`. `event_id` and `event_type` come from
+    /// the delivery's headers; the body is sent as is.
+    pub async fn attempt(
+        &self,
+        destination: &Arc<Destination>,
+        event_id: &str,
+        event_type: &str,
+        body: &[u8],
+    ) -> Outcome {
+        let failed = |error: String, retryable| Outcome::Failed { status: None, error, retry_after: None, retryable };
+        let prepared = self.prepared(destination);
+        let (url, fixed) = match &*prepared {
+            Ok(p) => p,
+            Err(e) => return failed(e.clone(), false),
+        };
+        let headers = match build_headers(fixed, destination, event_id, event_type, body) {
             Ok(h) => h,
             Err(e) => return failed(e, false),
         };
-        let response = match self.client.post(url).headers(headers).body(body.to_vec()).send().await {
+        let mut request = reqwest::Request::new(reqwest::Method::POST, url.clone());
+        *request.headers_mut() = headers;
+        *request.body_mut() = Some(body.to_vec().into());
+        let response = match self.client.execute(request).await {
             Ok(r) => r,
             Err(e) => {
                 let refused = error_chain(&e).contains("refused to connect to");
@@ -161,26 +215,43 @@ impl Sender {
     }
 }
 
+fn header_value(v: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(v).map_err(|_| "a header value is not valid in HTTP".to_owned())
+}
+
+/// The headers every request to `destination` carries: content type,
+/// custom headers, verification token.
+fn fixed_headers(destination: &Destination) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let mut h = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+    for custom in destination.active_headers() {
+        let name = HeaderName::from_bytes(custom.name.expose().as_bytes())
+            .map_err(|_| format!("header name {:?} is not valid in HTTP", custom.name.expose()))?;
+        let mut v = header_value(custom.value.expose())?;
+        v.set_sensitive(true);
+        h.push((name, v));
+    }
+    let mut token = header_value(destination.verification_token.expose())?;
+    token.set_sensitive(true);
+    h.push((TOKEN, token));
+    Ok(h)
+}
+
+/// One request's headers: the fixed ones, the event type and, when the
+/// destination signs, the signature headers.
 fn build_headers(
+    fixed: &[(HeaderName, HeaderValue)],
     destination: &Destination,
     event_id: &str,
     event_type: &str,
     body: &[u8],
 ) -> Result<HeaderMap, String> {
-    let value = |v: &str| HeaderValue::from_str(v).map_err(|_| "a header value is not valid in HTTP".to_owned());
-    let mut h = HeaderMap::new();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    for custom in destination.active_headers() {
-        let name = HeaderName::from_bytes(custom.name.expose().as_bytes())
-            .map_err(|_| format!("header name {:?} is not valid in HTTP", custom.name.expose()))?;
-        let mut v = value(custom.value.expose())?;
-        v.set_sensitive(true);
-        h.insert(name, v);
+    let value = header_value;
+    // Room for the client's own (user agent, accept) too: no regrowth.
+    let mut h = HeaderMap::with_capacity(fixed.len() + 8);
+    for (name, value) in fixed {
+        h.insert(name.clone(), value.clone());
     }
-    let mut token = value(destination.verification_token.expose())?;
-    token.set_sensitive(true);
-    h.insert("x-gitlab-event-streaming-token", token);
-    h.insert("x-gitlab-audit-event-type", value(event_type)?);
+    h.insert(EVENT_TYPE, value(event_type)?);
     let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
     let secrets = destination.signing_secrets(now_ms);
     if !secrets.is_empty() {

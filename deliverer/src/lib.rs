@@ -332,7 +332,7 @@ async fn attempts(ctx: &Context, m: &OwnedMessage, meta: &mut DeliveryMeta, body
             Outcome::Delivered(status) => {
                 ctx.isolation.record(slot, true);
                 ctx.metrics.attempt(true, Some(status));
-                ctx.metrics.deliveries.with_label_values(&["delivered"]).inc();
+                ctx.metrics.delivered.inc();
                 let created = meta.created_at_ms.or_else(|| created_at_ms(body));
                 if let Some(created) = created {
                     ctx.metrics.latency.observe((now_ms() - created).max(0) as f64 / 1000.0);

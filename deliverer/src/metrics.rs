@@ -1,6 +1,6 @@
 //! The deliverer's metrics, registered under `auditstream_deliverer_`.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Handles to the deliverer's metrics.
 #[derive(Clone)]
@@ -19,20 +19,29 @@ pub struct Metrics {
     pub circuit_open: IntGauge,
     /// Deliveries held waiting for their due time, by retry rung.
     pub retry_waiting: IntGaugeVec,
+    /// `deliveries{outcome="delivered"}`, looked up once: a label lookup
+    /// hashes the labels on every call.
+    pub delivered: IntCounter,
+    /// `attempts{outcome="delivered",class="2xx"}`, likewise.
+    attempts_2xx: IntCounter,
 }
 
 impl Metrics {
     /// Registers the metrics in `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let attempts = IntCounterVec::new(
+            Opts::new("auditstream_deliverer_attempts_total", "HTTP attempts by outcome and status class"),
+            &["outcome", "class"],
+        )?;
+        let deliveries = IntCounterVec::new(
+            Opts::new("auditstream_deliverer_deliveries_total", "Deliveries finished, by outcome"),
+            &["outcome"],
+        )?;
         let m = Self {
-            attempts: IntCounterVec::new(
-                Opts::new("auditstream_deliverer_attempts_total", "HTTP attempts by outcome and status class"),
-                &["outcome", "class"],
-            )?,
-            deliveries: IntCounterVec::new(
-                Opts::new("auditstream_deliverer_deliveries_total", "Deliveries finished, by outcome"),
-                &["outcome"],
-            )?,
+            delivered: deliveries.with_label_values(&["delivered"]),
+            attempts_2xx: attempts.with_label_values(&["delivered", "2xx"]),
+            attempts,
+            deliveries,
             latency: Histogram::with_opts(
                 HistogramOpts::new(
                     "auditstream_deliverer_delivery_latency_seconds",
@@ -67,6 +76,9 @@ impl Metrics {
 
     /// Counts one attempt.
     pub fn attempt(&self, delivered: bool, status: Option<u16>) {
+        if delivered && status.is_some_and(|s| (200..300).contains(&s)) {
+            return self.attempts_2xx.inc();
+        }
         let class = match status {
             Some(s) => ["1xx", "2xx", "3xx", "4xx", "5xx"]
                 .get(usize::from(s / 100).wrapping_sub(1))
