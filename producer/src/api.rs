@@ -241,7 +241,7 @@ async fn publish_events(state: &AppState, headers: &HeaderMap, body: Body) -> Re
     }
 
     let produce_started = Instant::now();
-    let results = join_all(prepared.iter().map(|e| state.publisher.send(e))).await;
+    let results = state.publisher.send_all(&prepared).await;
     state.metrics.observe_produce(produce_started.elapsed());
     let mut accepted = Vec::new();
     let mut failed = Vec::new();

@@ -41,11 +41,17 @@ pub enum PublishError {
     Setup(KafkaError),
 }
 
+fn timed_out() -> PublishError {
+    PublishError::Unavailable(KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::MessageTimedOut))
+}
+
 /// Publishes events, namespace records and destination records to Kafka.
 #[derive(Clone)]
 pub struct Publisher {
     producer: FutureProducer,
     topics: Topics,
+    /// `topics.events()`, named once.
+    events_topic: Arc<str>,
     registry: Arc<Registry>,
     limits: EventLimits,
     timeout: Duration,
@@ -64,6 +70,7 @@ impl Publisher {
         Ok(Self {
             producer: service::kafka::producer(kafka, timeout).map_err(PublishError::Setup)?,
             topics: Topics::new(kafka.topic_prefix.clone()),
+            events_topic: Topics::new(kafka.topic_prefix.clone()).events().into(),
             registry: Arc::new(registry),
             limits,
             timeout,
@@ -95,13 +102,47 @@ impl Publisher {
     /// Writes a prepared event; resolves once the broker acknowledged it
     /// (acks=all, idempotent producer).
     pub async fn send(&self, event: &PreparedEvent) -> Result<(), PublishError> {
+        let (key, headers) = Self::key_and_headers(event);
+        let record = FutureRecord::to(&self.events_topic).key(&key).payload(&event.bytes).headers(headers);
+        self.write(record).await
+    }
+
+    fn key_and_headers(event: &PreparedEvent) -> (String, rdkafka::message::OwnedHeaders) {
         let id = event.id.to_string();
         let headers =
             service::kafka::headers([(H_EVENT_ID, id.as_bytes()), (H_EVENT_TYPE, event.event_type.as_bytes())]);
-        let topic = self.topics.events();
-        let key = event.partition_key();
-        let record = FutureRecord::to(&topic).key(&key).payload(&event.bytes).headers(headers);
-        self.write(record).await
+        (event.partition_key(), headers)
+    }
+
+    /// Writes prepared events, each result in the order given; resolves
+    /// once the broker acknowledged (or refused) every one. All are handed
+    /// to the producer first, so they travel in as few batches as the
+    /// partitions allow; an event the producer's queue had no room for
+    /// waits for room as [`Self::send`] does.
+    pub async fn send_all(&self, events: &[PreparedEvent]) -> Vec<Result<(), PublishError>> {
+        let sent: Vec<_> = events
+            .iter()
+            .map(|event| {
+                let (key, headers) = Self::key_and_headers(event);
+                let record = FutureRecord::to(&self.events_topic).key(&key).payload(&event.bytes).headers(headers);
+                self.producer.send_result(record).ok()
+            })
+            .collect();
+        // Each acknowledgement comes within the delivery timeout; the bound
+        // on the whole is a guard against a stuck client, as in `write`.
+        let deadline = tokio::time::Instant::now() + self.timeout * 3;
+        let mut results = Vec::with_capacity(events.len());
+        for (event, sent) in events.iter().zip(sent) {
+            results.push(match sent {
+                Some(ack) => match tokio::time::timeout_at(deadline, ack).await {
+                    Ok(Ok(Ok(_))) => Ok(()),
+                    Ok(Ok(Err((e, _)))) => Err(PublishError::Unavailable(e)),
+                    Ok(Err(_)) | Err(_) => Err(timed_out()),
+                },
+                None => self.send(event).await,
+            });
+        }
+        results
     }
 
     /// Validates, completes and publishes one event.
@@ -162,9 +203,7 @@ impl Publisher {
         match tokio::time::timeout(self.timeout * 3, send).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((e, _))) => Err(PublishError::Unavailable(e)),
-            Err(_) => Err(PublishError::Unavailable(KafkaError::MessageProduction(
-                rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
-            ))),
+            Err(_) => Err(timed_out()),
         }
     }
 
