@@ -153,7 +153,11 @@ pub struct KafkaConfig {
     pub topic_prefix: String,
     /// Extra librdkafka properties passed through unchanged: TLS and SASL
     /// (`security.protocol`, `ssl.ca.location`, `sasl.mechanism`,
-    /// `sasl.username`, `sasl.password`, …). Values are never logged.
+    /// `sasl.username`, `sasl.password`, …), and producer batching
+    /// (`linger.ms`, `compression.type`, `batch.size`). Values are never
+    /// logged. Numbers and booleans are taken as their text, so
+    /// `AUDITSTREAM_KAFKA__PROPERTIES__LINGER.MS=20` works.
+    #[serde(deserialize_with = "scalar_texts")]
     pub properties: BTreeMap<String, String>,
     /// Partitions of topics created by auditstream.
     pub partitions: i32,
@@ -210,6 +214,32 @@ impl KafkaConfig {
         }
         Ok(())
     }
+}
+
+/// A map whose values may be written as strings, numbers or booleans
+/// (librdkafka takes every property as text).
+fn scalar_texts<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+        Flag(bool),
+    }
+    let map = BTreeMap::<String, Scalar>::deserialize(d)?;
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                Scalar::Text(s) => s,
+                Scalar::Integer(i) => i.to_string(),
+                Scalar::Float(f) => f.to_string(),
+                Scalar::Flag(b) => b.to_string(),
+            };
+            (k, text)
+        })
+        .collect())
 }
 
 /// One operator key for secrets at rest.
@@ -357,6 +387,8 @@ mod tests {
                 ("AUDITSTREAM_COMMON__KAFKA__BROKERS", "env:2"),
                 ("AUDITSTREAM_COMMON__SHUTDOWN__GRACE", "5s"),
                 ("AUDITSTREAM_COMMON__KAFKA__PROPERTIES__SASL.PASSWORD", "hunter2"),
+                ("AUDITSTREAM_COMMON__KAFKA__PROPERTIES__LINGER.MS", "20"),
+                ("AUDITSTREAM_COMMON__KAFKA__PROPERTIES__ENABLE.SSL.CERTIFICATE.VERIFICATION", "false"),
                 ("AUDITSTREAM_TEST_BROKERS", "not config"),
                 ("PATH", "/bin"),
             ]),
@@ -367,6 +399,8 @@ mod tests {
         assert_eq!(c.common.kafka.topic_prefix, "f.");
         assert_eq!(c.common.shutdown.grace, Duration::from_secs(5));
         assert_eq!(c.common.kafka.properties["sasl.password"], "hunter2");
+        assert_eq!(c.common.kafka.properties["linger.ms"], "20", "a number is taken as its text");
+        assert_eq!(c.common.kafka.properties["enable.ssl.certificate.verification"], "false");
         assert!(!format!("{c:?}").contains("hunter2"));
         assert_eq!(c.common.telemetry.filter, "info");
     }
