@@ -165,7 +165,7 @@ impl Sender {
         destination: &Arc<Destination>,
         event_id: &str,
         event_type: &str,
-        body: &[u8],
+        body: &bytes::Bytes,
     ) -> Outcome {
         let failed = |error: String, retryable| Outcome::Failed { status: None, error, retry_after: None, retryable };
         let prepared = self.prepared(destination);
@@ -179,7 +179,7 @@ impl Sender {
         };
         let mut request = reqwest::Request::new(reqwest::Method::POST, url.clone());
         *request.headers_mut() = headers;
-        *request.body_mut() = Some(body.to_vec().into());
+        *request.body_mut() = Some(body.clone().into());
         let response = match self.client.execute(request).await {
             Ok(r) => r,
             Err(e) => {

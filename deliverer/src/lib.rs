@@ -22,13 +22,19 @@ pub mod metrics;
 use std::{sync::Arc, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
 pub use config::DelivererConfig;
 use proto::{
     delivery::{Attempt, DeliveryMeta, H_REASON},
     destination::Directory,
     topics::Topics,
 };
-use rdkafka::{Message, consumer::Consumer, message::OwnedMessage, producer::FutureProducer};
+use rdkafka::{
+    Message,
+    consumer::Consumer,
+    message::{BorrowedMessage, OwnedMessage},
+    producer::FutureProducer,
+};
 use service::{Admin, Shutdown, consume, kafka, table::Table};
 
 use crate::http::{Outcome, Sender};
@@ -115,7 +121,8 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
         consume::consumer(&fresh_settings, limits, admin.readiness.register("deliverer.group"), &lag)?;
     fresh.subscribe(&[&topics.deliveries()])?;
     let c = ctx.clone();
-    let fresh_loop = consume::run(fresh, fresh_tracker, limits, shutdown.clone(), move |m| handle(c.clone(), m));
+    let fresh_loop =
+        consume::run_inline(fresh, fresh_tracker, limits, shutdown.clone(), move |m, done| take(&c, m, done));
 
     // Each retry rung has its own consumer (group `<group_id>-retry-<n>`)
     // and in-flight window: deliveries held until due never take the places
@@ -133,7 +140,9 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
         let (retry, retry_tracker) = consume::consumer(&retry_settings, limits, ready, &lag)?;
         retry.subscribe(&[&topics.retry(n)])?;
         let c = ctx.clone();
-        retry_loops.push(consume::run(retry, retry_tracker, limits, shutdown.clone(), move |m| handle(c.clone(), m)));
+        retry_loops.push(consume::run_inline(retry, retry_tracker, limits, shutdown.clone(), move |m, done| {
+            take(&c, m, done)
+        }));
     }
     tracing::info!(group = %settings.group_id, rungs, "deliverer consuming");
     tokio::join!(fresh_loop, futures_util::future::join_all(retry_loops));
@@ -180,19 +189,18 @@ impl Context {
     }
 
     /// Writes the delivery to retry rung `rung`, due after `delay`.
-    async fn requeue(&self, m: &OwnedMessage, meta: &mut DeliveryMeta, body: &[u8], rung: usize, delay: Duration) {
+    async fn requeue(&self, record: &Record, meta: &mut DeliveryMeta, rung: usize, delay: Duration) {
         meta.due_at_ms = Some(now_ms() + delay.as_millis() as i64);
         let headers = meta.to_headers();
         let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-        kafka::produce_durably(
-            &self.producer,
-            &self.retry_topics[rung],
-            m.key().unwrap_or_default(),
-            Some(body),
-            &headers,
-        )
-        .await;
+        kafka::produce_durably(&self.producer, &self.retry_topics[rung], &record.key, Some(&record.body), &headers)
+            .await;
         self.metrics.deliveries.with_label_values(&["retried"]).inc();
+    }
+
+    /// The topic a delivery was read from.
+    fn topic_of(&self, rung: Option<usize>) -> String {
+        rung.map_or_else(|| self.topics.deliveries(), |n| self.retry_topics[n].clone())
     }
 
     /// Which retry rung a topic is (`None` for fresh deliveries).
@@ -200,22 +208,30 @@ impl Context {
         self.retry_topics.iter().position(|t| t == topic)
     }
 
-    async fn dead_letter(&self, m: &OwnedMessage, meta: Option<&DeliveryMeta>, reason: &str) {
-        tracing::warn!(topic = m.topic(), offset = m.offset(), destination = meta.map(|m| m.destination_id.as_str()), %reason, "dead-lettering delivery");
-        let meta_headers = meta.map(DeliveryMeta::to_headers).unwrap_or_default();
-        let mut headers: Vec<(&str, &[u8])> = match meta {
-            Some(_) => meta_headers.iter().map(|(k, v)| (*k, v.as_slice())).collect(),
-            None => kafka::header_pairs(m).into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect(),
-        };
-        headers.push((H_REASON, reason.as_bytes()));
-        kafka::produce_durably(
-            &self.producer,
-            &self.topics.deliveries_dlq(),
-            m.key().unwrap_or_default(),
-            m.payload(),
-            &headers,
-        )
-        .await;
+    /// Parks a delivery in the dead-letter topic with its history.
+    async fn dead_letter(&self, record: &Record, meta: &DeliveryMeta, reason: &str) {
+        tracing::warn!(topic = %self.topic_of(record.rung), partition = record.partition, offset = record.offset, destination = %meta.destination_id, %reason, "dead-lettering delivery");
+        let headers = meta.to_headers();
+        let headers = headers.iter().map(|(k, v)| (*k, v.as_slice()));
+        self.park(&record.key, Some(&record.body), headers, reason).await;
+    }
+
+    /// Parks a record whose delivery headers cannot be read, as it came.
+    async fn dead_letter_unreadable(&self, m: &OwnedMessage, reason: &str) {
+        tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "dead-lettering delivery");
+        let headers = kafka::header_pairs(m).into_iter().filter_map(|(k, v)| v.map(|v| (k, v)));
+        self.park(m.key().unwrap_or_default(), m.payload(), headers, reason).await;
+    }
+
+    async fn park<'a>(
+        &self,
+        key: &[u8],
+        payload: Option<&[u8]>,
+        headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+        reason: &'a str,
+    ) {
+        let headers: Vec<(&str, &[u8])> = headers.chain([(H_REASON, reason.as_bytes())]).collect();
+        kafka::produce_durably(&self.producer, &self.topics.deliveries_dlq(), key, payload, &headers).await;
         self.metrics.deliveries.with_label_values(&["dead_lettered"]).inc();
     }
 }
@@ -232,12 +248,48 @@ enum Turn {
     Hopeless(String),
 }
 
-async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
-    let mut meta = match DeliveryMeta::from_headers(kafka::header_pairs(&m)) {
-        Ok(meta) => meta,
-        Err(reason) => return ctx.dead_letter(&m, None, &format!("unreadable delivery: {reason}")).await,
-    };
-    let rung = ctx.rung_of(m.topic());
+/// What the deliverer keeps of a delivery record: its headers are read
+/// from the consumer's buffer (into [`DeliveryMeta`]) and never copied, and
+/// the body is shared with every attempt's request.
+struct Record {
+    key: Vec<u8>,
+    body: Bytes,
+    /// The retry rung it was read from; `None` for a fresh delivery.
+    rung: Option<usize>,
+    partition: i32,
+    offset: i64,
+}
+
+/// Takes a delivery off the consumer loop: reads its metadata, and hands it
+/// to a task of its own (its attempts wait for the network).
+fn take(ctx: &Arc<Context>, m: &BorrowedMessage<'_>, done: consume::Done) {
+    let ctx = ctx.clone();
+    match DeliveryMeta::from_headers(kafka::header_iter(m)) {
+        Ok(meta) => {
+            let record = Record {
+                key: m.key().unwrap_or_default().to_vec(),
+                body: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                rung: ctx.rung_of(m.topic()),
+                partition: m.partition(),
+                offset: m.offset(),
+            };
+            tokio::spawn(async move {
+                handle(ctx, record, meta).await;
+                done.finish();
+            });
+        }
+        Err(reason) => {
+            let m = m.detach();
+            tokio::spawn(async move {
+                ctx.dead_letter_unreadable(&m, &format!("unreadable delivery: {reason}")).await;
+                done.finish();
+            });
+        }
+    }
+}
+
+async fn handle(ctx: Arc<Context>, record: Record, mut meta: DeliveryMeta) {
+    let rung = record.rung;
     // How far down the ladder it is: its `auditstream-rung` header, else
     // the topic it was read from (0 = fresh, n = retry rung n − 1).
     let position = meta.rung.unwrap_or(rung.map_or(0, |n| n + 1));
@@ -251,8 +303,7 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
             waiting.dec();
         }
     }
-    let body = m.payload().unwrap_or_default();
-    let mut turn = attempts(&ctx, &m, &mut meta, body).await;
+    let mut turn = attempts(&ctx, &record, &mut meta).await;
     if let Turn::Bounce = turn
         && meta.bounces >= ctx.settings.max_bounces()
     {
@@ -265,7 +316,7 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
     }
     match turn {
         Turn::Done => {}
-        Turn::Hopeless(reason) => ctx.dead_letter(&m, Some(&meta), &reason).await,
+        Turn::Hopeless(reason) => ctx.dead_letter(&record, &meta, &reason).await,
         Turn::Bounce => {
             // Busy, not failing: back soon through the first rung (the one
             // with the shortest wait), keeping its place on the ladder, a
@@ -273,7 +324,7 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
             meta.rung = Some(position);
             let delay = ctx.settings.bounce_delay(meta.bounces);
             meta.bounces += 1;
-            ctx.requeue(&m, &mut meta, body, 0, delay).await;
+            ctx.requeue(&record, &mut meta, 0, delay).await;
         }
         Turn::Ladder(retry_after) => {
             let next = position;
@@ -281,17 +332,17 @@ async fn handle(ctx: Arc<Context>, m: OwnedMessage) {
             meta.bounces = 0;
             let Some(delay) = ctx.settings.retry_delays.get(next) else {
                 let reason = format!("retries exhausted after {} attempts", meta.attempt);
-                return ctx.dead_letter(&m, Some(&meta), &reason).await;
+                return ctx.dead_letter(&record, &meta, &reason).await;
             };
             let delay = retry_after.map_or(*delay, |ra| ra.max(*delay));
-            ctx.requeue(&m, &mut meta, body, next, delay).await;
+            ctx.requeue(&record, &mut meta, next, delay).await;
         }
     }
 }
 
 /// The quick in-process tries of one turn (backon schedule), each through
 /// the destination's isolation.
-async fn attempts(ctx: &Context, m: &OwnedMessage, meta: &mut DeliveryMeta, body: &[u8]) -> Turn {
+async fn attempts(ctx: &Context, record: &Record, meta: &mut DeliveryMeta) -> Turn {
     let mut backoff = ExponentialBuilder::default()
         .with_min_delay(ctx.settings.quick_retry_delay)
         .with_max_times(ctx.settings.quick_retries)
@@ -314,7 +365,7 @@ async fn attempts(ctx: &Context, m: &OwnedMessage, meta: &mut DeliveryMeta, body
             }
         };
         if !destination.active {
-            ctx.dead_letter(m, Some(meta), "destination inactive").await;
+            ctx.dead_letter(record, meta, "destination inactive").await;
             return Turn::Done;
         }
         let slot = match ctx.isolation.enter(&destination.id).await {
@@ -326,14 +377,14 @@ async fn attempts(ctx: &Context, m: &OwnedMessage, meta: &mut DeliveryMeta, body
             }
         };
         let started = tokio::time::Instant::now();
-        let outcome = ctx.sender.attempt(&destination, &meta.event_id, &meta.event_type, body).await;
+        let outcome = ctx.sender.attempt(&destination, &meta.event_id, &meta.event_type, &record.body).await;
         ctx.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
         match outcome {
             Outcome::Delivered(status) => {
                 ctx.isolation.record(slot, true);
                 ctx.metrics.attempt(true, Some(status));
                 ctx.metrics.delivered.inc();
-                let created = meta.created_at_ms.or_else(|| created_at_ms(body));
+                let created = meta.created_at_ms.or_else(|| created_at_ms(&record.body));
                 if let Some(created) = created {
                     ctx.metrics.latency.observe((now_ms() - created).max(0) as f64 / 1000.0);
                 }

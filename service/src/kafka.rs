@@ -129,6 +129,15 @@ pub fn headers<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> rdka
     })
 }
 
+/// A message's headers as name/value pairs, read in place.
+pub fn header_iter<'a, M: rdkafka::Message>(m: &'a M) -> impl Iterator<Item = (&'a str, Option<&'a [u8]>)> + 'a
+where
+    M::Headers: 'a,
+{
+    use rdkafka::message::Headers as _;
+    m.headers().into_iter().flat_map(|h| h.iter().map(|h| (h.key, h.value)))
+}
+
 /// The name/value pairs of a message's headers.
 pub fn header_pairs<M: rdkafka::Message>(m: &M) -> Vec<(&str, Option<&[u8]>)> {
     use rdkafka::message::Headers as _;
