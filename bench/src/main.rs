@@ -91,6 +91,11 @@ struct Args {
     /// Skip the ceilings.
     #[arg(long)]
     no_ceilings: bool,
+    /// Rounds: every scenario (and the ceilings around it) this many times,
+    /// with the median and range of each figure at the end. This machine's
+    /// noise is ±25%: one round proves little.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// The `auditstream` binary.
     #[arg(long, default_value = "target/release/auditstream")]
     binary: PathBuf,
@@ -166,41 +171,65 @@ async fn main() -> Result<()> {
         let per_request = cpu_before.zip(cpu_after).map(|(x, y)| (y - x) * 1e6 / (b * args.ceiling_seconds as f64));
         anyhow::Ok(Ceilings { a, b, per_request })
     };
-    let before = if args.no_ceilings { None } else { Some(measure().await?) };
-
     let mut rows = Vec::new();
-    let mut memory = Vec::new();
-    for &scenario in &args.scenarios {
-        eprintln!("bench: scenario {scenario:?}");
-        let (phases, rss) = run_scenario(&args, &broker, &sink, &client, scenario).await?;
-        rows.extend(phases);
-        memory.push((scenario, rss));
+    let mut memory: Vec<(Scenario, Vec<Option<u64>>)> = Vec::new();
+    let mut measured = Vec::new();
+    for round in 1..=args.repeat {
+        let before = if args.no_ceilings { None } else { Some(measure().await?) };
+        let first = rows.len();
+        for &scenario in &args.scenarios {
+            eprintln!("bench: round {round}, scenario {scenario:?}");
+            let (phases, rss) = run_scenario(&args, &broker, &sink, &client, scenario).await?;
+            rows.extend(phases);
+            match memory.iter_mut().find(|(s, _)| *s == scenario) {
+                // The peak over the rounds.
+                Some((_, peak)) => {
+                    for (p, r) in peak.iter_mut().zip(rss) {
+                        *p = (*p).max(r);
+                    }
+                }
+                None => memory.push((scenario, rss)),
+            }
+        }
+        if let Some(before) = before {
+            let after = measure().await?;
+            let ceiling = (before.a.max(after.a), before.b.max(after.b));
+            for r in &mut rows[first..] {
+                r.round = round;
+                r.ceilings = Some(ceiling);
+            }
+            measured.push((round, before, after));
+        } else {
+            for r in &mut rows[first..] {
+                r.round = round;
+            }
+        }
     }
 
-    let mut ceilings = None;
-    if let Some(before) = before {
-        let after = measure().await?;
+    if !measured.is_empty() {
         let cpu = |c: &Ceilings| c.per_request.map_or("–".to_owned(), |p| format!("{p:.0}"));
         writeln!(
             out,
-            "## Ceilings\n\nMeasured before and after the scenarios; ratios use the higher.\n\n\
-             | ceiling | before | after | CPU µs per message (before, after) |\n|---|---|---|---|"
+            "## Ceilings\n\nMeasured before and after each round's scenarios; that round's ratios use the higher.\n\n\
+             | round | ceiling | before | after | CPU µs per message (before, after) |\n|---|---|---|---|---|"
         )?;
-        writeln!(
-            out,
-            "| (a) broker produce→consume, same messages, no processing | {:.0} msg/s | {:.0} msg/s | – |",
-            before.a, after.a
-        )?;
-        writeln!(
-            out,
-            "| (b) HTTP POST to the sink, same payload, {} connections | {:.0} req/s | {:.0} req/s | {}, {} (client and sink) |\n",
-            args.connections,
-            before.b,
-            after.b,
-            cpu(&before),
-            cpu(&after)
-        )?;
-        ceilings = Some((before.a.max(after.a), before.b.max(after.b)));
+        for (round, before, after) in &measured {
+            writeln!(
+                out,
+                "| {round} | (a) broker produce→consume, same messages, no processing | {:.0} msg/s | {:.0} msg/s | – |",
+                before.a, after.a
+            )?;
+            writeln!(
+                out,
+                "| {round} | (b) HTTP POST to the sink, same payload, {} connections | {:.0} req/s | {:.0} req/s | {}, {} (client and sink) |",
+                args.connections,
+                before.b,
+                after.b,
+                cpu(before),
+                cpu(after)
+            )?;
+        }
+        writeln!(out)?;
     }
 
     writeln!(out, "## Pipeline\n")?;
@@ -212,17 +241,19 @@ async fn main() -> Result<()> {
     )?;
     writeln!(
         out,
-        "| scenario | run | published | accepted/s | delivered | delivered/s | vs (a) | vs (b) | p50 ms | p95 ms | p99 ms | \
+        "| round | scenario | run | published | accepted/s | delivered | delivered/s | vs (a) | vs (b) | p50 ms | p95 ms | p99 ms | \
          CPU producer | CPU router | CPU deliverer | CPU broker | CPU harness | CPU total | set aside to retry |"
     )?;
-    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for r in &rows {
+        let ceilings = r.ceilings;
         let ratio = |c: Option<f64>| c.map_or("–".to_owned(), |c| format!("{:.1}%", 100.0 * r.rate / c));
         let cpu = |i: usize| r.cpu.get(i).copied().flatten().map_or("–".to_owned(), |c| format!("{c:.3}"));
         let total = r.cpu.iter().copied().sum::<Option<f64>>().map_or("–".to_owned(), |c| format!("{c:.3}"));
         writeln!(
             out,
-            "| {:?} | {} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:?} | {} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.round,
             r.scenario,
             r.run,
             r.published,
@@ -242,6 +273,39 @@ async fn main() -> Result<()> {
             total,
             r.retried,
         )?;
+    }
+    if args.repeat > 1 {
+        writeln!(
+            out,
+            "\n## Over the {} rounds\n\nMedian (lowest–highest).\n\n\
+             | scenario | run | delivered/s | vs (b) | p99 ms | CPU total |\n|---|---|---|---|---|---|",
+            args.repeat
+        )?;
+        let mut seen = Vec::new();
+        for r in &rows {
+            if seen.contains(&(r.scenario, r.run)) {
+                continue;
+            }
+            seen.push((r.scenario, r.run));
+            let same: Vec<&Row> = rows.iter().filter(|x| x.scenario == r.scenario && x.run == r.run).collect();
+            let spread = |values: Vec<f64>, show: &dyn Fn(f64) -> String| match summary(values) {
+                Some((mid, low, high)) => format!("{} ({}–{})", show(mid), show(low), show(high)),
+                None => "–".to_owned(),
+            };
+            let whole = |v: f64| format!("{v:.0}");
+            let percent = |v: f64| format!("{v:.1}%");
+            let cpu = |v: f64| format!("{v:.3}");
+            writeln!(
+                out,
+                "| {:?} | {} | {} | {} | {} | {} |",
+                r.scenario,
+                r.run,
+                spread(same.iter().map(|x| x.rate).collect(), &whole),
+                spread(same.iter().filter_map(|x| x.ceilings.map(|c| 100.0 * x.rate / c.1)).collect(), &percent),
+                spread(same.iter().map(|x| x.latency[2] as f64).collect(), &whole),
+                spread(same.iter().filter_map(|x| x.cpu.iter().copied().sum::<Option<f64>>()).collect(), &cpu),
+            )?;
+        }
     }
     writeln!(
         out,
@@ -264,8 +328,21 @@ struct Ceilings {
     per_request: Option<f64>,
 }
 
+/// Median, lowest and highest (`None` when empty).
+fn summary(mut values: Vec<f64>) -> Option<(f64, f64, f64)> {
+    values.sort_by(f64::total_cmp);
+    let (low, high) = (*values.first()?, *values.last()?);
+    let n = values.len();
+    let median = if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 };
+    Some((median, low, high))
+}
+
 /// One measured run of one scenario.
 struct Row {
+    /// Which round (`--repeat`) it belongs to.
+    round: u32,
+    /// That round's ceilings (a) and (b), the higher of before and after.
+    ceilings: Option<(f64, f64)>,
     scenario: Scenario,
     run: &'static str,
     published: u64,
@@ -865,6 +942,8 @@ async fn run_scenario(
         let retried = outcomes(client, deliverer.admin).await.get("retried").copied().unwrap_or(0.0) - retried_before;
         eprintln!("bench: {scenario:?} {run}: {published} published, {delivered} delivered, {rate:.0}/s");
         rows.push(Row {
+            round: 0,
+            ceilings: None,
             scenario,
             run,
             published,
