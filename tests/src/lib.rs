@@ -352,19 +352,21 @@ pub async fn produce_many(kafka: &KafkaConfig, topic: &str, events: &[(String, V
     let producer = service::kafka::producer(kafka, Duration::from_secs(30)).expect("producer");
     // `send_result` enqueues at once (`send` would only start when awaited,
     // one record per acknowledgement).
-    let mut pending = Vec::with_capacity(events.len());
+    let mut pending = std::collections::VecDeque::with_capacity(events.len());
     for (k, v) in events {
         let mut record = FutureRecord::to(topic).key(k).payload(v);
         loop {
             match producer.send_result(record) {
-                Ok(delivery) => break pending.push(delivery),
+                Ok(delivery) => break pending.push_back(delivery),
                 Err((e, r)) => {
                     assert!(
                         matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)),
                         "enqueue failed: {e}"
                     );
                     record = r;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    // The queue is full: the oldest acknowledgement makes room.
+                    let oldest = pending.pop_front().expect("a full queue holds a record");
+                    oldest.await.expect("not cancelled").expect("event written");
                 }
             }
         }

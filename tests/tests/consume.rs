@@ -119,8 +119,14 @@ async fn the_loop_never_holds_more_than_its_bound() {
     })
     .await;
     assert!(filled, "the loop did not fill its bound");
-    // Held past the point where the loop pauses its partitions.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Held past the point where the loop pauses its partitions: watched
+    // for a message beyond the bound until then, failing at the first.
+    let overtaken = wait_until(Duration::from_secs(1), || {
+        let n = seen.total();
+        async move { n > 16 }
+    })
+    .await;
+    assert!(!overtaken, "messages beyond the bound were taken");
     assert_eq!(seen.total(), 16, "messages beyond the bound were taken");
     // Then one handler at a time gets through, so the loop refills its
     // bound again and again.
@@ -157,7 +163,14 @@ async fn work_held_longer_than_the_poll_interval_keeps_the_group() {
     })
     .await;
     assert!(held, "the first four messages were not taken");
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Held for 8 s, more than twice max.poll.interval.ms, watched for a
+    // message beyond the bound all along.
+    let overtaken = wait_until(Duration::from_secs(8), || {
+        let n = seen.total();
+        async move { n > 4 }
+    })
+    .await;
+    assert!(!overtaken, "nothing beyond the bound was taken");
     assert_eq!(seen.total(), 4, "nothing beyond the bound was taken");
     gate.add_permits(1_000);
     let all = wait_until(Duration::from_secs(30), || {
@@ -165,10 +178,16 @@ async fn work_held_longer_than_the_poll_interval_keeps_the_group() {
         async move { n >= 8 }
     })
     .await;
-    // Time for a rejoin's re-reads to show up, if there were any.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A rejoin's re-reads would show up within a few seconds: watched
+    // for, failing at the first.
+    let reread = wait_until(Duration::from_secs(3), || {
+        let n = seen.repeats();
+        async move { n > 0 }
+    })
+    .await;
     run.stop().await;
     assert!(all, "only {} of 8 handled", seen.total());
+    assert!(!reread, "messages were handled again: membership lapsed while work was held");
     assert_eq!(seen.repeats(), 0, "messages were handled again: membership lapsed while work was held");
 }
 
