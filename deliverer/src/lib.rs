@@ -219,7 +219,7 @@ impl Context {
     /// Parks a record whose delivery headers cannot be read, as it came.
     async fn dead_letter_unreadable(&self, m: &OwnedMessage, reason: &str) {
         tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "dead-lettering delivery");
-        let headers = kafka::header_pairs(m).into_iter().filter_map(|(k, v)| v.map(|v| (k, v)));
+        let headers = kafka::header_iter(m).filter_map(|(k, v)| v.map(|v| (k, v)));
         self.park(m.key().unwrap_or_default(), m.payload(), headers, reason).await;
     }
 

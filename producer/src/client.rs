@@ -67,10 +67,11 @@ impl Publisher {
         limits: EventLimits,
         timeout: Duration,
     ) -> Result<Self, PublishError> {
+        let topics = Topics::new(kafka.topic_prefix.clone());
         Ok(Self {
             producer: service::kafka::producer(kafka, timeout).map_err(PublishError::Setup)?,
-            topics: Topics::new(kafka.topic_prefix.clone()),
-            events_topic: Topics::new(kafka.topic_prefix.clone()).events().into(),
+            events_topic: topics.events().into(),
+            topics,
             registry: Arc::new(registry),
             limits,
             timeout,

@@ -284,10 +284,7 @@ fn plan(ctx: &Context, payload: &[u8]) -> Plan {
         }
         Ok(Decision::Route(resolution)) => {
             let via = match resolution {
-                Resolution::Tree => {
-                    hot.via_tree.inc();
-                    ""
-                }
+                Resolution::Tree => "tree",
                 Resolution::Path => "path",
                 Resolution::InstanceScope => "instance_scope",
                 Resolution::Unknown => "unknown",
@@ -296,7 +293,10 @@ fn plan(ctx: &Context, payload: &[u8]) -> Plan {
                     bad.as_str()
                 }
             };
-            if !via.is_empty() {
+            // The common case without a label lookup.
+            if matches!(resolution, Resolution::Tree) {
+                hot.via_tree.inc();
+            } else {
                 ctx.metrics.resolution.with_label_values(&[via]).inc();
             }
             let id = view.id.as_ref().map(ToString::to_string).unwrap_or_default();
@@ -317,7 +317,7 @@ fn handle(ctx: &Context, m: &BorrowedMessage<'_>, done: consume::Done) {
         Plan::Poison(reason) => {
             tracing::warn!(partition = m.partition(), offset = m.offset(), %reason, "dead-lettering event");
             let mut headers: Vec<(&str, &[u8])> =
-                kafka::header_pairs(m).into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
+                kafka::header_iter(m).filter_map(|(k, v)| v.map(|v| (k, v))).collect();
             headers.push((H_REASON, reason.as_bytes()));
             let key = m.key().unwrap_or_default();
             let pending = Pending::new(done, 1);

@@ -319,16 +319,6 @@ impl Done {
     pub fn finish(self) {
         self.tracker.finish(&self.topic, self.partition, self.offset);
     }
-
-    /// The message's partition.
-    pub fn partition(&self) -> i32 {
-        self.partition
-    }
-
-    /// The message's offset.
-    pub fn offset(&self) -> i64 {
-        self.offset
-    }
 }
 
 /// Runs until `shutdown`, spawning `handler(message)` for each message.

@@ -138,10 +138,9 @@ where
     m.headers().into_iter().flat_map(|h| h.iter().map(|h| (h.key, h.value)))
 }
 
-/// The name/value pairs of a message's headers.
+/// The name/value pairs of a message's headers, collected.
 pub fn header_pairs<M: rdkafka::Message>(m: &M) -> Vec<(&str, Option<&[u8]>)> {
-    use rdkafka::message::Headers as _;
-    m.headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect()).unwrap_or_default()
+    header_iter(m).collect()
 }
 
 /// The headers of a delivery record, built straight from its metadata.
