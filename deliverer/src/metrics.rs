@@ -1,5 +1,7 @@
 //! The deliverer's metrics, registered under `auditstream_deliverer_`.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Handles to the deliverer's metrics.
@@ -22,9 +24,13 @@ pub struct Metrics {
     /// `deliveries{outcome="delivered"}`, looked up once: a label lookup
     /// hashes the labels on every call.
     pub delivered: IntCounter,
-    /// `attempts{outcome="delivered",class="2xx"}`, likewise.
-    attempts_2xx: IntCounter,
+    /// The `attempts` series by outcome and class, each looked up once, on
+    /// first use.
+    attempt_series: Arc<[[OnceLock<IntCounter>; CLASSES.len()]; 2]>,
 }
+
+/// The status classes of `attempts`.
+const CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other", "none"];
 
 impl Metrics {
     /// Registers the metrics in `registry`.
@@ -39,7 +45,7 @@ impl Metrics {
         )?;
         let m = Self {
             delivered: deliveries.with_label_values(&["delivered"]),
-            attempts_2xx: attempts.with_label_values(&["delivered", "2xx"]),
+            attempt_series: Arc::default(),
             attempts,
             deliveries,
             latency: Histogram::with_opts(
@@ -76,16 +82,13 @@ impl Metrics {
 
     /// Counts one attempt.
     pub fn attempt(&self, delivered: bool, status: Option<u16>) {
-        if delivered && status.is_some_and(|s| (200..300).contains(&s)) {
-            return self.attempts_2xx.inc();
-        }
         let class = match status {
-            Some(s) => ["1xx", "2xx", "3xx", "4xx", "5xx"]
-                .get(usize::from(s / 100).wrapping_sub(1))
-                .copied()
-                .unwrap_or("other"),
-            None => "none",
+            Some(s) => usize::from(s / 100).checked_sub(1).filter(|&c| c < 5).unwrap_or(5),
+            None => 6,
         };
-        self.attempts.with_label_values(&[if delivered { "delivered" } else { "failed" }, class]).inc();
+        let outcome = usize::from(!delivered);
+        self.attempt_series[outcome][class]
+            .get_or_init(|| self.attempts.with_label_values(&[["delivered", "failed"][outcome], CLASSES[class]]))
+            .inc();
     }
 }
