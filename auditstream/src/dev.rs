@@ -203,11 +203,6 @@ async fn start(args: DevArgs) -> anyhow::Result<()> {
     deliverer_cfg.deliverer.session_timeout = Duration::from_secs(6);
     deliverer_cfg.deliverer.allowed_networks = loopback()?;
 
-    let admin_task = tokio::spawn(admin.clone().serve(admin_listener, shutdown.clone()));
-    let mut producer_task = tokio::spawn(producer::run(producer_cfg, admin.clone(), api, shutdown.clone()));
-    let mut router_task = tokio::spawn(router::run(router_cfg, admin.clone(), shutdown.clone()));
-    let mut deliverer_task = tokio::spawn(deliverer::run(deliverer_cfg, admin.clone(), shutdown.clone()));
-
     let admin_token = &args.admin_token;
     let broker_text = if embedded { format!("embedded mock cluster ({brokers})") } else { brokers.clone() };
     let log_text = args
@@ -236,6 +231,13 @@ Publish an example event (delivered to both destinations):
 Each delivery the receiver takes is printed below as one line. Ctrl-C stops.
 "#
     );
+
+    // The roles start after the guide is printed, so /ready never answers
+    // 200 before it is on stdout.
+    let admin_task = tokio::spawn(admin.clone().serve(admin_listener, shutdown.clone()));
+    let mut producer_task = tokio::spawn(producer::run(producer_cfg, admin.clone(), api, shutdown.clone()));
+    let mut router_task = tokio::spawn(router::run(router_cfg, admin.clone(), shutdown.clone()));
+    let mut deliverer_task = tokio::spawn(deliverer::run(deliverer_cfg, admin.clone(), shutdown.clone()));
 
     let mut wait = shutdown.clone();
     let failed = tokio::select! {

@@ -25,7 +25,12 @@ async fn dev_delivers_an_example_event_with_verified_token() {
         &[],
     );
     assert!(wait_ready(admin, Duration::from_secs(60)).await, "dev never became ready: {:?}", dev.stdout());
-    assert!(dev.stdout().iter().any(|l| l.contains("curl")), "prints what to do next");
+    let guide = || {
+        let printed = dev.stdout().iter().any(|l| l.contains("curl"));
+        async move { printed }
+    };
+    // stdout is read by a thread: give it a moment to catch up with /ready.
+    assert!(wait_until(Duration::from_secs(10), guide).await, "prints what to do next: {:?}", dev.stdout());
 
     let id = unique("dev-evt");
     let body = include_str!("../../proto/tests/golden/merge_request_create.json").replacen(
