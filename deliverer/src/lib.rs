@@ -47,7 +47,7 @@ pub enum DelivererError {
     Kafka(#[from] rdkafka::error::KafkaError),
     /// The HTTP client could not be built.
     #[error("http client: {0}")]
-    Http(#[from] reqwest::Error),
+    Http(#[from] http::ClientError),
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
