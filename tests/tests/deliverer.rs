@@ -479,6 +479,67 @@ async fn names_resolving_to_refused_addresses_are_not_connected_to() {
     assert!(w.receiver.received().is_empty(), "no request reached the receiver");
 }
 
+/// A TLS front for `to`: terminates TLS with a certificate for `localhost`
+/// (`tests/fixtures/tls/localhost.pem`, signed by the test CA `ca.pem`; both
+/// made with openssl, valid for 100 years) and relays the bytes.
+async fn tls_front(to: SocketAddr) -> SocketAddr {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls");
+    let certs: Vec<_> =
+        CertificateDer::pem_file_iter(format!("{dir}/localhost.pem")).unwrap().collect::<Result<_, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_file(format!("{dir}/localhost.key")).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(to).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_destinations_are_delivered_to_and_their_certificates_verified() {
+    let w = world().await;
+    let front = tls_front(w.addr).await;
+    let url = format!("https://localhost:{}/tls", front.port());
+    w.seed.put_destination(&destination("tls", Owner::Instance, &url, TOKEN_A)).await.unwrap();
+
+    // The system's trust store does not know the test CA: every attempt
+    // fails on the certificate, and nothing reaches the receiver.
+    let untrusting = w.ready_deliverer(&[]).await;
+    w.enqueue("tls", "e-untrusted").await;
+    let dlq = w.dlq(1).await;
+    assert_eq!(dlq.len(), 1);
+    let meta = DeliveryMeta::from_headers(service::kafka::header_pairs(&dlq[0])).unwrap();
+    let error = meta.history.last().and_then(|a| a.error.clone()).unwrap_or_default();
+    assert!(error.contains("certificate"), "{error}");
+    assert_eq!(w.received("/tls", "e-untrusted"), 0);
+    drop(untrusting);
+
+    // Trusting the test CA (`SSL_CERT_FILE`, read by the platform
+    // verifier), the same destination is delivered to over TLS.
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls/ca.pem");
+    let _d = w.ready_deliverer(&[("SSL_CERT_FILE", ca.into())]).await;
+    w.enqueue("tls", "e-trusted").await;
+    assert!(w.wait_received("/tls", "e-trusted", Duration::from_secs(20)).await, "not delivered over TLS");
+    let got = w.receiver.received().into_iter().find(|r| r.path == "/tls").unwrap();
+    assert_eq!(got.header("x-gitlab-event-streaming-token"), Some(TOKEN_A));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_rung_full_of_waiting_deliveries_does_not_hold_up_a_short_one() {
     let w = world().await;
