@@ -191,18 +191,18 @@ async fn main() -> Result<()> {
                 None => memory.push((scenario, rss)),
             }
         }
-        if let Some(before) = before {
-            let after = measure().await?;
-            let ceiling = (before.a.max(after.a), before.b.max(after.b));
-            for r in &mut rows[first..] {
-                r.round = round;
-                r.ceilings = Some(ceiling);
+        let ceilings = match before {
+            Some(before) => {
+                let after = measure().await?;
+                let higher = (before.a.max(after.a), before.b.max(after.b));
+                measured.push((round, before, after));
+                Some(higher)
             }
-            measured.push((round, before, after));
-        } else {
-            for r in &mut rows[first..] {
-                r.round = round;
-            }
+            None => None,
+        };
+        for r in &mut rows[first..] {
+            r.round = round;
+            r.ceilings = ceilings;
         }
     }
 

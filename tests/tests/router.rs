@@ -34,6 +34,11 @@ fn event(id: &str, entity: i64) -> Vec<u8> {
         .into_bytes()
 }
 
+/// `n` events with ids `{id}0..`, keyed and spread over `projects` projects.
+fn events(n: usize, id: &str, projects: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n).map(|i| (format!("Project:{}", i % projects), event(&format!("{id}{i}"), (i % projects) as i64))).collect()
+}
+
 /// Event ids found in the deliveries topic.
 async fn delivered_ids(kafka: &service::config::KafkaConfig, topics: &Topics, want: usize) -> (HashSet<String>, usize) {
     let records = read_topic(kafka, &topics.deliveries(), want, Duration::from_secs(5)).await;
@@ -131,8 +136,7 @@ async fn router_killed_mid_stream_loses_nothing() {
     let (prefix, kafka) = setup(&broker).await;
     let topics = Topics::new(&prefix);
     const N: usize = 3000;
-    let events: Vec<(String, Vec<u8>)> =
-        (0..N).map(|i| (format!("Project:{}", i % 50), event(&format!("k{i}"), (i % 50) as i64))).collect();
+    let events = events(N, "k", 50);
     produce_many(&kafka, &topics.events(), &events).await;
 
     let group = unique("g");
@@ -174,8 +178,7 @@ async fn two_routers_split_the_partitions_and_route_everything() {
     assert!(settled, "the two routers never split the partitions between them");
 
     const N: usize = 1000;
-    let events: Vec<(String, Vec<u8>)> =
-        (0..N).map(|i| (format!("Project:{i}"), event(&format!("s{i}"), i as i64))).collect();
+    let events = events(N, "s", N);
     produce_many(&kafka, &topics.events(), &events).await;
     let (seen, _) = all_delivered(&kafka, &topics, N, Duration::from_secs(60)).await;
     assert_eq!(seen.len(), N, "every event routed at least once");
@@ -319,8 +322,7 @@ async fn writes_the_producer_has_no_room_for_wait_for_room() {
     let (prefix, kafka) = setup(&broker).await;
     let topics = Topics::new(&prefix);
     const N: usize = 200;
-    let events: Vec<(String, Vec<u8>)> =
-        (0..N).map(|i| (format!("Project:{}", i % 10), event(&format!("q{i}"), (i % 10) as i64))).collect();
+    let events = events(N, "q", 10);
     produce_many(&kafka, &topics.events(), &events).await;
     let group = unique("g");
     let router = spawn_role(
