@@ -162,14 +162,25 @@ async fn main() -> Result<()> {
     // must not make the pipeline look closer to its ceiling than it is.
     let measure = || async {
         eprintln!("bench: ceilings");
-        let a = ceiling_broker(&broker, &payload, args.ceiling_seconds).await?;
+        // (a)'s producer and consumer run in the harness; the broker in its
+        // own process (or in the harness too, as a mock cluster).
+        let cpu_a = || {
+            let harness = cpu_seconds(std::process::id());
+            match broker.pid.filter(|&p| p != std::process::id()) {
+                Some(pid) => harness.zip(cpu_seconds(pid)).map(|(h, b)| h + b),
+                None => harness,
+            }
+        };
+        let a_before = cpu_a();
+        let (a, a_messages) = ceiling_broker(&broker, &payload, args.ceiling_seconds).await?;
+        let per_message = a_before.zip(cpu_a()).map(|(x, y)| (y - x) * 1e6 / a_messages.max(1) as f64);
         let cpu_before = cpu_seconds(std::process::id());
         let b = ceiling_http(sink.addr, &payload, args.connections, args.ceiling_seconds).await?;
         let cpu_after = cpu_seconds(std::process::id());
         // Client and sink both run in the harness: its CPU is the whole
         // cost of a request.
         let per_request = cpu_before.zip(cpu_after).map(|(x, y)| (y - x) * 1e6 / (b * args.ceiling_seconds as f64));
-        anyhow::Ok(Ceilings { a, b, per_request })
+        anyhow::Ok(Ceilings { a, b, per_message, per_request })
     };
     let mut rows = Vec::new();
     let mut memory: Vec<(Scenario, Vec<Option<u64>>)> = Vec::new();
@@ -208,6 +219,7 @@ async fn main() -> Result<()> {
 
     if !measured.is_empty() {
         let cpu = |c: &Ceilings| c.per_request.map_or("–".to_owned(), |p| format!("{p:.0}"));
+        let cpu_a = |c: &Ceilings| c.per_message.map_or("–".to_owned(), |p| format!("{p:.1}"));
         writeln!(
             out,
             "## Ceilings\n\nMeasured before and after each round's scenarios; that round's ratios use the higher.\n\n\
@@ -216,8 +228,11 @@ async fn main() -> Result<()> {
         for (round, before, after) in &measured {
             writeln!(
                 out,
-                "| {round} | (a) broker produce→consume, same messages, no processing | {:.0} msg/s | {:.0} msg/s | – |",
-                before.a, after.a
+                "| {round} | (a) broker produce→consume, same messages, no processing | {:.0} msg/s | {:.0} msg/s | {}, {} (producer, consumer and broker) |",
+                before.a,
+                after.a,
+                cpu_a(before),
+                cpu_a(after)
             )?;
             writeln!(
                 out,
@@ -227,6 +242,25 @@ async fn main() -> Result<()> {
                 after.b,
                 cpu(before),
                 cpu(after)
+            )?;
+        }
+        writeln!(
+            out,
+            "\nThe floor of this design: an event crosses Kafka twice and is POSTed once, so it costs at least \
+             2 × (a) + (b) of CPU. On {} cores that caps delivered events/s, whatever the pipeline does \
+             (cheaper of the two readings, against the higher (b)):\n\n| round | floor µs per event | at most events/s | at most vs (b) |\n|---|---|---|---|",
+            cores()
+        )?;
+        for (round, before, after) in &measured {
+            let floor = before.floor().into_iter().chain(after.floor()).reduce(f64::min);
+            let most = floor.map(|f| cores() as f64 * 1e6 / f);
+            let b = before.b.max(after.b);
+            writeln!(
+                out,
+                "| {round} | {} | {} | {} |",
+                floor.map_or("–".to_owned(), |f| format!("{f:.1}")),
+                most.map_or("–".to_owned(), |m| format!("{m:.0}")),
+                most.map_or("–".to_owned(), |m| format!("{:.1}%", 100.0 * m / b)),
             )?;
         }
         writeln!(out)?;
@@ -320,12 +354,23 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// The ceilings of one measurement: (a) and (b) rates, and (b)'s CPU per
-/// request in µs.
+/// The ceilings of one measurement: (a) and (b) rates, (a)'s CPU per
+/// message (producer, consumer and broker) and (b)'s per request (client
+/// and sink), in µs.
 struct Ceilings {
     a: f64,
     b: f64,
+    per_message: Option<f64>,
     per_request: Option<f64>,
+}
+
+impl Ceilings {
+    /// The least CPU a delivered event can cost on this design, in µs: it
+    /// crosses Kafka twice (events, deliveries), each crossing at least an
+    /// (a) message, and is POSTed once, at least a (b) request.
+    fn floor(&self) -> Option<f64> {
+        self.per_message.zip(self.per_request).map(|(a, b)| 2.0 * a + b)
+    }
 }
 
 /// Median, lowest and highest (`None` when empty).
@@ -484,6 +529,11 @@ async fn take(State(sink): State<Arc<Sink>>, Path(name): Path<String>, body: byt
     sink.status
 }
 
+/// The cores this process may run on.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -507,7 +557,8 @@ fn sample_payload() -> Result<Vec<u8>> {
 
 /// Ceiling (a): produce the same messages (same keys, the producer role's
 /// client settings) to a fresh topic and consume them, for `seconds`.
-async fn ceiling_broker(broker: &Broker, payload: &[u8], seconds: u64) -> Result<f64> {
+/// Messages per second, and how many arrived.
+async fn ceiling_broker(broker: &Broker, payload: &[u8], seconds: u64) -> Result<(f64, u64)> {
     use futures_util::StreamExt as _;
     use rdkafka::{
         Offset, TopicPartitionList,
@@ -561,7 +612,8 @@ async fn ceiling_broker(broker: &Broker, payload: &[u8], seconds: u64) -> Result
     }
     let elapsed = start.elapsed().as_secs_f64();
     reader.abort();
-    Ok(received.load(Relaxed) as f64 / elapsed)
+    let received = received.load(Relaxed);
+    Ok((received as f64 / elapsed, received))
 }
 
 /// Ceiling (b): POST `payload` to the sink from `connections` connections
