@@ -264,7 +264,7 @@ struct Record {
 /// to a task of its own (its attempts wait for the network).
 fn take(ctx: &Arc<Context>, m: &BorrowedMessage<'_>, done: consume::Done) {
     let ctx = ctx.clone();
-    match DeliveryMeta::from_headers(kafka::header_iter(m)) {
+    match DeliveryMeta::from_headers(m.key(), kafka::header_iter(m)) {
         Ok(meta) => {
             let record = Record {
                 key: m.key().unwrap_or_default().to_vec(),

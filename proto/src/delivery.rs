@@ -3,16 +3,22 @@
 //! The record's value is the event's bytes, unchanged; its key is the
 //! destination id; everything else travels in headers, so a delivery can be
 //! moved between topics without touching the payload.
+//!
+//! Headers are written only when they say something: the destination is the
+//! key (records written before 0.1's slimmer envelope also carry it as
+//! [`H_DESTINATION`], which is still read), and the attempt count only once
+//! there was an attempt. Kafka clients allocate per header, on both sides.
 
 use serde::{Deserialize, Serialize};
 
-/// Header: destination id.
+/// Header: destination id. No longer written (the record key is the
+/// destination id); read when present, as on records written before.
 pub const H_DESTINATION: &str = "auditstream-destination-id";
 /// Header: event id.
 pub const H_EVENT_ID: &str = "auditstream-event-id";
 /// Header: event type.
 pub const H_EVENT_TYPE: &str = "auditstream-event-type";
-/// Header: attempts made before this record.
+/// Header: attempts made before this record; absent = 0.
 pub const H_ATTEMPT: &str = "auditstream-attempt";
 /// Header: when the next attempt is due (Unix milliseconds).
 pub const H_DUE_AT: &str = "auditstream-due-at";
@@ -105,19 +111,16 @@ impl DeliveryMeta {
     }
 
     /// Calls `header(name, value)` for each header of the record, in the
-    /// order of [`Self::to_headers`], without building a list: the router
-    /// writes one record per (event, destination).
+    /// order of [`Self::to_headers`], without building a list. The
+    /// destination is not among them: it is the record's key.
     pub fn each_header(&self, mut header: impl FnMut(&'static str, &[u8])) {
+        fresh_headers(&self.event_id, &self.event_type, self.created_at_ms, &mut header);
         let mut digits = itoa::Buffer::new();
-        header(H_DESTINATION, self.destination_id.as_bytes());
-        header(H_EVENT_ID, self.event_id.as_bytes());
-        header(H_EVENT_TYPE, self.event_type.as_bytes());
-        header(H_ATTEMPT, digits.format(self.attempt).as_bytes());
+        if self.attempt > 0 {
+            header(H_ATTEMPT, digits.format(self.attempt).as_bytes());
+        }
         if let Some(due) = self.due_at_ms {
             header(H_DUE_AT, digits.format(due).as_bytes());
-        }
-        if let Some(created) = self.created_at_ms {
-            header(H_CREATED_AT, digits.format(created).as_bytes());
         }
         if let Some(rung) = self.rung {
             header(H_RUNG, digits.format(rung).as_bytes());
@@ -131,8 +134,12 @@ impl DeliveryMeta {
         }
     }
 
-    /// Reads the metadata back from a record's headers.
-    pub fn from_headers<'a>(headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> Result<Self, String> {
+    /// Reads the metadata back from a record's key (the destination id)
+    /// and headers.
+    pub fn from_headers<'a>(
+        key: Option<&[u8]>,
+        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Result<Self, String> {
         let (mut dest, mut id, mut ty, mut attempt, mut due, mut history) = (None, None, None, 0u32, None, Vec::new());
         let (mut created, mut rung, mut bounces) = (None, None, 0u32);
         let text = |name: &str, v: Option<&[u8]>| {
@@ -172,8 +179,18 @@ impl DeliveryMeta {
             }
         }
         let need = |v: Option<String>, name: &str| v.ok_or_else(|| format!("header {name} is missing"));
+        let destination_id = match dest {
+            Some(d) => d,
+            None => match key.filter(|k| !k.is_empty()).map(std::str::from_utf8) {
+                Some(Ok(k)) => k.to_owned(),
+                Some(Err(_)) => return Err("record key (the destination id) is not UTF-8".to_owned()),
+                None => {
+                    return Err(format!("record key (the destination id) is missing, and so is header {H_DESTINATION}"));
+                }
+            },
+        };
         Ok(Self {
-            destination_id: need(dest, H_DESTINATION)?,
+            destination_id,
             event_id: need(id, H_EVENT_ID)?,
             event_type: need(ty, H_EVENT_TYPE)?,
             attempt,
@@ -186,6 +203,24 @@ impl DeliveryMeta {
     }
 }
 
+/// Calls `header(name, value)` for each header of a fresh delivery (no
+/// attempt yet, due at once), as [`DeliveryMeta::each_header`] would for
+/// `DeliveryMeta::new(destination, event_id, event_type)` with
+/// `created_at_ms`, without building one: the router writes a record per
+/// (event, destination) and needs no owned copy of either string.
+pub fn fresh_headers(
+    event_id: &str,
+    event_type: &str,
+    created_at_ms: Option<i64>,
+    mut header: impl FnMut(&'static str, &[u8]),
+) {
+    header(H_EVENT_ID, event_id.as_bytes());
+    header(H_EVENT_TYPE, event_type.as_bytes());
+    if let Some(created) = created_at_ms {
+        header(H_CREATED_AT, itoa::Buffer::new().format(created).as_bytes());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,7 +228,39 @@ mod tests {
 
     fn round_trip(m: &DeliveryMeta) -> DeliveryMeta {
         let h = m.to_headers();
-        DeliveryMeta::from_headers(h.iter().map(|(k, v)| (*k, Some(v.as_slice())))).unwrap()
+        DeliveryMeta::from_headers(Some(m.destination_id.as_bytes()), h.iter().map(|(k, v)| (*k, Some(v.as_slice()))))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_fresh_delivery_carries_three_headers_and_its_destination_in_the_key() {
+        let mut m = DeliveryMeta::new("dest-1", "e-1", "merge_request_create");
+        m.created_at_ms = Some(1_795_255_200_123);
+        let names: Vec<&str> = m.to_headers().iter().map(|(k, _)| *k).collect();
+        assert_eq!(names, [H_EVENT_ID, H_EVENT_TYPE, H_CREATED_AT]);
+        let mut fresh = Vec::new();
+        fresh_headers("e-1", "merge_request_create", Some(1_795_255_200_123), |k, v| fresh.push((k, v.to_vec())));
+        assert_eq!(fresh, m.to_headers());
+        assert_eq!(round_trip(&m), m);
+        // Once attempted, the count is written.
+        m.record(Attempt { at_ms: 1, status: Some(500), error: None });
+        assert!(m.to_headers().iter().any(|(k, v)| *k == H_ATTEMPT && v == b"1"));
+    }
+
+    #[test]
+    fn records_written_with_a_destination_header_are_still_read() {
+        let headers = [
+            (H_DESTINATION, Some(&b"old-dest"[..])),
+            (H_EVENT_ID, Some(&b"e"[..])),
+            (H_EVENT_TYPE, Some(&b"t"[..])),
+            (H_ATTEMPT, Some(&b"0"[..])),
+        ];
+        // The header wins over the key, as the writer of such a record meant.
+        let m = DeliveryMeta::from_headers(Some(b"other"), headers).unwrap();
+        assert_eq!(m.destination_id, "old-dest");
+        assert_eq!(m.attempt, 0);
+        let m = DeliveryMeta::from_headers(None, headers).unwrap();
+        assert_eq!(m.destination_id, "old-dest");
     }
 
     #[test]
@@ -209,15 +276,23 @@ mod tests {
 
     #[test]
     fn missing_and_bad_headers_are_named() {
-        let err = DeliveryMeta::from_headers([(H_EVENT_ID, Some(&b"1"[..]))]).unwrap_err();
-        assert!(err.contains(H_DESTINATION), "{err}");
-        let err = DeliveryMeta::from_headers([(H_ATTEMPT, Some(&b"x"[..]))]).unwrap_err();
-        assert!(err.contains(H_ATTEMPT), "{err}");
-        let err = DeliveryMeta::from_headers([(H_EVENT_TYPE, None)]).unwrap_err();
+        let complete = [(H_EVENT_ID, Some(&b"1"[..])), (H_EVENT_TYPE, Some(&b"t"[..]))];
+        let err = DeliveryMeta::from_headers(None, complete).unwrap_err();
+        assert!(err.contains("record key (the destination id) is missing") && err.contains(H_DESTINATION), "{err}");
+        let err = DeliveryMeta::from_headers(Some(b""), complete).unwrap_err();
+        assert!(err.contains("record key (the destination id) is missing"), "{err}");
+        let err = DeliveryMeta::from_headers(Some(b"\xff"), complete).unwrap_err();
+        assert!(err.contains("record key (the destination id) is not UTF-8"), "{err}");
+        let key = Some(&b"d"[..]);
+        let err = DeliveryMeta::from_headers(key, [(H_EVENT_ID, Some(&b"1"[..]))]).unwrap_err();
         assert!(err.contains(H_EVENT_TYPE), "{err}");
-        let err = DeliveryMeta::from_headers([(H_CREATED_AT, Some(&b"2026-11-21"[..]))]).unwrap_err();
+        let err = DeliveryMeta::from_headers(key, [(H_ATTEMPT, Some(&b"x"[..]))]).unwrap_err();
+        assert!(err.contains(H_ATTEMPT), "{err}");
+        let err = DeliveryMeta::from_headers(key, [(H_EVENT_TYPE, None)]).unwrap_err();
+        assert!(err.contains(H_EVENT_TYPE), "{err}");
+        let err = DeliveryMeta::from_headers(key, [(H_CREATED_AT, Some(&b"2026-11-21"[..]))]).unwrap_err();
         assert!(err.contains(H_CREATED_AT), "{err}");
-        let err = DeliveryMeta::from_headers([(H_RUNG, Some(&b"-1"[..]))]).unwrap_err();
+        let err = DeliveryMeta::from_headers(key, [(H_RUNG, Some(&b"-1"[..]))]).unwrap_err();
         assert!(err.contains(H_RUNG), "{err}");
     }
 

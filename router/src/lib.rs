@@ -30,8 +30,8 @@ use std::{
 
 pub use config::RouterConfig;
 use proto::{
-    EventView, Registry,
-    delivery::{DeliveryMeta, H_REASON},
+    EventId, EventView, Registry,
+    delivery::H_REASON,
     destination::{Destination, Directory, Owner},
     topics::Topics,
     tree::Tree,
@@ -135,7 +135,9 @@ pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Resu
         metrics,
     };
     tracing::info!(group = %config.router.group_id, "router consuming");
-    consume::run_inline(consumer, tracker, limits, shutdown, |m, done| handle(&ctx, m, done)).await;
+    // The destinations of the event being routed, one buffer for all.
+    let mut targets = Vec::new();
+    consume::run_inline(consumer, tracker, limits, shutdown, |m, done| handle(&ctx, m, done, &mut targets)).await;
     // Every event was finished (or its grace ran out): nothing left to
     // write again.
     rewriter.abort();
@@ -249,20 +251,17 @@ fn write(ctx: &Context, topic: &str, key: &[u8], payload: &[u8], headers: OwnedH
 }
 
 /// Where one event goes, decided while holding the table read locks.
-enum Plan {
-    Deliver {
-        /// The destinations that want it.
-        targets: Vec<Arc<Destination>>,
-        event_id: String,
-        event_type: String,
-        /// `created_at` in Unix ms, for the deliverer's latency metric.
-        created_at_ms: Option<i64>,
-    },
+enum Plan<'a> {
+    /// To the destinations `plan` left in its `out` (perhaps none).
+    Deliver(EventView<'a>),
     Nothing,
     Poison(String),
 }
 
-fn plan(ctx: &Context, payload: &[u8]) -> Plan {
+/// Decides where the event in `payload` goes; its destinations are left in
+/// `out` (cleared first), a buffer the router reuses from event to event.
+fn plan<'a>(ctx: &Context, payload: &'a [u8], out: &mut Vec<Arc<Destination>>) -> Plan<'a> {
+    out.clear();
     let view = match EventView::parse(payload) {
         Ok(v) => v,
         Err(errors) => {
@@ -275,8 +274,7 @@ fn plan(ctx: &Context, payload: &[u8]) -> Plan {
     let hot = &ctx.metrics.hot;
     hot.namespaces.set(tree.len() as i64);
     hot.destinations.set(destinations.len() as i64);
-    let mut out = Vec::new();
-    match route::route(&view, &tree, &destinations, &ctx.registry, ctx.accept_unknown, &mut out) {
+    match route::route(&view, &tree, &destinations, &ctx.registry, ctx.accept_unknown, out) {
         Err(reason) => Plan::Poison(reason),
         Ok(Decision::NotStreamed) => {
             hot.not_streamed.inc();
@@ -299,20 +297,18 @@ fn plan(ctx: &Context, payload: &[u8]) -> Plan {
             } else {
                 ctx.metrics.resolution.with_label_values(&[via]).inc();
             }
-            let id = view.id.as_ref().map(ToString::to_string).unwrap_or_default();
-            let created_at_ms = view.created_at.as_deref().and_then(proto::event::timestamp_ms);
-            Plan::Deliver { targets: out, event_id: id, event_type: view.event_type.into_owned(), created_at_ms }
+            Plan::Deliver(view)
         }
     }
 }
 
-fn handle(ctx: &Context, m: &BorrowedMessage<'_>, done: consume::Done) {
+fn handle(ctx: &Context, m: &BorrowedMessage<'_>, done: consume::Done, targets: &mut Vec<Arc<Destination>>) {
     if let Some(at) = m.timestamp().to_millis() {
         let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
         ctx.metrics.lag.observe(((now as i64 - at).max(0) as f64) / 1000.0);
     }
     let payload = m.payload().unwrap_or_default();
-    match plan(ctx, payload) {
+    match plan(ctx, payload, targets) {
         Plan::Nothing => done.finish(),
         Plan::Poison(reason) => {
             tracing::warn!(partition = m.partition(), offset = m.offset(), %reason, "dead-lettering event");
@@ -324,16 +320,21 @@ fn handle(ctx: &Context, m: &BorrowedMessage<'_>, done: consume::Done) {
             write(ctx, &ctx.topics.events_dlq(), key, payload, kafka::headers(headers), &pending);
             ctx.metrics.events.with_label_values(&["dead_lettered"]).inc();
         }
-        Plan::Deliver { targets, .. } if targets.is_empty() => {
+        Plan::Deliver(_) if targets.is_empty() => {
             ctx.metrics.hot.unrouted.inc();
             done.finish();
         }
-        Plan::Deliver { targets, event_id, event_type, created_at_ms } => {
+        Plan::Deliver(view) => {
+            let mut digits = itoa::Buffer::new();
+            let event_id = match &view.id {
+                Some(EventId::Str(s)) => s.as_str(),
+                Some(EventId::Int(n)) => digits.format(*n),
+                None => "",
+            };
+            let created_at_ms = view.created_at.as_deref().and_then(proto::event::timestamp_ms);
             let pending = Pending::new(done, targets.len());
-            for dest in &targets {
-                let mut meta = DeliveryMeta::new(&dest.id, &event_id, &event_type);
-                meta.created_at_ms = created_at_ms;
-                let headers = kafka::meta_headers(&meta);
+            for dest in targets.iter() {
+                let headers = kafka::fresh_delivery_headers(event_id, &view.event_type, created_at_ms);
                 write(ctx, &ctx.deliveries_topic, dest.id.as_bytes(), payload, headers, &pending);
                 let level =
                     if dest.owner == Owner::Instance { &ctx.metrics.hot.instance } else { &ctx.metrics.hot.group };

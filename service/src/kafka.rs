@@ -143,10 +143,15 @@ pub fn header_pairs<M: rdkafka::Message>(m: &M) -> Vec<(&str, Option<&[u8]>)> {
     header_iter(m).collect()
 }
 
-/// The headers of a delivery record, built straight from its metadata.
-pub fn meta_headers(meta: &proto::delivery::DeliveryMeta) -> rdkafka::message::OwnedHeaders {
-    let mut headers = Some(rdkafka::message::OwnedHeaders::new_with_capacity(8));
-    meta.each_header(|key, value| {
+/// The headers of a fresh delivery record ([`proto::delivery::fresh_headers`]),
+/// built straight from the event's fields.
+pub fn fresh_delivery_headers(
+    event_id: &str,
+    event_type: &str,
+    created_at_ms: Option<i64>,
+) -> rdkafka::message::OwnedHeaders {
+    let mut headers = Some(rdkafka::message::OwnedHeaders::new_with_capacity(3));
+    proto::delivery::fresh_headers(event_id, event_type, created_at_ms, |key, value| {
         headers = headers.take().map(|h| h.insert(rdkafka::message::Header { key, value: Some(value) }));
     });
     headers.unwrap_or_default()

@@ -294,6 +294,16 @@ pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
         .and_then(|(_, v)| std::str::from_utf8(v?).ok())
 }
 
+/// A delivery record's destination id: its key.
+pub fn key(m: &OwnedMessage) -> Option<&str> {
+    rdkafka::Message::key(m).and_then(|k| std::str::from_utf8(k).ok())
+}
+
+/// A delivery record's metadata, read as the deliverer reads it.
+pub fn delivery_meta(m: &OwnedMessage) -> Result<proto::delivery::DeliveryMeta, String> {
+    proto::delivery::DeliveryMeta::from_headers(rdkafka::Message::key(m), service::kafka::header_pairs(m))
+}
+
 /// A destination with test defaults.
 pub fn destination(
     id: &str,

@@ -22,7 +22,7 @@ use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use proto::{
     EventLimits, FieldError, Registry,
-    delivery::{DeliveryMeta, H_DESTINATION, H_EVENT_ID, H_REASON},
+    delivery::{DeliveryMeta, H_EVENT_ID, H_REASON},
     destination::{Destination, DestinationUrl, Owner},
     netguard::Policy,
     topics::Topics,
@@ -809,7 +809,7 @@ async fn routed(kafka: &service::config::KafkaConfig, topics: &Topics, want: usi
     read_topic(kafka, &topics.deliveries(), want, Duration::from_secs(3))
         .await
         .iter()
-        .filter_map(|m| Some((header(m, H_EVENT_ID)?.to_owned(), header(m, H_DESTINATION)?.to_owned())))
+        .filter_map(|m| Some((header(m, H_EVENT_ID)?.to_owned(), tests::key(m)?.to_owned())))
         .collect()
 }
 
@@ -1416,13 +1416,10 @@ async fn the_deliverer_dead_letters_ssrf_destinations_without_a_request() {
     let dlq = read_topic(&kafka, &topics.deliveries_dlq(), targets.len(), Duration::from_secs(30)).await;
     assert_eq!(dlq.len(), targets.len());
     for (id, url) in &targets {
-        let m = dlq
-            .iter()
-            .find(|m| header(m, H_DESTINATION) == Some(*id))
-            .unwrap_or_else(|| panic!("{url}: not dead-lettered"));
+        let m = dlq.iter().find(|m| tests::key(m) == Some(*id)).unwrap_or_else(|| panic!("{url}: not dead-lettered"));
         let reason = header(m, H_REASON).unwrap_or_default();
         assert!(reason.starts_with("not retryable") && reason.contains("loopback"), "{url}: {reason}");
-        let meta = DeliveryMeta::from_headers(service::kafka::header_pairs(m)).unwrap();
+        let meta = tests::delivery_meta(m).unwrap();
         assert_eq!(meta.attempt, 1, "{url}: refused on the first attempt, not retried");
     }
     assert!(receiver.received().is_empty(), "a refused destination was reached");

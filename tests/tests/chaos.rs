@@ -487,7 +487,7 @@ async fn where_lost(
     topics: &Topics,
     missing: &[(String, String)],
 ) -> Option<LostAt> {
-    use proto::delivery::{H_DESTINATION, H_EVENT_ID};
+    use proto::delivery::H_EVENT_ID;
     let read = |topic: String| read_all(kafka, topic);
     let published: HashSet<String> =
         read(topics.events()).await.iter().filter_map(|m| Some(tests::header(m, H_EVENT_ID)?.to_owned())).collect();
@@ -496,7 +496,7 @@ async fn where_lost(
     delivery_topics.extend((0..RUNGS).map(|n| topics.retry(n)));
     for topic in delivery_topics {
         for m in read(topic).await {
-            if let (Some(d), Some(e)) = (tests::header(&m, H_DESTINATION), tests::header(&m, H_EVENT_ID)) {
+            if let (Some(d), Some(e)) = (tests::key(&m), tests::header(&m, H_EVENT_ID)) {
                 routed.insert((d.to_owned(), e.to_owned()));
             }
         }

@@ -242,9 +242,9 @@ async fn exhausted_deliveries_are_dead_lettered_and_replay_delivers_them() {
     w.enqueue("b", "e-other").await;
     let dlq = w.dlq(2).await;
     assert_eq!(dlq.len(), 2, "both exhausted the ladder");
-    let parked = dlq.iter().find(|m| header(m, proto::delivery::H_DESTINATION) == Some("a")).unwrap();
+    let parked = dlq.iter().find(|m| tests::key(m) == Some("a")).unwrap();
     assert!(header(parked, H_REASON).unwrap().contains("retries exhausted"));
-    let meta = DeliveryMeta::from_headers(service::kafka::header_pairs(parked)).unwrap();
+    let meta = tests::delivery_meta(parked).unwrap();
     // Two quick tries on each of: the fresh topic and two retry rungs.
     assert_eq!(meta.attempt, 6);
     assert!(meta.history.iter().all(|a| a.status == Some(500)));
@@ -524,7 +524,7 @@ async fn https_destinations_are_delivered_to_and_their_certificates_verified() {
     w.enqueue("tls", "e-untrusted").await;
     let dlq = w.dlq(1).await;
     assert_eq!(dlq.len(), 1);
-    let meta = DeliveryMeta::from_headers(service::kafka::header_pairs(&dlq[0])).unwrap();
+    let meta = tests::delivery_meta(&dlq[0]).unwrap();
     let error = meta.history.last().and_then(|a| a.error.clone()).unwrap_or_default();
     assert!(error.contains("certificate"), "{error}");
     assert_eq!(w.received("/tls", "e-untrusted"), 0);

@@ -435,7 +435,7 @@ if p.flush(30) != 0:
     let deliveries = read_topic(&kafka, &Topics::new(&prefix).deliveries(), 1, Duration::from_secs(30)).await;
     assert_eq!(deliveries.len(), 1);
     assert_eq!(tests::header(&deliveries[0], proto::delivery::H_EVENT_ID), Some("from-python-1"));
-    assert_eq!(tests::header(&deliveries[0], proto::delivery::H_DESTINATION), Some("inst"));
+    assert_eq!(tests::key(&deliveries[0]), Some("inst"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -212,7 +212,7 @@ async fn table_changes_reach_routing_within_seconds() {
             records
                 .iter()
                 .filter(|m| header(m, H_EVENT_ID) == Some(id.as_str()))
-                .filter_map(|m| header(m, proto::delivery::H_DESTINATION).map(str::to_owned))
+                .filter_map(|m| tests::key(m).map(str::to_owned))
                 .collect::<HashSet<_>>()
         }
     };
@@ -226,6 +226,16 @@ async fn table_changes_reach_routing_within_seconds() {
         })
         .await
     );
+    // A fresh delivery: the destination is its key, and only the headers
+    // that say something (no destination header, no `attempt: 0`).
+    let records = read_topic(&kafka, &topics.deliveries(), 2, Duration::from_secs(2)).await;
+    for m in records.iter().filter(|m| header(m, H_EVENT_ID) == Some("before")) {
+        let names: Vec<&str> = service::kafka::header_pairs(m).iter().map(|(k, _)| *k).collect();
+        assert_eq!(names, [H_EVENT_ID, proto::delivery::H_EVENT_TYPE]);
+        let meta = tests::delivery_meta(m).unwrap();
+        assert_eq!(Some(meta.destination_id.as_str()), tests::key(m));
+        assert_eq!((meta.event_type.as_str(), meta.attempt), ("audit_operation", 0));
+    }
 
     // While the router runs: the project moves to beta, beta gets a
     // destination, the instance destination is deactivated.
