@@ -193,8 +193,8 @@ impl Context {
         meta.due_at_ms = Some(now_ms() + delay.as_millis() as i64);
         let headers = meta.to_headers();
         let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-        kafka::produce_durably(&self.producer, &self.retry_topics[rung], &record.key, Some(&record.body), &headers)
-            .await;
+        let key = meta.destination_id.as_bytes();
+        kafka::produce_durably(&self.producer, &self.retry_topics[rung], key, Some(&record.body), &headers).await;
         self.metrics.deliveries.with_label_values(&["retried"]).inc();
     }
 
@@ -213,7 +213,7 @@ impl Context {
         tracing::warn!(topic = %self.topic_of(record.rung), partition = record.partition, offset = record.offset, destination = %meta.destination_id, %reason, "dead-lettering delivery");
         let headers = meta.to_headers();
         let headers = headers.iter().map(|(k, v)| (*k, v.as_slice()));
-        self.park(&record.key, Some(&record.body), headers, reason).await;
+        self.park(meta.destination_id.as_bytes(), Some(&record.body), headers, reason).await;
     }
 
     /// Parks a record whose delivery headers cannot be read, as it came.
@@ -252,7 +252,6 @@ enum Turn {
 /// from the consumer's buffer (into [`DeliveryMeta`]) and never copied, and
 /// the body is shared with every attempt's request.
 struct Record {
-    key: Vec<u8>,
     body: Bytes,
     /// The retry rung it was read from; `None` for a fresh delivery.
     rung: Option<usize>,
@@ -267,7 +266,6 @@ fn take(ctx: &Arc<Context>, m: &BorrowedMessage<'_>, done: consume::Done) {
     match DeliveryMeta::from_headers(m.key(), kafka::header_iter(m)) {
         Ok(meta) => {
             let record = Record {
-                key: m.key().unwrap_or_default().to_vec(),
                 body: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
                 rung: ctx.rung_of(m.topic()),
                 partition: m.partition(),

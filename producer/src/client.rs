@@ -109,7 +109,8 @@ impl Publisher {
     }
 
     fn key_and_headers(event: &PreparedEvent) -> (String, rdkafka::message::OwnedHeaders) {
-        let id = event.id.to_string();
+        let mut digits = itoa::Buffer::new();
+        let id = event.id.text(&mut digits);
         let headers =
             service::kafka::headers([(H_EVENT_ID, id.as_bytes()), (H_EVENT_TYPE, event.event_type.as_bytes())]);
         (event.partition_key(), headers)

@@ -142,16 +142,16 @@ impl DeliveryMeta {
     ) -> Result<Self, String> {
         let (mut dest, mut id, mut ty, mut attempt, mut due, mut history) = (None, None, None, 0u32, None, Vec::new());
         let (mut created, mut rung, mut bounces) = (None, None, 0u32);
-        let text = |name: &str, v: Option<&[u8]>| {
+        // Borrowed: only the three strings kept are copied.
+        let text = |name: &str, v: Option<&'a [u8]>| {
             v.and_then(|v| std::str::from_utf8(v).ok())
-                .map(str::to_owned)
                 .ok_or_else(|| format!("header {name} is missing its UTF-8 value"))
         };
         for (name, value) in headers {
             match name {
-                H_DESTINATION => dest = Some(text(name, value)?),
-                H_EVENT_ID => id = Some(text(name, value)?),
-                H_EVENT_TYPE => ty = Some(text(name, value)?),
+                H_DESTINATION => dest = Some(text(name, value)?.to_owned()),
+                H_EVENT_ID => id = Some(text(name, value)?.to_owned()),
+                H_EVENT_TYPE => ty = Some(text(name, value)?.to_owned()),
                 H_ATTEMPT => {
                     attempt = text(name, value)?.parse().map_err(|_| format!("header {name} is not a count"))?
                 }
@@ -185,7 +185,9 @@ impl DeliveryMeta {
                 Some(Ok(k)) => k.to_owned(),
                 Some(Err(_)) => return Err("record key (the destination id) is not UTF-8".to_owned()),
                 None => {
-                    return Err(format!("record key (the destination id) is missing, and so is header {H_DESTINATION}"));
+                    return Err(format!(
+                        "record key (the destination id) is missing, and so is header {H_DESTINATION}"
+                    ));
                 }
             },
         };

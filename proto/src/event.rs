@@ -118,6 +118,17 @@ pub enum EventId {
     Str(String),
 }
 
+impl EventId {
+    /// The id as text, without allocating: an integer is written into
+    /// `digits`.
+    pub fn text<'a>(&'a self, digits: &'a mut itoa::Buffer) -> &'a str {
+        match self {
+            Self::Int(i) => digits.format(*i),
+            Self::Str(s) => s,
+        }
+    }
+}
+
 impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -564,6 +575,15 @@ mod tests {
 
     fn registry() -> Registry {
         Registry::embedded()
+    }
+
+    #[test]
+    fn an_id_reads_as_the_text_it_displays_as() {
+        let mut digits = itoa::Buffer::new();
+        for id in [EventId::Int(-7), EventId::Int(i64::MAX), EventId::Str("0195-a".into()), EventId::Str(String::new())]
+        {
+            assert_eq!(id.text(&mut digits), id.to_string());
+        }
     }
 
     const NOW: OffsetDateTime = datetime!(2026-11-21 10:00:00.123 UTC);

@@ -30,7 +30,7 @@ use std::{
 
 pub use config::RouterConfig;
 use proto::{
-    EventId, EventView, Registry,
+    EventView, Registry,
     delivery::H_REASON,
     destination::{Destination, Directory, Owner},
     topics::Topics,
@@ -326,11 +326,7 @@ fn handle(ctx: &Context, m: &BorrowedMessage<'_>, done: consume::Done, targets: 
         }
         Plan::Deliver(view) => {
             let mut digits = itoa::Buffer::new();
-            let event_id = match &view.id {
-                Some(EventId::Str(s)) => s.as_str(),
-                Some(EventId::Int(n)) => digits.format(*n),
-                None => "",
-            };
+            let event_id = view.id.as_ref().map_or("", |id| id.text(&mut digits));
             let created_at_ms = view.created_at.as_deref().and_then(proto::event::timestamp_ms);
             let pending = Pending::new(done, targets.len());
             for dest in targets.iter() {
