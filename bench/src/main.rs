@@ -30,10 +30,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use axum::{
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{extract::State, http::StatusCode};
 use clap::{Parser, ValueEnum};
 use proto::{
     destination::{Destination, Owner},
@@ -444,16 +441,62 @@ impl Broker {
         }
         Ok(())
     }
+
+    /// Deletes a run's topics once it is over: a broker holding every
+    /// earlier run's messages (Tansu's memory storage) grows, and its
+    /// costs with it, which would tilt later rounds against earlier ones.
+    async fn delete(&self, topics: &[(String, bool)]) {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        if self.mock.is_some() {
+            return;
+        }
+        let names: Vec<&str> = topics.iter().map(|(t, _)| t.as_str()).collect();
+        let admin: Result<AdminClient<rdkafka::client::DefaultClientContext>, _> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", &self.brokers).create();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let deleted = match &admin {
+            Ok(admin) => admin.delete_topics(&names, &opts).await.map(|r| r.into_iter().filter(Result::is_ok).count()),
+            Err(e) => Err(e.clone()),
+        };
+        match deleted {
+            Ok(n) if n == names.len() => {}
+            Ok(n) => eprintln!("bench: deleted {n} of {} topics", names.len()),
+            Err(e) => eprintln!("bench: could not delete the run's topics: {e}"),
+        }
+    }
 }
 
 /// What the sink saw since the last reset.
 #[derive(Default)]
 struct Seen {
-    /// Latencies (ms) per path.
-    latency: HashMap<String, Vec<i64>>,
-    /// `path webhook-id` of every delivery, to count unique ones.
-    ids: HashSet<String>,
+    /// Per path (destination): what arrived there.
+    paths: HashMap<String, PathSeen>,
     last: Option<Instant>,
+}
+
+/// What arrived on one path.
+#[derive(Default)]
+struct PathSeen {
+    /// Latencies, ms.
+    latency: Vec<i64>,
+    /// The event id of every delivery, to count unique ones: a UUID as its
+    /// number (the producer mints UUIDs), any other id hashed.
+    ids: HashSet<u128>,
+}
+
+/// The path ceiling (b) posts to; not a destination.
+const RAW: &str = "raw";
+const RAW_PATH: &str = "/raw";
+
+/// An event id as a number, without allocating.
+fn id_number(id: &str) -> u128 {
+    uuid::Uuid::try_parse(id).map_or_else(
+        |_| {
+            use std::hash::{BuildHasher as _, BuildHasherDefault};
+            u128::from(BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id))
+        },
+        |u| u.as_u128(),
+    )
 }
 
 /// A fast HTTP sink: answers `status` after `delay`, records what arrived.
@@ -500,32 +543,35 @@ impl Sink {
         *self.seen() = Seen::default();
     }
 
+    /// Unique deliveries to destinations (not ceiling (b)'s requests).
     fn unique(&self) -> u64 {
-        self.seen().ids.len() as u64
+        self.seen().paths.iter().filter(|(name, _)| *name != RAW).map(|(_, p)| p.ids.len() as u64).sum()
     }
 }
 
-async fn take(State(sink): State<Arc<Sink>>, Path(name): Path<String>, body: bytes::Bytes) -> StatusCode {
+/// Records every request the same way, ceiling (b)'s included, so the sink
+/// costs the same per request in (b) as in the pipeline's runs; and
+/// cheaply (no allocation once a path was seen): it shares the machine.
+async fn take(State(sink): State<Arc<Sink>>, uri: http::Uri, body: bytes::Bytes) -> StatusCode {
     sink.requests.fetch_add(1, Relaxed);
     if !sink.delay.is_zero() {
         tokio::time::sleep(sink.delay).await;
     }
-    if name != "raw" {
-        let now = now_ms();
-        let created = field(&body, r#""created_at":""#).and_then(proto::event::timestamp_ms);
-        let id = field(&body, r#""id":""#).unwrap_or_default();
-        let mut seen = sink.seen();
-        if let Some(created) = created {
-            match seen.latency.get_mut(&name) {
-                Some(l) => l.push(now - created),
-                None => {
-                    seen.latency.insert(name.clone(), vec![now - created]);
-                }
-            }
-        }
-        seen.ids.insert(format!("{name} {id}"));
-        seen.last = Some(Instant::now());
+    let name = uri.path().trim_start_matches('/');
+    let now = now_ms();
+    let created = field(&body, r#""created_at":""#).and_then(proto::event::timestamp_ms);
+    let id = id_number(field(&body, r#""id":""#).unwrap_or_default());
+    let seen = &mut *sink.seen();
+    if !seen.paths.contains_key(name) {
+        seen.paths.insert(name.to_owned(), PathSeen::default());
     }
+    if let Some(path) = seen.paths.get_mut(name) {
+        if let Some(created) = created {
+            path.latency.push(now - created);
+        }
+        path.ids.insert(id);
+    }
+    seen.last = Some(Instant::now());
     sink.status
 }
 
@@ -612,6 +658,8 @@ async fn ceiling_broker(broker: &Broker, payload: &[u8], seconds: u64) -> Result
     }
     let elapsed = start.elapsed().as_secs_f64();
     reader.abort();
+    drop(in_flight);
+    broker.delete(&[(topic.clone(), false)]).await;
     let received = received.load(Relaxed);
     Ok((received as f64 / elapsed, received))
 }
@@ -638,7 +686,7 @@ async fn ceiling_http(sink: SocketAddr, payload: &[u8], connections: usize, seco
             while Instant::now() < deadline {
                 let mut request = http::Request::new(http_body_util::Full::new(body.clone()));
                 *request.method_mut() = http::Method::POST;
-                *request.uri_mut() = http::Uri::from_static("/raw");
+                *request.uri_mut() = http::Uri::from_static(RAW_PATH);
                 let headers = request.headers_mut();
                 headers.insert(http::header::HOST, host.clone());
                 headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
@@ -905,7 +953,13 @@ async fn drain(sink: &Sink, want: u64) -> u64 {
 }
 
 fn percentiles(sink: &Sink) -> [i64; 3] {
-    let mut all: Vec<i64> = sink.seen().latency.values().flatten().copied().collect();
+    let mut all: Vec<i64> = sink
+        .seen()
+        .paths
+        .iter()
+        .filter(|(name, _)| *name != RAW)
+        .flat_map(|(_, p)| p.latency.iter().copied())
+        .collect();
     all.sort_unstable();
     let at = |p: f64| all.get(((all.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(-1);
     [at(0.50), at(0.95), at(0.99)]
@@ -1024,5 +1078,7 @@ async fn run_scenario(
         }
     }
     let rss = pids[..4].iter().map(|p| p.and_then(peak_rss)).collect();
+    drop((producer, router, deliverer));
+    broker.delete(&Topics::new(&prefix).all(RUNGS)).await;
     Ok((rows, rss))
 }
