@@ -452,7 +452,7 @@ impl Broker {
         }
         let names: Vec<&str> = topics.iter().map(|(t, _)| t.as_str()).collect();
         let admin: Result<AdminClient<rdkafka::client::DefaultClientContext>, _> =
-            rdkafka::ClientConfig::new().set("bootstrap.servers", &self.brokers).create();
+            service::kafka::base(&self.kafka("")).create();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let deleted = match &admin {
             Ok(admin) => admin.delete_topics(&names, &opts).await.map(|r| r.into_iter().filter(Result::is_ok).count()),
@@ -469,7 +469,7 @@ impl Broker {
 /// What the sink saw since the last reset.
 #[derive(Default)]
 struct Seen {
-    /// Per path (destination): what arrived there.
+    /// Per request path (one per destination): what arrived there.
     paths: HashMap<String, PathSeen>,
     last: Option<Instant>,
 }
@@ -485,7 +485,6 @@ struct PathSeen {
 }
 
 /// The path ceiling (b) posts to; not a destination.
-const RAW: &str = "raw";
 const RAW_PATH: &str = "/raw";
 
 /// An event id as a number, without allocating.
@@ -545,7 +544,7 @@ impl Sink {
 
     /// Unique deliveries to destinations (not ceiling (b)'s requests).
     fn unique(&self) -> u64 {
-        self.seen().paths.iter().filter(|(name, _)| *name != RAW).map(|(_, p)| p.ids.len() as u64).sum()
+        self.seen().paths.iter().filter(|(path, _)| *path != RAW_PATH).map(|(_, p)| p.ids.len() as u64).sum()
     }
 }
 
@@ -557,15 +556,15 @@ async fn take(State(sink): State<Arc<Sink>>, uri: http::Uri, body: bytes::Bytes)
     if !sink.delay.is_zero() {
         tokio::time::sleep(sink.delay).await;
     }
-    let name = uri.path().trim_start_matches('/');
+    let at = uri.path();
     let now = now_ms();
     let created = field(&body, r#""created_at":""#).and_then(proto::event::timestamp_ms);
     let id = id_number(field(&body, r#""id":""#).unwrap_or_default());
     let seen = &mut *sink.seen();
-    if !seen.paths.contains_key(name) {
-        seen.paths.insert(name.to_owned(), PathSeen::default());
+    if !seen.paths.contains_key(at) {
+        seen.paths.insert(at.to_owned(), PathSeen::default());
     }
-    if let Some(path) = seen.paths.get_mut(name) {
+    if let Some(path) = seen.paths.get_mut(at) {
         if let Some(created) = created {
             path.latency.push(now - created);
         }
@@ -659,7 +658,7 @@ async fn ceiling_broker(broker: &Broker, payload: &[u8], seconds: u64) -> Result
     let elapsed = start.elapsed().as_secs_f64();
     reader.abort();
     drop(in_flight);
-    broker.delete(&[(topic.clone(), false)]).await;
+    broker.delete(&[(topic, false)]).await;
     let received = received.load(Relaxed);
     Ok((received as f64 / elapsed, received))
 }
@@ -957,7 +956,7 @@ fn percentiles(sink: &Sink) -> [i64; 3] {
         .seen()
         .paths
         .iter()
-        .filter(|(name, _)| *name != RAW)
+        .filter(|(path, _)| *path != RAW_PATH)
         .flat_map(|(_, p)| p.latency.iter().copied())
         .collect();
     all.sort_unstable();

@@ -138,7 +138,6 @@ impl Sender {
     /// layers (redirect policy, URL to URI and back, boxed futures) were
     /// ~20 allocations per delivery and a URL parse (docs/PERFORMANCE.md).
     pub fn new(settings: &DelivererSettings) -> Result<Self, ClientError> {
-        install_crypto_provider();
         let policy = Arc::new(Policy { allowed: settings.allowed_networks.clone() });
         let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: policy.clone() });
         http.enforce_http(false);

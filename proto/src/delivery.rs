@@ -103,17 +103,11 @@ impl DeliveryMeta {
         }
     }
 
-    /// The headers of the record.
+    /// The headers of the record. The destination is not among them: it is
+    /// the record's key.
     pub fn to_headers(&self) -> Vec<(&'static str, Vec<u8>)> {
         let mut h = Vec::with_capacity(6);
-        self.each_header(|name, value| h.push((name, value.to_vec())));
-        h
-    }
-
-    /// Calls `header(name, value)` for each header of the record, in the
-    /// order of [`Self::to_headers`], without building a list. The
-    /// destination is not among them: it is the record's key.
-    pub fn each_header(&self, mut header: impl FnMut(&'static str, &[u8])) {
+        let mut header = |name, value: &[u8]| h.push((name, value.to_vec()));
         fresh_headers(&self.event_id, &self.event_type, self.created_at_ms, &mut header);
         let mut digits = itoa::Buffer::new();
         if self.attempt > 0 {
@@ -132,6 +126,7 @@ impl DeliveryMeta {
             // Serializing plain data cannot fail.
             header(H_HISTORY, &serde_json::to_vec(&self.history).unwrap_or_default());
         }
+        h
     }
 
     /// Reads the metadata back from a record's key (the destination id)
@@ -206,7 +201,7 @@ impl DeliveryMeta {
 }
 
 /// Calls `header(name, value)` for each header of a fresh delivery (no
-/// attempt yet, due at once), as [`DeliveryMeta::each_header`] would for
+/// attempt yet, due at once), as [`DeliveryMeta::to_headers`] lists them for
 /// `DeliveryMeta::new(destination, event_id, event_type)` with
 /// `created_at_ms`, without building one: the router writes a record per
 /// (event, destination) and needs no owned copy of either string.
