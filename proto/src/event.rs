@@ -8,7 +8,10 @@
 
 use std::{borrow::Cow, fmt};
 
-use serde::{Deserialize, Deserializer};
+use serde::{
+    Deserialize, Deserializer,
+    de::{DeserializeSeed, MapAccess, SeqAccess, Visitor},
+};
 use serde_json::value::RawValue;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -253,23 +256,58 @@ fn expect(errors: &mut Vec<FieldError>, field: &str, raw: Option<&RawValue>, all
     }
 }
 
+/// What each field of [`FIELDS`] may hold (in the same order), and the
+/// words for it in an error.
+const RULES: [(&[Kind], &str); 13] = {
+    use Kind::*;
+    [
+        (&[Number, String], "a string or an integer (omit it to have one minted)"),
+        (&[Number, Null], "an integer"),
+        (&[String, Null], "a string"),
+        (&[Number], "an integer"),
+        (&[String], "a string"),
+        (&[String, Null], "a string"),
+        (&[Number, String, Null], "an integer or a string"),
+        (&[String, Null], "a string"),
+        (&[String, Object, Null], "a string or an object"),
+        (&[String], "a string"),
+        (&[String, Null], "a string"),
+        (&[String], "an RFC 3339 timestamp string (omit it to default to now)"),
+        (&[Object, Null], "an object"),
+    ]
+};
+
 /// Any JSON value, read as strictly as `serde_json::Value` reads it (lone
 /// surrogate escapes and numbers beyond f64 are errors) but kept nowhere:
-/// no allocation per node.
-struct Strict;
+/// no allocation per node. `depth` containers are already open around it;
+/// one more than [`MAX_DEPTH`] is an error.
+#[derive(Clone, Copy)]
+struct Bounded {
+    depth: usize,
+}
 
-impl<'de> Deserialize<'de> for Strict {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrictVisitor).map(|()| Strict)
+impl<'de> DeserializeSeed<'de> for Bounded {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-struct StrictVisitor;
+impl Bounded {
+    /// The seed for what is inside a container opened here.
+    fn inner<E: serde::de::Error>(self) -> Result<Self, E> {
+        match self.depth + 1 {
+            depth if depth > MAX_DEPTH => Err(E::custom(format_args!("nests deeper than {MAX_DEPTH} levels"))),
+            depth => Ok(Self { depth }),
+        }
+    }
+}
 
-impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+impl<'de> Visitor<'de> for Bounded {
     type Value = ();
 
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
@@ -297,14 +335,154 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
         Ok(())
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element::<Strict>()?.is_some() {}
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.inner()?;
+        while seq.next_element_seed(inner)?.is_some() {}
         Ok(())
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while map.next_entry::<Strict, Strict>()?.is_some() {}
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.inner()?;
+        while map.next_entry_seed(inner, inner)?.is_some() {}
         Ok(())
+    }
+}
+
+/// A known field's value as the one-pass reader keeps it: what a check
+/// needs, borrowed from the document where it can be.
+#[derive(Debug)]
+enum Val<'a> {
+    Null,
+    Bool,
+    /// A number that is a 64-bit integer.
+    Int(i64),
+    /// Any other number.
+    Number,
+    Str(Cow<'a, str>),
+    Array,
+    Object,
+}
+
+impl Val<'_> {
+    fn kind(&self) -> Kind {
+        match self {
+            Self::Null => Kind::Null,
+            Self::Bool => Kind::Bool,
+            Self::Int(_) | Self::Number => Kind::Number,
+            Self::Str(_) => Kind::String,
+            Self::Array => Kind::Array,
+            Self::Object => Kind::Object,
+        }
+    }
+}
+
+/// Reads a known field's value (inside the top-level object) into a [`Val`].
+struct Known;
+
+impl<'de> DeserializeSeed<'de> for Known {
+    type Value = Val<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Val<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Known {
+    type Value = Val<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Val<'de>, E> {
+        Ok(Val::Bool)
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Val<'de>, E> {
+        Ok(Val::Int(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Val<'de>, E> {
+        Ok(i64::try_from(v).map_or(Val::Number, Val::Int))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Val<'de>, E> {
+        Ok(Val::Number)
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Val<'de>, E> {
+        Ok(Val::Str(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Val<'de>, E> {
+        Ok(Val::Str(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_unit<E>(self) -> Result<Val<'de>, E> {
+        Ok(Val::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Val<'de>, A::Error> {
+        Bounded { depth: 1 }.visit_seq(seq).map(|()| Val::Array)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Val<'de>, A::Error> {
+        Bounded { depth: 1 }.visit_map(map).map(|()| Val::Object)
+    }
+}
+
+/// A top-level key: its position in [`FIELDS`], `None` for any other.
+struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_identifier(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Option<usize>, E> {
+        Ok(FIELDS.iter().position(|f| *f == v))
+    }
+}
+
+/// The whole document in one strict, depth-bounded pass: every value
+/// checked as [`Bounded`] checks it, the known fields kept as [`Val`]s.
+struct Scan<'a>([Option<Val<'a>>; 13]);
+
+impl<'de> Deserialize<'de> for Scan<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ScanVisitor)
+    }
+}
+
+struct ScanVisitor;
+
+impl<'de> Visitor<'de> for ScanVisitor {
+    type Value = Scan<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an audit event object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scan<'de>, A::Error> {
+        let mut values: [Option<Val<'de>>; 13] = Default::default();
+        while let Some(key) = map.next_key_seed(Key)? {
+            match key {
+                Some(i) if values[i].is_some() => return Err(serde::de::Error::duplicate_field(FIELDS[i])),
+                Some(i) => values[i] = Some(map.next_value_seed(Known)?),
+                None => map.next_value_seed(Bounded { depth: 1 })?,
+            }
+        }
+        Ok(Scan(values))
     }
 }
 
@@ -324,41 +502,81 @@ impl<'a> EventView<'a> {
             None => return Err(vec![FieldError::whole("is empty")]),
             Some(_) => return Err(vec![FieldError::whole("must be a JSON object")]),
         }
+        Self::read(text).map_or_else(|| Self::report(text), Ok)
+    }
+
+    /// The common case in one pass: a valid event is read and checked as
+    /// it is scanned. `None` when anything is wrong; [`Self::report`] then
+    /// names every problem. It accepts exactly what `report` accepts, and
+    /// reads the same view (a test holds the two to that).
+    fn read(text: &'a str) -> Option<Self> {
+        let Scan(values) = serde_json::from_str(text).ok()?;
+        for (value, (allowed, _)) in values.iter().zip(RULES) {
+            match value {
+                Some(Val::Number) => return None,
+                Some(v) if !allowed.contains(&v.kind()) => return None,
+                _ => {}
+            }
+        }
+        let missing = FIELDS.iter().zip(&values).filter_map(|(f, v)| v.is_none().then_some(*f)).collect();
+        let [id, _, _, entity_id, entity_type, entity_path, _, _, _, event_type, _, created_at, _] = values;
+        let str = |v: Option<Val<'a>>| match v {
+            Some(Val::Str(s)) => Some(s),
+            _ => None,
+        };
+        let id = match id {
+            Some(Val::Str(s)) if !s.is_empty() && s.len() <= MAX_ID_LEN && s.bytes().all(|b| b.is_ascii_graphic()) => {
+                Some(EventId::Str(s.into_owned()))
+            }
+            Some(Val::Int(i)) => Some(EventId::Int(i)),
+            None => None,
+            Some(_) => return None,
+        };
+        let Some(Val::Int(entity_id)) = entity_id else { return None };
+        let event_type = str(event_type).filter(|t| EventTypeName::check(t).is_ok())?;
+        let entity_type = str(entity_type).filter(|t| !t.is_empty())?;
+        let created_at = match created_at {
+            Some(Val::Str(s)) if OffsetDateTime::parse(&s, &Rfc3339).is_ok() => Some(s),
+            None => None,
+            Some(_) => return None,
+        };
+        Some(Self { id, event_type, entity_type, entity_id, entity_path: str(entity_path), created_at, missing })
+    }
+
+    /// Reads the event again, field by field, reporting every problem.
+    fn report(text: &'a str) -> Result<Self, Vec<FieldError>> {
         if nests_deeper_than(text, MAX_DEPTH) {
             return Err(vec![FieldError::whole(format!("nests arrays and objects deeper than {MAX_DEPTH} levels"))]);
         }
         // Fields the pipeline does not read are skipped leniently below; a
         // receiver's strict parser is not: refuse lone surrogate escapes and
         // numbers beyond f64 anywhere in the document.
-        if let Err(e) = serde_json::from_str::<Strict>(text) {
+        let mut strict = serde_json::Deserializer::from_str(text);
+        if let Err(e) = (Bounded { depth: 0 }).deserialize(&mut strict).and_then(|()| strict.end()) {
             return Err(vec![FieldError::whole(format!("is not valid JSON: {e}"))]);
         }
         let raw: RawFields<'a> =
             serde_json::from_str(text).map_err(|e| vec![FieldError::whole(format!("is not valid JSON: {e}"))])?;
 
         let mut errors = Vec::new();
-        use Kind::*;
-        let int_or_str = &[Number, String];
-        let nullable_str = &[String, Null];
-        expect(&mut errors, "id", raw.id, int_or_str, "a string or an integer (omit it to have one minted)");
-        expect(&mut errors, "author_id", raw.author_id, &[Number, Null], "an integer");
-        expect(&mut errors, "author_name", raw.author_name, nullable_str, "a string");
-        expect(&mut errors, "entity_id", raw.entity_id, &[Number], "an integer");
-        expect(&mut errors, "entity_type", raw.entity_type, &[String], "a string");
-        expect(&mut errors, "entity_path", raw.entity_path, nullable_str, "a string");
-        expect(&mut errors, "target_id", raw.target_id, &[Number, String, Null], "an integer or a string");
-        expect(&mut errors, "target_type", raw.target_type, nullable_str, "a string");
-        expect(&mut errors, "target_details", raw.target_details, &[String, Object, Null], "a string or an object");
-        expect(&mut errors, "event_type", raw.event_type, &[String], "a string");
-        expect(&mut errors, "ip_address", raw.ip_address, nullable_str, "a string");
-        expect(
-            &mut errors,
-            "created_at",
+        let raws = [
+            raw.id,
+            raw.author_id,
+            raw.author_name,
+            raw.entity_id,
+            raw.entity_type,
+            raw.entity_path,
+            raw.target_id,
+            raw.target_type,
+            raw.target_details,
+            raw.event_type,
+            raw.ip_address,
             raw.created_at,
-            &[String],
-            "an RFC 3339 timestamp string (omit it to default to now)",
-        );
-        expect(&mut errors, "details", raw.details, &[Object, Null], "an object");
+            raw.details,
+        ];
+        for ((field, (allowed, wanted)), raw) in FIELDS.iter().zip(RULES).zip(raws) {
+            expect(&mut errors, field, raw, allowed, wanted);
+        }
 
         for (field, value) in
             [("entity_id", raw.entity_id), ("entity_type", raw.entity_type), ("event_type", raw.event_type)]
@@ -369,7 +587,7 @@ impl<'a> EventView<'a> {
         }
 
         let id = match raw.id {
-            Some(r) if Kind::of(r) == String => {
+            Some(r) if Kind::of(r) == Kind::String => {
                 let s = string(r);
                 if s.is_empty() || s.len() > MAX_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic()) {
                     errors.push(FieldError::new(
@@ -385,17 +603,17 @@ impl<'a> EventView<'a> {
             None => None,
         };
 
-        let event_type = raw.event_type.filter(|r| Kind::of(r) == String).map(string);
+        let event_type = raw.event_type.filter(|r| Kind::of(r) == Kind::String).map(string);
         if let Some(t) = &event_type
             && let Err(problem) = EventTypeName::check(t)
         {
             errors.push(FieldError::new("event_type", problem));
         }
-        let entity_type = raw.entity_type.filter(|r| Kind::of(r) == String).map(string);
+        let entity_type = raw.entity_type.filter(|r| Kind::of(r) == Kind::String).map(string);
         if entity_type.as_deref() == Some("") {
             errors.push(FieldError::new("entity_type", "must not be empty"));
         }
-        if let Some(r) = raw.created_at.filter(|r| Kind::of(r) == String) {
+        if let Some(r) = raw.created_at.filter(|r| Kind::of(r) == Kind::String) {
             let s = string(r);
             if OffsetDateTime::parse(&s, &Rfc3339).is_err() {
                 errors.push(FieldError::new(
@@ -408,29 +626,14 @@ impl<'a> EventView<'a> {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let present = [
-            raw.id.is_some(),
-            raw.author_id.is_some(),
-            raw.author_name.is_some(),
-            raw.entity_id.is_some(),
-            raw.entity_type.is_some(),
-            raw.entity_path.is_some(),
-            raw.target_id.is_some(),
-            raw.target_type.is_some(),
-            raw.target_details.is_some(),
-            raw.event_type.is_some(),
-            raw.ip_address.is_some(),
-            raw.created_at.is_some(),
-            raw.details.is_some(),
-        ];
-        let missing = FIELDS.iter().zip(present).filter_map(|(f, p)| (!p).then_some(*f)).collect();
+        let missing = FIELDS.iter().zip(raws).filter_map(|(f, r)| r.is_none().then_some(*f)).collect();
         Ok(Self {
             id,
             // Both were checked present and strings above.
             event_type: event_type.unwrap_or_default(),
             entity_type: entity_type.unwrap_or_default(),
             entity_id: raw.entity_id.and_then(integer).unwrap_or_default(),
-            entity_path: raw.entity_path.filter(|r| Kind::of(r) == String).map(string),
+            entity_path: raw.entity_path.filter(|r| Kind::of(r) == Kind::String).map(string),
             created_at: raw.created_at.map(string),
             missing,
         })
@@ -660,6 +863,84 @@ mod tests {
         }
         let ok = r#"{"event_type":"audit_operation","entity_type":"Project","entity_id":6,"d":{"e":"\ud83d\ude00"}}"#;
         assert!(prepare(ok.as_bytes(), &registry(), &EventLimits::default(), NOW).is_ok(), "a surrogate pair is fine");
+    }
+
+    /// Documents exercising every rule: each field holding each kind of
+    /// value, strictness, nesting, duplicates, escaped names.
+    fn rule_cases() -> Vec<String> {
+        let golden: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden"))
+            .expect("golden examples")
+            .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("readable"))
+            .collect();
+        let values = [
+            "null",
+            "true",
+            "7",
+            "-7",
+            "-0",
+            "6.5",
+            "1e3",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775809",
+            "1e400",
+            r#""""#,
+            r#""x""#,
+            r#""a b""#,
+            r#""audit_operation""#,
+            r#""Audit""#,
+            r#""2022-03-09T06:53:11.181Z""#,
+            r#""yesterday""#,
+            r#""\u0041\n""#,
+            r#""\ud800""#,
+            r#""\ud83d\ude00""#,
+            "[]",
+            "{}",
+            r#"{"a":[1,{"b":"\ud800"}]}"#,
+            r#"{"a":[1e999]}"#,
+        ];
+        let base = minimal();
+        let mut cases = golden;
+        for field in FIELDS.iter().chain(["other", "i\\u0064"].iter()) {
+            for value in values {
+                cases.push(format!(r#"{{"{field}":{value},{}"#, &base[1..]));
+                cases.push(format!(r#"{},"{field}":{value}}}"#, &base[..base.len() - 1]));
+            }
+        }
+        for field in ["event_type", "entity_type", "entity_id"] {
+            let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(base).unwrap();
+            v.remove(field);
+            cases.push(serde_json::to_string(&v).unwrap());
+        }
+        for depth in [62, 63, 64, 65, 200] {
+            let nest = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+            cases.push(format!(r#"{},"details":{{"a":{}}}}}"#, &base[..base.len() - 1], nest(depth - 2)));
+            cases.push(format!(r#"{},"x":{}}}"#, &base[..base.len() - 1], nest(depth - 1)));
+        }
+        cases.push(format!(r#"{} x"#, base));
+        cases.push(format!(r#"{}  "#, base));
+        cases.push(format!(r#"{},"\udc00k":1}}"#, &base[..base.len() - 1]));
+        cases.push(format!(r#"{},"x":1,"x":2}}"#, &base[..base.len() - 1]));
+        cases
+    }
+
+    #[test]
+    fn the_one_pass_reader_agrees_with_the_reporting_one() {
+        let (mut read, mut refused) = (0, 0);
+        for text in rule_cases() {
+            let fast = EventView::read(&text);
+            match EventView::report(&text) {
+                Ok(view) => {
+                    assert_eq!(fast.as_ref(), Some(&view), "one pass must read what the report reads: {text}");
+                    read += 1;
+                }
+                Err(errors) => {
+                    assert_eq!(fast, None, "one pass accepted what the report refuses ({errors:?}): {text}");
+                    refused += 1;
+                }
+            }
+        }
+        assert!(read > 50 && refused > 200, "both outcomes exercised: {read} read, {refused} refused");
     }
 
     #[test]
