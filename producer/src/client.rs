@@ -45,6 +45,14 @@ fn timed_out() -> PublishError {
     PublishError::Unavailable(KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::MessageTimedOut))
 }
 
+/// An event record's headers: its id and type, for tools that read the
+/// topic without parsing payloads.
+fn headers(event: &PreparedEvent) -> rdkafka::message::OwnedHeaders {
+    let mut digits = itoa::Buffer::new();
+    let id = event.id.text(&mut digits);
+    service::kafka::headers([(H_EVENT_ID, id.as_bytes()), (H_EVENT_TYPE, event.event_type.as_bytes())])
+}
+
 /// Publishes events, namespace records and destination records to Kafka.
 #[derive(Clone)]
 pub struct Publisher {
@@ -103,17 +111,9 @@ impl Publisher {
     /// Writes a prepared event; resolves once the broker acknowledged it
     /// (acks=all, idempotent producer).
     pub async fn send(&self, event: &PreparedEvent) -> Result<(), PublishError> {
-        let (key, headers) = Self::key_and_headers(event);
-        let record = FutureRecord::to(&self.events_topic).key(&key).payload(&event.bytes).headers(headers);
+        let key = event.partition_key();
+        let record = FutureRecord::to(&self.events_topic).key(&key).payload(&event.bytes).headers(headers(event));
         self.write(record).await
-    }
-
-    fn key_and_headers(event: &PreparedEvent) -> (String, rdkafka::message::OwnedHeaders) {
-        let mut digits = itoa::Buffer::new();
-        let id = event.id.text(&mut digits);
-        let headers =
-            service::kafka::headers([(H_EVENT_ID, id.as_bytes()), (H_EVENT_TYPE, event.event_type.as_bytes())]);
-        (event.partition_key(), headers)
     }
 
     /// Writes prepared events, each result in the order given; resolves
@@ -122,11 +122,14 @@ impl Publisher {
     /// partitions allow; an event the producer's queue had no room for
     /// waits for room as [`Self::send`] does.
     pub async fn send_all(&self, events: &[PreparedEvent]) -> Vec<Result<(), PublishError>> {
+        // One key buffer for the whole request: the producer copies it.
+        let mut key = String::new();
         let sent: Vec<_> = events
             .iter()
             .map(|event| {
-                let (key, headers) = Self::key_and_headers(event);
-                let record = FutureRecord::to(&self.events_topic).key(&key).payload(&event.bytes).headers(headers);
+                proto::event::write_partition_key(&mut key, &event.entity_type, event.entity_id);
+                let record =
+                    FutureRecord::to(&self.events_topic).key(&key).payload(&event.bytes).headers(headers(event));
                 self.producer.send_result(record).ok()
             })
             .collect();

@@ -157,7 +157,35 @@ pub struct EventView<'a> {
     /// `created_at`, when present (validated as RFC 3339).
     pub created_at: Option<Cow<'a, str>>,
     /// Fields of SPEC §1 absent from the document (not merely null).
-    pub missing: Vec<&'static str>,
+    pub missing: Missing,
+}
+
+/// Which fields of [`FIELDS`] a document lacks: a set of positions, kept
+/// without allocating.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Missing(u16);
+
+impl Missing {
+    /// The fields absent where `present` is false, in [`FIELDS`] order.
+    fn of(present: impl IntoIterator<Item = bool>) -> Self {
+        Self(present.into_iter().enumerate().filter(|(_, p)| !p).fold(0, |set, (i, _)| set | 1 << i))
+    }
+
+    /// Whether every field is present.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The absent fields, in [`FIELDS`] order.
+    pub fn iter(self) -> impl Iterator<Item = &'static str> {
+        FIELDS.iter().enumerate().filter(move |(i, _)| self.0 & 1 << i != 0).map(|(_, f)| *f)
+    }
+}
+
+impl fmt::Debug for Missing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 /// Reads each known field as raw text; unknown fields are skipped. A
@@ -518,7 +546,7 @@ impl<'a> EventView<'a> {
                 _ => {}
             }
         }
-        let missing = FIELDS.iter().zip(&values).filter_map(|(f, v)| v.is_none().then_some(*f)).collect();
+        let missing = Missing::of(values.iter().map(Option::is_some));
         let [id, _, _, entity_id, entity_type, entity_path, _, _, _, event_type, _, created_at, _] = values;
         let str = |v: Option<Val<'a>>| match v {
             Some(Val::Str(s)) => Some(s),
@@ -626,7 +654,7 @@ impl<'a> EventView<'a> {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let missing = FIELDS.iter().zip(raws).filter_map(|(f, r)| r.is_none().then_some(*f)).collect();
+        let missing = Missing::of(raws.iter().map(Option::is_some));
         Ok(Self {
             id,
             // Both were checked present and strings above.
@@ -679,7 +707,18 @@ impl PreparedEvent {
 
 /// The Kafka partition key of an entity: `entity_type:entity_id`.
 pub fn partition_key(entity_type: &str, entity_id: i64) -> String {
-    format!("{entity_type}:{entity_id}")
+    let mut key = String::with_capacity(entity_type.len() + 21);
+    write_partition_key(&mut key, entity_type, entity_id);
+    key
+}
+
+/// Writes [`partition_key`] into `key`, replacing what it held: a buffer
+/// reused from event to event.
+pub fn write_partition_key(key: &mut String, entity_type: &str, entity_id: i64) {
+    key.clear();
+    key.push_str(entity_type);
+    key.push(':');
+    key.push_str(itoa::Buffer::new().format(entity_id));
 }
 
 /// Reads an RFC 3339 timestamp as Unix milliseconds (`None` when it is not
@@ -691,8 +730,18 @@ pub fn timestamp_ms(text: &str) -> Option<i64> {
 
 /// Formats a timestamp as SPEC §1 wants it: RFC 3339, milliseconds, UTC.
 pub fn format_timestamp(at: OffsetDateTime) -> String {
+    let mut out = Vec::with_capacity(24);
+    write_timestamp(&mut out, at);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends [`format_timestamp`]'s text to `out`.
+fn write_timestamp(out: &mut Vec<u8>, at: OffsetDateTime) {
+    use std::io::Write as _;
     let at = at.to_offset(time::UtcOffset::UTC);
-    format!(
+    // Writing to a Vec cannot fail.
+    let _ = write!(
+        out,
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         at.year(),
         u8::from(at.month()),
@@ -701,7 +750,7 @@ pub fn format_timestamp(at: OffsetDateTime) -> String {
         at.minute(),
         at.second(),
         at.millisecond()
-    )
+    );
 }
 
 /// Validates an event and completes it: a UUIDv7 `id` when absent,
@@ -725,42 +774,44 @@ pub fn prepare(
 
     // parse() checked the document is UTF-8 and an object.
     let text = std::str::from_utf8(bytes).unwrap_or_default().trim();
-    let id = view.id.clone().unwrap_or_else(|| EventId::Str(uuid::Uuid::now_v7().to_string()));
+    let id = match view.id {
+        Some(id) => id,
+        None => EventId::Str(uuid::Uuid::now_v7().to_string()),
+    };
     let out = if view.missing.is_empty() {
         text.as_bytes().to_vec()
     } else {
-        let mut fill = String::with_capacity(64 + 24 * view.missing.len());
-        for field in &view.missing {
-            if !fill.is_empty() {
-                fill.push(',');
+        // `{`, the completions, then the publisher's text after its `{`.
+        let rest = &text[1..];
+        let mut out = Vec::with_capacity(text.len() + 64 + 24 * FIELDS.len());
+        out.push(b'{');
+        for (n, field) in view.missing.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
             }
-            fill.push('"');
-            fill.push_str(field);
-            fill.push_str("\":");
-            match *field {
+            out.push(b'"');
+            out.extend_from_slice(field.as_bytes());
+            out.extend_from_slice(b"\":");
+            match field {
                 "id" => {
-                    fill.push('"');
-                    fill.push_str(&id.to_string());
-                    fill.push('"');
+                    out.push(b'"');
+                    out.extend_from_slice(id.text(&mut itoa::Buffer::new()).as_bytes());
+                    out.push(b'"');
                 }
                 "created_at" => {
-                    fill.push('"');
-                    fill.push_str(&format_timestamp(now));
-                    fill.push('"');
+                    out.push(b'"');
+                    write_timestamp(&mut out, now);
+                    out.push(b'"');
                 }
-                _ => fill.push_str("null"),
+                _ => out.extend_from_slice(b"null"),
             }
         }
-        let rest = &text[1..];
-        let mut out = String::with_capacity(text.len() + fill.len() + 1);
-        out.push('{');
-        out.push_str(&fill);
         // Required fields are present, so the object is never empty here.
         if !rest.trim_start().starts_with('}') {
-            out.push(',');
+            out.push(b',');
         }
-        out.push_str(rest);
-        out.into_bytes()
+        out.extend_from_slice(rest.as_bytes());
+        out
     };
     Ok(PreparedEvent {
         bytes: out,
@@ -997,6 +1048,14 @@ mod tests {
             prepare(ok.as_bytes(), &registry(), &EventLimits::default(), NOW).is_ok(),
             "brackets in strings do not count"
         );
+    }
+
+    #[test]
+    fn partition_key_is_the_entity_and_its_buffer_is_replaced() {
+        assert_eq!(partition_key("Project", 6), "Project:6");
+        let mut key = String::from("left over from the last event");
+        write_partition_key(&mut key, "Group", i64::MIN);
+        assert_eq!(key, "Group:-9223372036854775808");
     }
 
     #[test]
