@@ -13,7 +13,9 @@ use std::{
 use bytes::Bytes;
 use http::{
     Method, Request, Uri,
-    header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT as USER_AGENT_HEADER},
+    header::{
+        ACCEPT, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT as USER_AGENT_HEADER,
+    },
 };
 use http_body_util::{BodyExt, Full};
 use hyper_util::{
@@ -200,7 +202,11 @@ impl Sender {
         let uri: Uri = String::from(url)
             .try_into()
             .map_err(|e: http::uri::InvalidUri| format!("destination URL is not a valid HTTP URI: {e}"))?;
-        Ok((uri, fixed_headers(destination)?))
+        let mut fixed = fixed_headers(destination)?;
+        // The client would format it for every request; it is the same
+        // each time.
+        fixed.push((HOST, host_value(&uri)?));
+        Ok((uri, fixed))
     }
 
     /// POSTs `body` to `destination`. `event_id` and `event_type` come from
@@ -287,6 +293,20 @@ fn header_value(v: &str) -> Result<HeaderValue, String> {
     HeaderValue::from_str(v).map_err(|_| "a header value is not valid in HTTP".to_owned())
 }
 
+/// The `Host` header for `uri`, as the HTTP client writes it: the host,
+/// and the port unless it is the scheme's default.
+fn host_value(uri: &Uri) -> Result<HeaderValue, String> {
+    let host = uri.host().ok_or("destination URL has no host")?;
+    let default = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    match uri.port_u16().filter(|&p| p != default) {
+        Some(port) => header_value(&format!("{host}:{port}")),
+        None => header_value(host),
+    }
+}
+
 /// The headers every request to `destination` carries: content type,
 /// custom headers, verification token.
 fn fixed_headers(destination: &Destination) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
@@ -352,4 +372,24 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// rustls needs one process-wide crypto provider; ring is the lean one.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_header_is_the_authority_without_a_default_port() {
+        for (url, host) in [
+            ("http://example.com/in", "example.com"),
+            ("http://example.com:80/in", "example.com"),
+            ("https://example.com:443/in", "example.com"),
+            ("https://example.com:80/in", "example.com:80"),
+            ("http://127.0.0.1:8080/in", "127.0.0.1:8080"),
+            ("http://[::1]:9000/in", "[::1]:9000"),
+        ] {
+            let uri: Uri = url.parse().unwrap();
+            assert_eq!(host_value(&uri).unwrap(), host, "{url}");
+        }
+    }
 }

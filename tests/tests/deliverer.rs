@@ -538,6 +538,9 @@ async fn https_destinations_are_delivered_to_and_their_certificates_verified() {
     assert!(w.wait_received("/tls", "e-trusted", Duration::from_secs(20)).await, "not delivered over TLS");
     let got = w.receiver.received().into_iter().find(|r| r.path == "/tls").unwrap();
     assert_eq!(got.header("x-gitlab-event-streaming-token"), Some(TOKEN_A));
+    // The deliverer writes Host itself (once per destination): the name and
+    // port the URL gives.
+    assert_eq!(got.header("host"), Some(format!("localhost:{}", front.port()).as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
