@@ -6,10 +6,10 @@
 //! - when `prepare` accepts, its output is one JSON object holding every
 //!   field of SPEC §1 (`proto::event::FIELDS`), with the id and type it
 //!   reported — checked with serde_json whenever the input itself parses
-//!   with it; with `FUZZ_STRICT_JSON=1`, for every accepted input (this
-//!   fails today: the producer accepts lone UTF-16 surrogate escapes and
-//!   numbers beyond f64 in fields it does not read, which serde_json and
-//!   other strict receivers refuse; docs/RELIABILITY.md, findings F1 and F2);
+//!   with it; with `FUZZ_STRICT_JSON=1`, for every accepted input (lone
+//!   UTF-16 surrogate escapes and numbers beyond f64 used to pass in
+//!   fields the producer does not read; docs/RELIABILITY.md, findings F1
+//!   and F2, both fixed);
 //! - when every field was present, the output is the input's exact bytes,
 //!   trimmed of surrounding JSON whitespace;
 //! - when fields were missing, the publisher's text follows the inserted
