@@ -216,7 +216,7 @@ async fn main() -> Result<()> {
 
     if !measured.is_empty() {
         let cpu = |c: &Ceilings| c.per_request.map_or("–".to_owned(), |p| format!("{p:.0}"));
-        let cpu_a = |c: &Ceilings| c.per_message.map_or("–".to_owned(), |p| format!("{p:.1}"));
+        let cpu_message = |c: &Ceilings| c.per_message.map_or("–".to_owned(), |p| format!("{p:.1}"));
         writeln!(
             out,
             "## Ceilings\n\nMeasured before and after each round's scenarios; that round's ratios use the higher.\n\n\
@@ -228,8 +228,8 @@ async fn main() -> Result<()> {
                 "| {round} | (a) broker produce→consume, same messages, no processing | {:.0} msg/s | {:.0} msg/s | {}, {} (producer, consumer and broker) |",
                 before.a,
                 after.a,
-                cpu_a(before),
-                cpu_a(after)
+                cpu_message(before),
+                cpu_message(after)
             )?;
             writeln!(
                 out,
@@ -474,6 +474,13 @@ struct Seen {
     last: Option<Instant>,
 }
 
+impl Seen {
+    /// What arrived for destinations: every path but ceiling (b)'s.
+    fn destinations(&self) -> impl Iterator<Item = &PathSeen> {
+        self.paths.iter().filter(|(path, _)| *path != RAW_PATH).map(|(_, p)| p)
+    }
+}
+
 /// What arrived on one path.
 #[derive(Default)]
 struct PathSeen {
@@ -544,7 +551,7 @@ impl Sink {
 
     /// Unique deliveries to destinations (not ceiling (b)'s requests).
     fn unique(&self) -> u64 {
-        self.seen().paths.iter().filter(|(path, _)| *path != RAW_PATH).map(|(_, p)| p.ids.len() as u64).sum()
+        self.seen().destinations().map(|p| p.ids.len() as u64).sum()
     }
 }
 
@@ -952,13 +959,7 @@ async fn drain(sink: &Sink, want: u64) -> u64 {
 }
 
 fn percentiles(sink: &Sink) -> [i64; 3] {
-    let mut all: Vec<i64> = sink
-        .seen()
-        .paths
-        .iter()
-        .filter(|(path, _)| *path != RAW_PATH)
-        .flat_map(|(_, p)| p.latency.iter().copied())
-        .collect();
+    let mut all: Vec<i64> = sink.seen().destinations().flat_map(|p| p.latency.iter().copied()).collect();
     all.sort_unstable();
     let at = |p: f64| all.get(((all.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(-1);
     [at(0.50), at(0.95), at(0.99)]

@@ -112,8 +112,12 @@ impl Publisher {
     /// (acks=all, idempotent producer).
     pub async fn send(&self, event: &PreparedEvent) -> Result<(), PublishError> {
         let key = event.partition_key();
-        let record = FutureRecord::to(&self.events_topic).key(&key).payload(&event.bytes).headers(headers(event));
-        self.write(record).await
+        self.write(self.event_record(event, &key)).await
+    }
+
+    /// The record of `event`, keyed by `key` (its partition key).
+    fn event_record<'a>(&'a self, event: &'a PreparedEvent, key: &'a str) -> FutureRecord<'a, str, [u8]> {
+        FutureRecord::to(&self.events_topic).key(key).payload(&event.bytes[..]).headers(headers(event))
     }
 
     /// Writes prepared events, each result in the order given; resolves
@@ -128,9 +132,7 @@ impl Publisher {
             .iter()
             .map(|event| {
                 proto::event::write_partition_key(&mut key, &event.entity_type, event.entity_id);
-                let record =
-                    FutureRecord::to(&self.events_topic).key(&key).payload(&event.bytes).headers(headers(event));
-                self.producer.send_result(record).ok()
+                self.producer.send_result(self.event_record(event, &key)).ok()
             })
             .collect();
         // Each acknowledgement comes within the delivery timeout; the bound

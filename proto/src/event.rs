@@ -38,6 +38,12 @@ pub const FIELDS: [&str; 13] = [
 /// so they are also restricted to visible ASCII.
 pub const MAX_ID_LEN: usize = 128;
 
+/// Whether a string id can be used as is: 1 to [`MAX_ID_LEN`] visible ASCII
+/// characters.
+fn id_fits(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// The deepest nesting of arrays and objects accepted. Receivers parse what
 /// we deliver; a document nested thousands deep crashes many parsers.
 pub const MAX_DEPTH: usize = 64;
@@ -286,7 +292,7 @@ fn expect(errors: &mut Vec<FieldError>, field: &str, raw: Option<&RawValue>, all
 
 /// What each field of [`FIELDS`] may hold (in the same order), and the
 /// words for it in an error.
-const RULES: [(&[Kind], &str); 13] = {
+const RULES: [(&[Kind], &str); FIELDS.len()] = {
     use Kind::*;
     [
         (&[Number, String], "a string or an integer (omit it to have one minted)"),
@@ -484,7 +490,7 @@ impl<'de> Visitor<'de> for Key {
 
 /// The whole document in one strict, depth-bounded pass: every value
 /// checked as [`Bounded`] checks it, the known fields kept as [`Val`]s.
-struct Scan<'a>([Option<Val<'a>>; 13]);
+struct Scan<'a>([Option<Val<'a>>; FIELDS.len()]);
 
 impl<'de> Deserialize<'de> for Scan<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -502,7 +508,7 @@ impl<'de> Visitor<'de> for ScanVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scan<'de>, A::Error> {
-        let mut values: [Option<Val<'de>>; 13] = Default::default();
+        let mut values: [Option<Val<'de>>; FIELDS.len()] = Default::default();
         while let Some(key) = map.next_key_seed(Key)? {
             match key {
                 Some(i) if values[i].is_some() => return Err(serde::de::Error::duplicate_field(FIELDS[i])),
@@ -553,9 +559,7 @@ impl<'a> EventView<'a> {
             _ => None,
         };
         let id = match id {
-            Some(Val::Str(s)) if !s.is_empty() && s.len() <= MAX_ID_LEN && s.bytes().all(|b| b.is_ascii_graphic()) => {
-                Some(EventId::Str(s.into_owned()))
-            }
+            Some(Val::Str(s)) if id_fits(&s) => Some(EventId::Str(s.into_owned())),
             Some(Val::Int(i)) => Some(EventId::Int(i)),
             None => None,
             Some(_) => return None,
@@ -617,7 +621,7 @@ impl<'a> EventView<'a> {
         let id = match raw.id {
             Some(r) if Kind::of(r) == Kind::String => {
                 let s = string(r);
-                if s.is_empty() || s.len() > MAX_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic()) {
+                if !id_fits(&s) {
                     errors.push(FieldError::new(
                         "id",
                         format!(
