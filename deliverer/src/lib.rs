@@ -72,8 +72,15 @@ fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
+/// The deliverer's own readiness check: registered before anything else
+/// and set once every consumer is registered, so `/ready` never passes
+/// while the deliverer has yet to register its other checks (`auditstream
+/// dev` registers it before the deliverer's task first runs).
+pub const READY_CHECK: &str = "deliverer";
+
 /// Runs the deliverer until `shutdown`, then drains within the grace period.
 pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> Result<(), DelivererError> {
+    let started = admin.readiness.register(READY_CHECK);
     let settings = config.deliverer.clone();
     let topics = Topics::new(config.kafka.topic_prefix.clone());
     let rungs = settings.retry_delays.len();
@@ -145,6 +152,7 @@ pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> R
         }));
     }
     tracing::info!(group = %settings.group_id, rungs, "deliverer consuming");
+    started.set(true);
     tokio::join!(fresh_loop, futures_util::future::join_all(retry_loops));
     tracing::info!("deliverer stopped");
     Ok(())

@@ -995,8 +995,9 @@ def cmd_e2e(binary: str) -> int:
              f"--web.listen-address=127.0.0.1:{prom}"],
             stdout=prom_log, stderr=subprocess.STDOUT, start_new_session=True))
         def dev_ready() -> bool:
-            # /ready answers 200 for a moment at start, before the roles
-            # register their checks: wait for every role's checks too.
+            # /ready holds until every role registered and passed its
+            # checks (fixed in session 7; it used to answer 200 for a moment
+            # at start): that every role's checks are listed is asserted too.
             st, body = http(f"http://127.0.0.1:{admin}/ready")
             checks = json.loads(body).get("checks", {}) if st == 200 else {}
             return st == 200 and all(any(k == r or k.startswith(r + ".") for k in checks) for r in ROLES)

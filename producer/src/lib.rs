@@ -60,6 +60,11 @@ pub fn load_registry(types_dir: Option<&std::path::Path>) -> Result<Registry, St
     Ok(registry)
 }
 
+/// The producer's own readiness check: registered before anything else and
+/// set once the API serves (`auditstream dev` registers it before the
+/// producer's task first runs).
+pub const READY_CHECK: &str = "producer";
+
 /// Runs the producer API on `listener` until `shutdown`; then stops
 /// accepting, finishes the requests in flight and flushes Kafka.
 pub async fn run(
@@ -68,7 +73,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> Result<(), ProducerError> {
-    let ready = admin.readiness.register("producer");
+    let ready = admin.readiness.register(READY_CHECK);
     let registry = load_registry(config.api.types_dir.as_deref()).map_err(ProducerError::Types)?;
     if config.kafka.create_topics {
         service::kafka::ensure_topics(&config.kafka, &Topics::new(config.kafka.topic_prefix.clone()).all(0)).await?;

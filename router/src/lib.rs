@@ -78,8 +78,15 @@ struct Context {
     metrics: metrics::Metrics,
 }
 
+/// The router's own readiness check: registered before anything else and
+/// set once it consumes, so `/ready` never passes while the router has yet
+/// to register its other checks (`auditstream dev` registers it before the
+/// router's task first runs).
+pub const READY_CHECK: &str = "router";
+
 /// Runs the router until `shutdown`, then drains within the grace period.
 pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Result<(), RouterError> {
+    let started = admin.readiness.register(READY_CHECK);
     let mut registry = Registry::embedded();
     if let Some(dir) = &config.router.types_dir {
         registry.extend(
@@ -135,6 +142,7 @@ pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Resu
         metrics,
     };
     tracing::info!(group = %config.router.group_id, "router consuming");
+    started.set(true);
     // The destinations of the event being routed, one buffer for all.
     let mut targets = Vec::new();
     consume::run_inline(consumer, tracker, limits, shutdown, |m, done| handle(&ctx, m, done, &mut targets)).await;

@@ -16,7 +16,8 @@ use tokio::net::TcpListener;
 
 use crate::{consume::ConsumerLag, shutdown::Shutdown};
 
-/// Named readiness checks; ready when every one is set.
+/// Named readiness checks; ready when at least one is registered and every
+/// one is set. A process that registered nothing yet is still starting.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
     checks: Arc<Mutex<BTreeMap<String, Arc<AtomicBool>>>>,
@@ -50,9 +51,9 @@ impl Readiness {
         self.lock().iter().map(|(k, v)| (k.clone(), v.load(Ordering::Acquire))).collect()
     }
 
-    /// Whether every check passes.
+    /// Whether every check passes, and there is at least one.
     pub fn is_ready(&self) -> bool {
-        self.report().values().all(|r| *r)
+        ready(&self.report())
     }
 }
 
@@ -84,7 +85,7 @@ impl Admin {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/live", get(|| async { "live\n" }))
-            .route("/ready", get(ready))
+            .route("/ready", get(ready_route))
             .route("/metrics", get(metrics))
             .with_state(self.clone())
     }
@@ -95,9 +96,14 @@ impl Admin {
     }
 }
 
-async fn ready(State(admin): State<Admin>) -> impl IntoResponse {
+/// Ready: something registered, and everything registered passes.
+fn ready(report: &BTreeMap<String, bool>) -> bool {
+    !report.is_empty() && report.values().all(|r| *r)
+}
+
+async fn ready_route(State(admin): State<Admin>) -> impl IntoResponse {
     let report = admin.readiness.report();
-    let ok = report.values().all(|r| *r);
+    let ok = ready(&report);
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(serde_json::json!({ "ready": ok, "checks": report })))
 }
@@ -120,12 +126,10 @@ mod tests {
         let counter = prometheus::IntCounter::new("test_things_total", "things").unwrap();
         admin.registry.register(Box::new(counter.clone())).unwrap();
         counter.inc();
-        let a = admin.readiness.register("a");
-        let b = admin.readiness.register("b");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (trigger, shutdown) = crate::shutdown::channel();
-        let server = tokio::spawn(admin.serve(listener, shutdown));
+        let server = tokio::spawn(admin.clone().serve(listener, shutdown));
         let get = |path: &str| {
             let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
             async move {
@@ -139,12 +143,19 @@ mod tests {
             }
         };
         assert!(get("/live").await.ends_with("200"));
+        // Nothing registered yet: the process is still starting.
+        let body = get("/ready").await;
+        assert!(body.ends_with("503") && body.contains(r#""checks":{}"#), "{body}");
+        assert!(!admin.readiness.is_ready());
+        let a = admin.readiness.register("a");
+        let b = admin.readiness.register("b");
         assert!(get("/ready").await.ends_with("503"));
         a.set(true);
         assert!(get("/ready").await.ends_with("503"));
         b.set(true);
         let body = get("/ready").await;
         assert!(body.ends_with("200"), "{body}");
+        assert!(admin.readiness.is_ready());
         let m = get("/metrics").await;
         assert!(m.contains("test_things_total 1"), "{m}");
         trigger.trigger();

@@ -218,13 +218,27 @@ pub fn http() -> reqwest::Client {
 
 /// Waits until `http://addr/ready` answers 200.
 pub async fn wait_ready(addr: SocketAddr, deadline: Duration) -> bool {
+    first_ready(addr, deadline).await.is_some()
+}
+
+/// Waits until `http://addr/ready` answers 200 and returns that first
+/// answer's body (`{"ready":true,"checks":{...}}`); `None` at `deadline`.
+pub async fn first_ready(addr: SocketAddr, deadline: Duration) -> Option<serde_json::Value> {
     let client = http();
     let url = format!("http://{addr}/ready");
-    wait_until(deadline, || {
-        let req = client.get(&url).send();
-        async move { req.await.is_ok_and(|r| r.status().is_success()) }
-    })
-    .await
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Ok(r) = client.get(&url).send().await
+            && r.status().is_success()
+        {
+            let body = r.bytes().await.ok()?;
+            return serde_json::from_slice(&body).ok();
+        }
+        if start.elapsed() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Writes one raw record and waits for the acknowledgement.

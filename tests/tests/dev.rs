@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tests::{Process, free_addr, http, unique, wait_ready, wait_until};
+use tests::{Process, first_ready, free_addr, http, unique, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_delivers_an_example_event_with_verified_token() {
@@ -24,7 +24,24 @@ async fn dev_delivers_an_example_event_with_verified_token() {
         ],
         &[],
     );
-    assert!(wait_ready(admin, Duration::from_secs(60)).await, "dev never became ready: {:?}", dev.stdout());
+    let ready = first_ready(admin, Duration::from_secs(60)).await;
+    let ready = ready.unwrap_or_else(|| panic!("dev never became ready: {:?}", dev.stdout()));
+    // Ready means every role got far enough to register all its checks:
+    // the first 200 already lists the consumer groups of the router and the
+    // deliverer, not only the producer's tables.
+    let checks = ready["checks"].as_object().expect("checks");
+    for check in [
+        "producer",
+        "producer.destinations",
+        "router",
+        "router.namespaces",
+        "router.group",
+        "deliverer",
+        "deliverer.group",
+        "deliverer.retry_group.0",
+    ] {
+        assert_eq!(checks.get(check), Some(&serde_json::Value::Bool(true)), "{check} in {ready}");
+    }
     let guide = || {
         let printed = dev.stdout().iter().any(|l| l.contains("curl"));
         async move { printed }
