@@ -88,6 +88,12 @@ struct Args {
     /// Skip the ceilings.
     #[arg(long)]
     no_ceilings: bool,
+    /// Also measure (b′): ceiling (b)'s requests sent through the
+    /// deliverer's own HTTP client (`deliverer::http::Sender`: pooled
+    /// client, timeout, fixed and per-delivery headers, bounded body read),
+    /// to tell its cost from the rest of the deliverer's.
+    #[arg(long)]
+    client_ceiling: bool,
     /// Rounds: every scenario (and the ceilings around it) this many times,
     /// with the median and range of each figure at the end. This machine's
     /// noise is ±25%: one round proves little.
@@ -177,7 +183,16 @@ async fn main() -> Result<()> {
         // Client and sink both run in the harness: its CPU is the whole
         // cost of a request.
         let per_request = cpu_before.zip(cpu_after).map(|(x, y)| (y - x) * 1e6 / (b * args.ceiling_seconds as f64));
-        anyhow::Ok(Ceilings { a, b, per_message, per_request })
+        let sender = if args.client_ceiling {
+            let cpu_before = cpu_seconds(std::process::id());
+            let rate = ceiling_sender(sink.addr, &payload, args.connections, args.ceiling_seconds).await?;
+            let cpu_after = cpu_seconds(std::process::id());
+            let per = cpu_before.zip(cpu_after).map(|(x, y)| (y - x) * 1e6 / (rate * args.ceiling_seconds as f64));
+            Some((rate, per))
+        } else {
+            None
+        };
+        anyhow::Ok(Ceilings { a, b, per_message, per_request, sender })
     };
     let mut rows = Vec::new();
     let mut memory: Vec<(Scenario, Vec<Option<u64>>)> = Vec::new();
@@ -240,6 +255,15 @@ async fn main() -> Result<()> {
                 cpu(before),
                 cpu(after)
             )?;
+            if let (Some((b1, c1)), Some((b2, c2))) = (before.sender, after.sender) {
+                let per = |c: Option<f64>| c.map_or("–".to_owned(), |p| format!("{p:.0}"));
+                writeln!(
+                    out,
+                    "| {round} | (b′) the same, through the deliverer's HTTP client | {b1:.0} req/s | {b2:.0} req/s | {}, {} (client and sink) |",
+                    per(c1),
+                    per(c2)
+                )?;
+            }
         }
         writeln!(
             out,
@@ -359,6 +383,8 @@ struct Ceilings {
     b: f64,
     per_message: Option<f64>,
     per_request: Option<f64>,
+    /// (b′), with `--client-ceiling`: requests/s and CPU µs per request.
+    sender: Option<(f64, Option<f64>)>,
 }
 
 impl Ceilings {
@@ -707,6 +733,51 @@ async fn ceiling_http(sink: SocketAddr, payload: &[u8], connections: usize, seco
             anyhow::Ok(())
         }));
     }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(done.load(Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Ceiling (b′): ceiling (b)'s requests, from as many concurrent tasks,
+/// sent with the deliverer's `Sender` (its pool opens a connection per
+/// task). Requests per second.
+async fn ceiling_sender(sink: SocketAddr, payload: &[u8], connections: usize, seconds: u64) -> Result<f64> {
+    let settings = deliverer::config::DelivererSettings {
+        allowed_networks: vec!["127.0.0.0/8".parse().map_err(|e| anyhow::anyhow!("{e}"))?],
+        ..Default::default()
+    };
+    let sender = deliverer::http::Sender::new(&settings)?;
+    let url = format!("http://{sink}{RAW_PATH}");
+    let destination = proto::destination::Destination::http(
+        "bench-client-ceiling",
+        proto::destination::Owner::Instance,
+        "client ceiling",
+        &url,
+        "bench-token-0123456789",
+    )
+    .map_err(|e| anyhow::anyhow!("client ceiling destination: {e}"))?;
+    let destination = Arc::new(destination);
+    let body = bytes::Bytes::copy_from_slice(payload);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let done = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let (sender, destination, body, done) = (sender.clone(), destination.clone(), body.clone(), done.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    match sender.attempt(&destination, "bench-client-ceiling", "merge_request_create", &body).await {
+                        deliverer::http::Outcome::Delivered(_) => {
+                            done.fetch_add(1, Relaxed);
+                        }
+                        failed => bail!("ceiling (b′) request failed: {failed:?}"),
+                    }
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
     for t in tasks {
         t.await??;
     }
