@@ -233,16 +233,12 @@ Each delivery the receiver takes is printed below as one line. Ctrl-C stops.
     );
 
     // The roles start after the guide is printed, so /ready never answers
-    // 200 before it is on stdout; and their own checks are registered
-    // before they are spawned, so it never answers 200 while one of them
-    // has yet to run far enough to register the rest.
-    for check in [producer::READY_CHECK, router::READY_CHECK, deliverer::READY_CHECK] {
-        admin.readiness.register(check);
-    }
-    let admin_task = tokio::spawn(admin.clone().serve(admin_listener, shutdown.clone()));
+    // 200 before it is on stdout; and the admin server after the roles'
+    // `run`s registered their own checks, as they are called.
     let mut producer_task = tokio::spawn(producer::run(producer_cfg, admin.clone(), api, shutdown.clone()));
     let mut router_task = tokio::spawn(router::run(router_cfg, admin.clone(), shutdown.clone()));
     let mut deliverer_task = tokio::spawn(deliverer::run(deliverer_cfg, admin.clone(), shutdown.clone()));
+    let admin_task = tokio::spawn(admin.clone().serve(admin_listener, shutdown.clone()));
 
     let mut wait = shutdown.clone();
     let failed = tokio::select! {

@@ -176,19 +176,18 @@ async fn main() -> Result<()> {
         };
         let a_before = cpu_a();
         let (a, a_messages) = ceiling_broker(&broker, &payload, args.ceiling_seconds).await?;
-        let per_message = a_before.zip(cpu_a()).map(|(x, y)| (y - x) * 1e6 / a_messages.max(1) as f64);
-        let cpu_before = cpu_seconds(std::process::id());
-        let b = ceiling_http(sink.addr, &payload, args.connections, args.ceiling_seconds).await?;
-        let cpu_after = cpu_seconds(std::process::id());
+        let per_message = cpu_per(a_before, cpu_a(), a_messages as f64);
         // Client and sink both run in the harness: its CPU is the whole
         // cost of a request.
-        let per_request = cpu_before.zip(cpu_after).map(|(x, y)| (y - x) * 1e6 / (b * args.ceiling_seconds as f64));
+        let harness = || cpu_seconds(std::process::id());
+        let requests = |rate: f64| rate * args.ceiling_seconds as f64;
+        let cpu_before = harness();
+        let b = ceiling_http(sink.addr, &payload, args.connections, args.ceiling_seconds).await?;
+        let per_request = cpu_per(cpu_before, harness(), requests(b));
         let sender = if args.client_ceiling {
-            let cpu_before = cpu_seconds(std::process::id());
+            let cpu_before = harness();
             let rate = ceiling_sender(sink.addr, &payload, args.connections, args.ceiling_seconds).await?;
-            let cpu_after = cpu_seconds(std::process::id());
-            let per = cpu_before.zip(cpu_after).map(|(x, y)| (y - x) * 1e6 / (rate * args.ceiling_seconds as f64));
-            Some((rate, per))
+            Some((rate, cpu_per(cpu_before, harness(), requests(rate))))
         } else {
             None
         };
@@ -230,7 +229,7 @@ async fn main() -> Result<()> {
     }
 
     if !measured.is_empty() {
-        let cpu = |c: &Ceilings| c.per_request.map_or("–".to_owned(), |p| format!("{p:.0}"));
+        let cpu = |c: Option<f64>| c.map_or("–".to_owned(), |p| format!("{p:.0}"));
         let cpu_message = |c: &Ceilings| c.per_message.map_or("–".to_owned(), |p| format!("{p:.1}"));
         writeln!(
             out,
@@ -252,16 +251,15 @@ async fn main() -> Result<()> {
                 args.connections,
                 before.b,
                 after.b,
-                cpu(before),
-                cpu(after)
+                cpu(before.per_request),
+                cpu(after.per_request)
             )?;
             if let (Some((b1, c1)), Some((b2, c2))) = (before.sender, after.sender) {
-                let per = |c: Option<f64>| c.map_or("–".to_owned(), |p| format!("{p:.0}"));
                 writeln!(
                     out,
                     "| {round} | (b′) the same, through the deliverer's HTTP client | {b1:.0} req/s | {b2:.0} req/s | {}, {} (client and sink) |",
-                    per(c1),
-                    per(c2)
+                    cpu(c1),
+                    cpu(c2)
                 )?;
             }
         }
@@ -394,6 +392,25 @@ impl Ceilings {
     fn floor(&self) -> Option<f64> {
         self.per_message.zip(self.per_request).map(|(a, b)| 2.0 * a + b)
     }
+}
+
+/// CPU µs per operation from two readings of CPU seconds.
+fn cpu_per(before: Option<f64>, after: Option<f64>, operations: f64) -> Option<f64> {
+    before.zip(after).map(|(x, y)| (y - x) * 1e6 / operations.max(1.0))
+}
+
+/// Runs the workers of a ceiling to the end (each loops until the
+/// deadline, counting what succeeded in `done`); `done` per second since
+/// `start`.
+async fn rate_of<W>(workers: Vec<W>, done: &AtomicU64, start: Instant) -> Result<f64>
+where
+    W: Future<Output = Result<()>> + Send + 'static,
+{
+    let tasks: Vec<_> = workers.into_iter().map(tokio::spawn).collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(done.load(Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Median, lowest and highest (`None` when empty).
@@ -704,7 +721,7 @@ async fn ceiling_http(sink: SocketAddr, payload: &[u8], connections: usize, seco
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
     let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::with_capacity(connections);
+    let mut workers = Vec::with_capacity(connections);
     for _ in 0..connections {
         // One keep-alive connection per task, driven by hyper itself: the
         // least a client can do per request, so the ceiling is not
@@ -714,7 +731,7 @@ async fn ceiling_http(sink: SocketAddr, payload: &[u8], connections: usize, seco
         let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         let (body, host, done) = (body.clone(), host.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
+        workers.push(async move {
             while Instant::now() < deadline {
                 let mut request = http::Request::new(http_body_util::Full::new(body.clone()));
                 *request.method_mut() = http::Method::POST;
@@ -731,12 +748,9 @@ async fn ceiling_http(sink: SocketAddr, payload: &[u8], connections: usize, seco
                 }
             }
             anyhow::Ok(())
-        }));
+        });
     }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(done.load(Relaxed) as f64 / start.elapsed().as_secs_f64())
+    rate_of(workers, &done, start).await
 }
 
 /// Ceiling (b′): ceiling (b)'s requests, from as many concurrent tasks,
@@ -762,10 +776,10 @@ async fn ceiling_sender(sink: SocketAddr, payload: &[u8], connections: usize, se
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
     let done = Arc::new(AtomicU64::new(0));
-    let tasks: Vec<_> = (0..connections)
+    let workers = (0..connections)
         .map(|_| {
             let (sender, destination, body, done) = (sender.clone(), destination.clone(), body.clone(), done.clone());
-            tokio::spawn(async move {
+            async move {
                 while Instant::now() < deadline {
                     match sender.attempt(&destination, "bench-client-ceiling", "merge_request_create", &body).await {
                         deliverer::http::Outcome::Delivered(_) => {
@@ -775,13 +789,10 @@ async fn ceiling_sender(sink: SocketAddr, payload: &[u8], connections: usize, se
                     }
                 }
                 anyhow::Ok(())
-            })
+            }
         })
         .collect();
-    for t in tasks {
-        t.await??;
-    }
-    Ok(done.load(Relaxed) as f64 / start.elapsed().as_secs_f64())
+    rate_of(workers, &done, start).await
 }
 
 /// A role process, killed when dropped.

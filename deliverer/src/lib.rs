@@ -35,7 +35,7 @@ use rdkafka::{
     message::{BorrowedMessage, OwnedMessage},
     producer::FutureProducer,
 };
-use service::{Admin, Shutdown, consume, kafka, table::Table};
+use service::{Admin, Shutdown, admin::ReadyFlag, consume, kafka, table::Table};
 
 use crate::http::{Outcome, Sender};
 
@@ -72,15 +72,27 @@ fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-/// The deliverer's own readiness check: registered before anything else
-/// and set once every consumer is registered, so `/ready` never passes
-/// while the deliverer has yet to register its other checks (`auditstream
-/// dev` registers it before the deliverer's task first runs).
-pub const READY_CHECK: &str = "deliverer";
-
 /// Runs the deliverer until `shutdown`, then drains within the grace period.
-pub async fn run(config: DelivererConfig, admin: Admin, shutdown: Shutdown) -> Result<(), DelivererError> {
-    let started = admin.readiness.register(READY_CHECK);
+///
+/// Its own readiness check, `deliverer`, is registered when this is called,
+/// before the future first runs, and set once every consumer is registered
+/// and consuming: `/ready` never passes while the deliverer has yet to
+/// register its other checks.
+pub fn run(
+    config: DelivererConfig,
+    admin: Admin,
+    shutdown: Shutdown,
+) -> impl Future<Output = Result<(), DelivererError>> + Send {
+    let started = admin.readiness.register("deliverer");
+    run_registered(config, admin, shutdown, started)
+}
+
+async fn run_registered(
+    config: DelivererConfig,
+    admin: Admin,
+    shutdown: Shutdown,
+    started: ReadyFlag,
+) -> Result<(), DelivererError> {
     let settings = config.deliverer.clone();
     let topics = Topics::new(config.kafka.topic_prefix.clone());
     let rungs = settings.retry_delays.len();

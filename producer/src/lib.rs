@@ -23,7 +23,7 @@ pub use client::{PublishError, Publisher};
 pub use config::ProducerConfig;
 
 use proto::{EventLimits, Registry, topics::Topics};
-use service::{Admin, Shutdown};
+use service::{Admin, Shutdown, admin::ReadyFlag};
 use tokio::net::TcpListener;
 
 /// Why the producer stopped.
@@ -60,20 +60,28 @@ pub fn load_registry(types_dir: Option<&std::path::Path>) -> Result<Registry, St
     Ok(registry)
 }
 
-/// The producer's own readiness check: registered before anything else and
-/// set once the API serves (`auditstream dev` registers it before the
-/// producer's task first runs).
-pub const READY_CHECK: &str = "producer";
-
 /// Runs the producer API on `listener` until `shutdown`; then stops
 /// accepting, finishes the requests in flight and flushes Kafka.
-pub async fn run(
+///
+/// Its own readiness check, `producer`, is registered when this is called,
+/// before the future first runs, and set once the API serves.
+pub fn run(
     config: ProducerConfig,
     admin: Admin,
     listener: TcpListener,
     shutdown: Shutdown,
+) -> impl Future<Output = Result<(), ProducerError>> + Send {
+    let ready = admin.readiness.register("producer");
+    run_registered(config, admin, listener, shutdown, ready)
+}
+
+async fn run_registered(
+    config: ProducerConfig,
+    admin: Admin,
+    listener: TcpListener,
+    shutdown: Shutdown,
+    ready: ReadyFlag,
 ) -> Result<(), ProducerError> {
-    let ready = admin.readiness.register(READY_CHECK);
     let registry = load_registry(config.api.types_dir.as_deref()).map_err(ProducerError::Types)?;
     if config.kafka.create_topics {
         service::kafka::ensure_topics(&config.kafka, &Topics::new(config.kafka.topic_prefix.clone()).all(0)).await?;

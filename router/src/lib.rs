@@ -42,7 +42,7 @@ use rdkafka::{
     message::{BorrowedMessage, OwnedHeaders},
     producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer},
 };
-use service::{Admin, Shutdown, consume, kafka, table::Table};
+use service::{Admin, Shutdown, admin::ReadyFlag, consume, kafka, table::Table};
 use tokio::sync::mpsc;
 
 use crate::route::{Decision, Resolution};
@@ -78,15 +78,26 @@ struct Context {
     metrics: metrics::Metrics,
 }
 
-/// The router's own readiness check: registered before anything else and
-/// set once it consumes, so `/ready` never passes while the router has yet
-/// to register its other checks (`auditstream dev` registers it before the
-/// router's task first runs).
-pub const READY_CHECK: &str = "router";
-
 /// Runs the router until `shutdown`, then drains within the grace period.
-pub async fn run(config: RouterConfig, admin: Admin, shutdown: Shutdown) -> Result<(), RouterError> {
-    let started = admin.readiness.register(READY_CHECK);
+///
+/// Its own readiness check, `router`, is registered when this is called,
+/// before the future first runs, and set once it consumes: `/ready` never
+/// passes while the router has yet to register its other checks.
+pub fn run(
+    config: RouterConfig,
+    admin: Admin,
+    shutdown: Shutdown,
+) -> impl Future<Output = Result<(), RouterError>> + Send {
+    let started = admin.readiness.register("router");
+    run_registered(config, admin, shutdown, started)
+}
+
+async fn run_registered(
+    config: RouterConfig,
+    admin: Admin,
+    shutdown: Shutdown,
+    started: ReadyFlag,
+) -> Result<(), RouterError> {
     let mut registry = Registry::embedded();
     if let Some(dir) = &config.router.types_dir {
         registry.extend(

@@ -226,19 +226,21 @@ pub async fn wait_ready(addr: SocketAddr, deadline: Duration) -> bool {
 pub async fn first_ready(addr: SocketAddr, deadline: Duration) -> Option<serde_json::Value> {
     let client = http();
     let url = format!("http://{addr}/ready");
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Ok(r) = client.get(&url).send().await
-            && r.status().is_success()
-        {
-            let body = r.bytes().await.ok()?;
-            return serde_json::from_slice(&body).ok();
+    let first = std::sync::Mutex::new(None);
+    wait_until(deadline, || {
+        let (req, first) = (client.get(&url).send(), &first);
+        async move {
+            let Ok(r) = req.await else { return false };
+            if !r.status().is_success() {
+                return false;
+            }
+            let body = r.bytes().await.ok().and_then(|b| serde_json::from_slice(&b).ok());
+            *first.lock().unwrap_or_else(|e| e.into_inner()) = body;
+            true
         }
-        if start.elapsed() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    first.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Writes one raw record and waits for the acknowledgement.
