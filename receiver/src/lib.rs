@@ -22,7 +22,7 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::State,
-    http::{HeaderMap, StatusCode, Uri},
+    http::{HeaderMap, StatusCode, Uri, Version},
     response::IntoResponse,
     routing::{get, post},
 };
@@ -83,6 +83,7 @@ struct FaultState {
     since: Instant,
     rng: u64,
     injected: u64,
+    connections: u64,
 }
 
 impl FaultState {
@@ -152,6 +153,7 @@ impl axum::serve::Listener for FaultyListener {
                 drop(stream);
                 continue;
             }
+            self.faults.lock().unwrap_or_else(|e| e.into_inner()).connections += 1;
             return (stream, addr);
         }
     }
@@ -185,6 +187,8 @@ pub struct Stats {
     pub rejected: u64,
     /// Requests and connections that met an injected fault.
     pub faults_injected: u64,
+    /// Connections accepted and served (the reset ones not counted).
+    pub connections: u64,
 }
 
 /// One request as received.
@@ -203,6 +207,8 @@ pub struct Received {
     pub signature: &'static str,
     /// When the request arrived (Unix milliseconds), for delivery latency.
     pub at_ms: i64,
+    /// The HTTP version it came over, e.g. `HTTP/1.1`, `HTTP/2.0`.
+    pub version: String,
 }
 
 impl Received {
@@ -240,6 +246,7 @@ impl Receiver {
             since: Instant::now(),
             rng: 0x9E37_79B9_7F4A_7C15,
             injected: 0,
+            connections: 0,
         };
         Ok(Self { config: Arc::new(config), inner: Arc::default(), log, faults: Arc::new(Mutex::new(faults)) })
     }
@@ -262,7 +269,9 @@ impl Receiver {
     /// The counts so far.
     pub fn stats(&self) -> Stats {
         let mut stats = self.lock().stats;
-        stats.faults_injected = self.fault_state().injected;
+        let faults = self.fault_state();
+        stats.faults_injected = faults.injected;
+        stats.connections = faults.connections;
         stats
     }
 
@@ -332,7 +341,13 @@ fn event_id(body: &[u8]) -> Option<String> {
     Some(serde_json::from_str::<String>(raw.get()).unwrap_or_else(|_| raw.get().to_owned()))
 }
 
-async fn take(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Bytes) -> axum::response::Response {
+async fn take(
+    State(r): State<Receiver>,
+    version: Version,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
     let at_ms = now_ms();
     let (delay, failure, redirect, close) = {
         let mut f = r.fault_state();
@@ -353,7 +368,7 @@ async fn take(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Byt
         }
         resp
     } else {
-        take_delivery(&r, &uri, &headers, &body, at_ms).into_response()
+        take_delivery(&r, version, &uri, &headers, &body, at_ms).into_response()
     };
     if close {
         response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
@@ -361,7 +376,14 @@ async fn take(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Byt
     response
 }
 
-fn take_delivery(r: &Receiver, uri: &Uri, headers: &HeaderMap, body: &Bytes, at_ms: i64) -> impl IntoResponse {
+fn take_delivery(
+    r: &Receiver,
+    version: Version,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+    at_ms: i64,
+) -> impl IntoResponse {
     let token = headers.get("x-gitlab-event-streaming-token").and_then(|v| v.to_str().ok());
     let expected = r.match_token(token).cloned();
     let signature = expected.as_ref().map_or("unsigned", |e| check_signature(e, headers, body));
@@ -427,6 +449,7 @@ fn take_delivery(r: &Receiver, uri: &Uri, headers: &HeaderMap, body: &Bytes, at_
             destination: expected.as_ref().map(|e| e.name.clone()),
             signature,
             at_ms,
+            version: format!("{version:?}"),
         });
     }
     drop(inner);
