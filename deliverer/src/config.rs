@@ -42,6 +42,10 @@ pub struct DelivererSettings {
     /// Time for a whole attempt, response included.
     #[serde(with = "duration")]
     pub request_timeout: Duration,
+    /// How long a kept-alive connection to a destination may sit unused
+    /// before it is closed.
+    #[serde(with = "duration")]
+    pub idle_connection_timeout: Duration,
     /// Extra in-process tries after a failed first one, before the retry
     /// topics take over.
     pub quick_retries: usize,
@@ -86,6 +90,7 @@ impl Default for DelivererSettings {
             max_in_flight: 512,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            idle_connection_timeout: Duration::from_secs(60),
             quick_retries: 2,
             quick_retry_delay: Duration::from_millis(500),
             // 10 s, 1 min, 10 min, 1 h, 4 h, 12 h, 12 h: about 29 hours.
@@ -129,7 +134,7 @@ impl DelivererConfig {
                 "deliverer.group_id must be set and deliverer.max_in_flight above zero".into(),
             ));
         }
-        if d.connect_timeout.is_zero() || d.request_timeout.is_zero() {
+        if d.connect_timeout.is_zero() || d.request_timeout.is_zero() || d.idle_connection_timeout.is_zero() {
             return Err(ConfigError::Invalid("deliverer timeouts must be above zero".into()));
         }
         if d.per_destination_concurrency == 0

@@ -18,13 +18,7 @@ use http::{
     },
 };
 use http_body_util::{BodyExt, Full};
-use hyper_util::{
-    client::legacy::{
-        Client,
-        connect::{HttpConnector, dns::Name},
-    },
-    rt::{TokioExecutor, TokioTimer},
-};
+use hyper_util::client::legacy::connect::{HttpConnector, dns::Name};
 use proto::{destination::Destination, netguard::Policy};
 
 /// Most destinations whose prepared requests are kept; past it the cache
@@ -34,7 +28,10 @@ const PREPARED_MAX: usize = 16_384;
 const EVENT_TYPE: HeaderName = HeaderName::from_static("x-gitlab-audit-event-type");
 const TOKEN: HeaderName = HeaderName::from_static("x-gitlab-event-streaming-token");
 
-use crate::config::DelivererSettings;
+use crate::{
+    config::DelivererSettings,
+    pool::{Conn, Pool},
+};
 use proto::signature as sign;
 
 /// The `User-Agent` of every delivery.
@@ -46,7 +43,7 @@ pub const USER_AGENT: &str = concat!("auditstream/", env!("CARGO_PKG_VERSION"));
 pub struct ClientError(#[from] rustls::Error);
 
 type Resolved = std::vec::IntoIter<SocketAddr>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::pool::BoxError;
 
 /// Resolves names, then keeps only addresses the policy allows, so the
 /// connection goes to a checked address (DNS rebinding cannot slip a private
@@ -112,9 +109,29 @@ pub enum Outcome {
 }
 
 /// What every request to one destination shares, worked out once per
-/// version of the destination: its parsed and checked URL, and its fixed
-/// headers. `Err` names why no request can be made.
-type Prepared = Result<(Uri, Vec<(HeaderName, HeaderValue)>), String>;
+/// version of the destination. `Err` names why no request can be made.
+type Prepared = Result<Target, String>;
+
+/// A destination's parsed and checked URL, in the forms the connection
+/// needs, and its fixed headers.
+struct Target {
+    /// The whole URL (HTTP/2 requests carry scheme and authority).
+    uri: Uri,
+    /// Its path and query (HTTP/1.1's request line; `Host` is fixed).
+    path: Uri,
+    /// Scheme, host and port: the connection pool's key.
+    origin: Box<str>,
+    fixed: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Why an exchange ended without a response.
+enum Broken {
+    /// No connection: the address guard, the TCP connect, TLS, or the
+    /// protocol handshake.
+    Connect(BoxError),
+    /// The connection failed during the exchange.
+    Transport(hyper::Error),
+}
 
 /// Per destination id: the version it was prepared from (compared by
 /// pointer: the table replaces the `Arc` on every change) and the result.
@@ -123,7 +140,7 @@ type PreparedCache = HashMap<String, (Arc<Destination>, Arc<Prepared>)>;
 /// Sends deliveries.
 #[derive(Clone)]
 pub struct Sender {
-    client: Client<Connector, Full<Bytes>>,
+    pool: Arc<Pool<Connector>>,
     policy: Arc<Policy>,
     request_timeout: Duration,
     max_response_bytes: usize,
@@ -132,13 +149,15 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// A sender with keep-alive pools, no redirects (hyper follows none), no
-    /// proxies, rustls with the platform's trust store; HTTP/2 where the
-    /// destination offers it over TLS.
+    /// A sender with keep-alive connections ([`crate::pool`]), no redirects
+    /// (hyper follows none), no proxies, rustls with the platform's trust
+    /// store; HTTP/2 where the destination offers it over TLS.
     ///
-    /// hyper's pooled client directly, not reqwest: reqwest's per-request
-    /// layers (redirect policy, URL to URI and back, boxed futures) were
-    /// ~20 allocations per delivery and a URL parse (docs/PERFORMANCE.md).
+    /// hyper's connections directly, not reqwest or hyper-util's pooled
+    /// client: reqwest's per-request layers (redirect policy, URL to URI and
+    /// back, boxed futures) were ~20 allocations per delivery and a URL
+    /// parse, and the pooled client's checkout ~4 µs of CPU per delivery
+    /// (docs/PERFORMANCE.md).
     pub fn new(settings: &DelivererSettings) -> Result<Self, ClientError> {
         let policy = Arc::new(Policy { allowed: settings.allowed_networks.clone() });
         let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: policy.clone() });
@@ -152,12 +171,8 @@ impl Sender {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Ok(Self {
-            client,
+            pool: Pool::new(connector, settings.idle_connection_timeout),
             policy,
             request_timeout: settings.request_timeout,
             max_response_bytes: settings.max_response_bytes,
@@ -202,11 +217,15 @@ impl Sender {
         let uri: Uri = String::from(url)
             .try_into()
             .map_err(|e: http::uri::InvalidUri| format!("destination URL is not a valid HTTP URI: {e}"))?;
+        let (Some(scheme), Some(authority), Some(path)) = (uri.scheme(), uri.authority(), uri.path_and_query()) else {
+            return Err("destination URL has no scheme, host or path".to_owned());
+        };
+        let origin = format!("{scheme}://{authority}").into_boxed_str();
+        let path = Uri::from(path.clone());
         let mut fixed = fixed_headers(destination)?;
-        // The client would format it for every request; it is the same
-        // each time.
+        // The same for every request: made once.
         fixed.push((HOST, host_value(&uri)?));
-        Ok((uri, fixed))
+        Ok(Target { uri, path, origin, fixed })
     }
 
     /// POSTs `body` to `destination`. `event_id` and `event_type` come from
@@ -220,39 +239,57 @@ impl Sender {
     ) -> Outcome {
         let failed = |error: String, retryable| Outcome::Failed { status: None, error, retry_after: None, retryable };
         let prepared = self.prepared(destination);
-        let (uri, fixed) = match &*prepared {
-            Ok(p) => p,
+        let target = match &*prepared {
+            Ok(t) => t,
             Err(e) => return failed(e.clone(), false),
         };
-        let headers = match build_headers(fixed, destination, event_id, event_type, body) {
+        let headers = match build_headers(&target.fixed, destination, event_id, event_type, body) {
             Ok(h) => h,
             Err(e) => return failed(e, false),
         };
         let mut request = Request::new(Full::new(body.clone()));
         *request.method_mut() = Method::POST;
-        *request.uri_mut() = uri.clone();
         *request.headers_mut() = headers;
-        // The whole exchange, response body included, within the timeout.
+        // The whole exchange (connecting included, response body included)
+        // within the timeout.
         let exchange = async {
-            let response = self.client.request(request).await?;
-            let (parts, mut body) = response.into_parts();
-            // Read a bounded amount of the body, so the connection can be
-            // reused, and discard it.
+            let conn = self.pool.checkout(&target.origin, &target.uri).await.map_err(Broken::Connect)?;
+            let (response, reusable) = match conn {
+                Conn::Http1(mut send) => {
+                    *request.uri_mut() = target.path.clone();
+                    (send.send_request(request).await, Some(send))
+                }
+                Conn::Http2(mut send) => {
+                    *request.uri_mut() = target.uri.clone();
+                    (send.send_request(request).await, None)
+                }
+            };
+            let (parts, mut body) = response.map_err(Broken::Transport)?.into_parts();
+            // Read a bounded amount of the body and discard it. A
+            // connection whose response was read to its end is reused.
             let mut read = 0usize;
             while read < self.max_response_bytes {
                 match body.frame().await {
                     Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
-                    _ => break,
+                    Some(Err(_)) => break,
+                    None => {
+                        if let Some(send) = reusable {
+                            self.pool.checkin(&target.origin, send);
+                        }
+                        break;
+                    }
                 }
             }
-            Ok::<_, hyper_util::client::legacy::Error>(parts)
+            Ok::<_, Broken>(parts)
         };
         let response = match tokio::time::timeout(self.request_timeout, exchange).await {
             Ok(Ok(parts)) => parts,
-            Ok(Err(e)) => {
-                let chain = error_chain(&e);
+            Ok(Err(broken)) => {
+                let (kind, chain) = match broken {
+                    Broken::Connect(e) => ("connect error", error_chain(&*e)),
+                    Broken::Transport(e) => ("transport error", error_chain(&e)),
+                };
                 let refused = chain.contains("refused to connect to");
-                let kind = if e.is_connect() { "connect error" } else { "transport error" };
                 return failed(format!("{kind}: {chain}"), !refused);
             }
             Err(_) => return failed(format!("timeout: no complete response within {:?}", self.request_timeout), true),

@@ -8,6 +8,7 @@
 //! - [`isolation`] — per-destination concurrency limit and circuit breaker.
 //! - [`dlq`] — listing and replaying dead-lettered deliveries.
 //! - [`metrics`] — `auditstream_deliverer_*`.
+//! - [`pool`] — keep-alive connections per origin.
 //!
 //! A delivery's offset counts as finished only once it was delivered,
 //! written to the next retry topic, or dead-lettered, and Kafka
@@ -18,6 +19,7 @@ pub mod dlq;
 pub mod http;
 pub mod isolation;
 pub mod metrics;
+pub mod pool;
 
 use std::{sync::Arc, time::Duration};
 

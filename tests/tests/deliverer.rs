@@ -482,19 +482,22 @@ async fn names_resolving_to_refused_addresses_are_not_connected_to() {
 /// A TLS front for `to`: terminates TLS with a certificate for `localhost`
 /// (`tests/fixtures/tls/localhost.pem`, signed by the test CA `ca.pem`; both
 /// made with openssl, valid for 100 years) and relays the bytes.
-async fn tls_front(to: SocketAddr) -> SocketAddr {
+/// A TLS front (the test CA's `localhost` certificate) that passes each
+/// connection's bytes on to `to`, offering `alpn` (e.g. `h2`) to clients.
+async fn tls_front(to: SocketAddr, alpn: &[&str]) -> SocketAddr {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls");
     let certs: Vec<_> =
         CertificateDer::pem_file_iter(format!("{dir}/localhost.pem")).unwrap().collect::<Result<_, _>>().unwrap();
     let key = PrivateKeyDer::from_pem_file(format!("{dir}/localhost.key")).unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -514,7 +517,7 @@ async fn tls_front(to: SocketAddr) -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_destinations_are_delivered_to_and_their_certificates_verified() {
     let w = world().await;
-    let front = tls_front(w.addr).await;
+    let front = tls_front(w.addr, &[]).await;
     let url = format!("https://localhost:{}/tls", front.port());
     w.seed.put_destination(&destination("tls", Owner::Instance, &url, TOKEN_A)).await.unwrap();
 
@@ -541,6 +544,74 @@ async fn https_destinations_are_delivered_to_and_their_certificates_verified() {
     // The deliverer writes Host itself (once per destination): the name and
     // port the URL gives.
     assert_eq!(got.header("host"), Some(format!("localhost:{}", front.port()).as_str()));
+    assert_eq!(got.version, "HTTP/1.1", "the front offers no ALPN: HTTP/1.1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_destinations_offering_http2_get_one_shared_http2_connection() {
+    let w = world().await;
+    let front = tls_front(w.addr, &["h2", "http/1.1"]).await;
+    let url = format!("https://localhost:{}/h2", front.port());
+    w.seed.put_destination(&destination("h2", Owner::Instance, &url, TOKEN_A)).await.unwrap();
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls/ca.pem");
+    let _d = w.ready_deliverer(&[("SSL_CERT_FILE", ca.into())]).await;
+    // One first, so the connection exists before the others arrive.
+    w.enqueue("h2", "e-h2-0").await;
+    assert!(w.wait_received("/h2", "e-h2-0", Duration::from_secs(20)).await, "not delivered over HTTP/2");
+    let ids: Vec<(String, String)> = (1..=10).map(|i| ("h2".to_owned(), format!("e-h2-{i}"))).collect();
+    w.enqueue_many(&ids).await;
+    for (_, id) in &ids {
+        assert!(w.wait_received("/h2", id, Duration::from_secs(20)).await, "{id} not delivered");
+    }
+    let got: Vec<_> = w.receiver.received().into_iter().filter(|r| r.path == "/h2").collect();
+    assert!(got.iter().all(|r| r.version == "HTTP/2.0"), "{:?}", got.iter().map(|r| &r.version).collect::<Vec<_>>());
+    assert!(got.iter().all(|r| r.header("x-gitlab-event-streaming-token") == Some(TOKEN_A)));
+    // Every request multiplexed over the one connection (the front opens
+    // one to the receiver per connection it accepts).
+    assert_eq!(w.receiver.stats().connections, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_reuse_kept_alive_connections_until_they_idle_out() {
+    let w = world().await;
+    let d = w
+        .ready_deliverer(&[
+            ("AUDITSTREAM_DELIVERER__PER_DESTINATION_CONCURRENCY", "2".into()),
+            ("AUDITSTREAM_DELIVERER__IDLE_CONNECTION_TIMEOUT", "1s".into()),
+        ])
+        .await;
+    let ids: Vec<(String, String)> = (0..20).map(|i| ("a".to_owned(), format!("e-keep-{i}"))).collect();
+    w.enqueue_many(&ids).await;
+    for (_, id) in &ids {
+        assert!(w.wait_received("/a", id, Duration::from_secs(30)).await, "{id} not delivered");
+    }
+    // Twenty deliveries, at most two at a time: over at most two
+    // connections.
+    let kept = w.receiver.stats().connections;
+    assert!((1..=2).contains(&kept), "{kept} connections for 20 deliveries");
+    // Idle for longer than the timeout: the next delivery needs a new one.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    w.enqueue("a", "e-after-idle").await;
+    assert!(w.wait_received("/a", "e-after-idle", Duration::from_secs(30)).await);
+    assert_eq!(w.receiver.stats().connections, kept + 1);
+    assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_receiver_closed_is_not_used_again() {
+    let w = world().await;
+    let d = w.ready_deliverer(&[("AUDITSTREAM_DELIVERER__PER_DESTINATION_CONCURRENCY", "1".into())]).await;
+    // Any fault makes the receiver answer `Connection: close`; a tiny
+    // delay is the harmless one.
+    w.receiver.set_faults(Faults { delay: Duration::from_millis(1), ..Faults::default() });
+    let ids: Vec<(String, String)> = (0..5).map(|i| ("a".to_owned(), format!("e-close-{i}"))).collect();
+    w.enqueue_many(&ids).await;
+    for (_, id) in &ids {
+        assert!(w.wait_received("/a", id, Duration::from_secs(30)).await, "{id} not delivered");
+    }
+    assert_eq!(w.receiver.stats().connections, 5, "one connection per response that closed it");
+    assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await, 0.0);
+    assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"2xx\",outcome=\"delivered\"}").await, 5.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

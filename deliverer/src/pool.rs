@@ -1,0 +1,187 @@
+//! Keep-alive connections per origin (scheme, host and port), over hyper's
+//! connection API.
+//!
+//! An HTTP/1.1 connection carries one request at a time: an attempt takes
+//! an idle one (the most recently used, so the others can expire) or opens
+//! one, and gives it back once the response was read to its end. A
+//! connection whose TLS handshake chose HTTP/2 (ALPN) is shared by every
+//! attempt to its origin. Idle connections are closed after the idle
+//! timeout, by a sweep and at the next checkout, whichever comes first.
+//!
+//! This replaced hyper-util's pooled `legacy::Client` (session 8): the same
+//! connector (the address guard, TLS, ALPN), but no per-request pool key,
+//! checkout/connect race and waiter bookkeeping. The deliverer's isolation
+//! already bounds the attempts in flight to each destination, so the pool
+//! needs no limit or queue of its own.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::Uri;
+use http_body_util::Full;
+use hyper::client::conn::{http1, http2};
+use hyper_util::{
+    client::legacy::connect::Connection,
+    rt::{TokioExecutor, TokioTimer},
+};
+use tokio::time::Instant;
+use tower_service::Service;
+
+/// The error of an attempt to connect, or of the protocol handshake after.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+type Body = Full<Bytes>;
+
+/// A connection to send one request on.
+pub enum Conn {
+    /// Exclusively this attempt's; give it back with [`Pool::checkin`].
+    Http1(http1::SendRequest<Body>),
+    /// Shared with every other attempt to the origin.
+    Http2(http2::SendRequest<Body>),
+}
+
+#[derive(Default)]
+struct Origin {
+    /// Idle HTTP/1.1 connections and since when, the most recently used last.
+    idle: Vec<(http1::SendRequest<Body>, Instant)>,
+    /// The origin's HTTP/2 connection and when it was last taken.
+    shared: Option<(http2::SendRequest<Body>, Instant)>,
+}
+
+impl Origin {
+    /// Drops what is closed or was idle for `timeout`.
+    fn expire(&mut self, now: Instant, timeout: Duration) {
+        self.idle.retain(|(send, since)| !send.is_closed() && now.duration_since(*since) < timeout);
+        if self.shared.as_ref().is_some_and(|(send, since)| send.is_closed() || now.duration_since(*since) >= timeout) {
+            self.shared = None;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.idle.is_empty() && self.shared.is_none()
+    }
+}
+
+/// Connections by origin.
+pub struct Pool<C> {
+    connector: C,
+    idle_timeout: Duration,
+    origins: Mutex<HashMap<Box<str>, Origin>>,
+}
+
+impl<C, S> Pool<C>
+where
+    C: Service<Uri, Response = S> + Clone + Send + Sync + 'static,
+    C::Error: Into<BoxError>,
+    C::Future: Send,
+    S: hyper::rt::Read + hyper::rt::Write + Connection + Unpin + Send + 'static,
+{
+    /// A pool connecting through `connector`. Within a tokio runtime, a
+    /// task sweeps out idle connections every half `idle_timeout` for as
+    /// long as the pool lives; outside one, they expire at checkout only.
+    pub fn new(connector: C, idle_timeout: Duration) -> Arc<Self> {
+        let pool = Arc::new(Self { connector, idle_timeout, origins: Mutex::default() });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(sweep(Arc::downgrade(&pool), (idle_timeout / 2).max(Duration::from_millis(100))));
+        }
+        pool
+    }
+
+    fn origins(&self) -> MutexGuard<'_, HashMap<Box<str>, Origin>> {
+        self.origins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection to `origin` (`uri`'s scheme and authority): the
+    /// shared HTTP/2 one, an idle HTTP/1.1 one that is still open, or a new
+    /// one.
+    pub async fn checkout(&self, origin: &str, uri: &Uri) -> Result<Conn, BoxError> {
+        loop {
+            let idle = {
+                let mut origins = self.origins();
+                let Some(o) = origins.get_mut(origin) else { break };
+                let now = Instant::now();
+                o.expire(now, self.idle_timeout);
+                if let Some((send, since)) = &mut o.shared {
+                    *since = now;
+                    return Ok(Conn::Http2(send.clone()));
+                }
+                match o.idle.pop() {
+                    Some((send, _)) => send,
+                    None => break,
+                }
+            };
+            let mut send = idle;
+            // Ready once the connection has finished the last exchange; an
+            // error when the receiver closed it meanwhile.
+            if send.ready().await.is_ok() {
+                return Ok(Conn::Http1(send));
+            }
+        }
+        self.connect(origin, uri).await
+    }
+
+    async fn connect(&self, origin: &str, uri: &Uri) -> Result<Conn, BoxError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx)).await.map_err(Into::into)?;
+        let stream = connector.call(uri.clone()).await.map_err(Into::into)?;
+        if stream.connected().is_negotiated_h2() {
+            let (send, connection) =
+                http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).handshake(stream).await?;
+            tokio::spawn(connection);
+            let mut origins = self.origins();
+            let o = origins.entry(origin.into()).or_default();
+            o.shared = Some((send.clone(), Instant::now()));
+            Ok(Conn::Http2(send))
+        } else {
+            let (send, connection) = http1::handshake(stream).await?;
+            tokio::spawn(connection);
+            Ok(Conn::Http1(send))
+        }
+    }
+
+    /// Gives back an HTTP/1.1 connection whose response was read to its
+    /// end.
+    pub fn checkin(&self, origin: &str, send: http1::SendRequest<Body>) {
+        if send.is_closed() {
+            return;
+        }
+        let mut origins = self.origins();
+        match origins.get_mut(origin) {
+            Some(o) => o.idle.push((send, Instant::now())),
+            None => {
+                origins.insert(origin.into(), Origin { idle: vec![(send, Instant::now())], shared: None });
+            }
+        }
+    }
+
+    /// Closes every connection idle for the idle timeout.
+    fn sweep(&self) {
+        let now = Instant::now();
+        self.origins().retain(|_, o| {
+            o.expire(now, self.idle_timeout);
+            !o.is_empty()
+        });
+    }
+}
+
+async fn sweep<C, S>(pool: Weak<Pool<C>>, every: Duration)
+where
+    C: Service<Uri, Response = S> + Clone + Send + Sync + 'static,
+    C::Error: Into<BoxError>,
+    C::Future: Send,
+    S: hyper::rt::Read + hyper::rt::Write + Connection + Unpin + Send + 'static,
+{
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match pool.upgrade() {
+            Some(pool) => pool.sweep(),
+            None => return,
+        }
+    }
+}
