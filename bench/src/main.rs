@@ -89,8 +89,8 @@ struct Args {
     #[arg(long)]
     no_ceilings: bool,
     /// Also measure (b′): ceiling (b)'s requests sent through the
-    /// deliverer's own HTTP client (`deliverer::http::Sender`: pooled
-    /// client, timeout, fixed and per-delivery headers, bounded body read),
+    /// deliverer's own HTTP client (`deliverer::http::Sender`: its
+    /// connection pool, timeout, fixed and per-delivery headers, bounded body read),
     /// to tell its cost from the rest of the deliverer's.
     #[arg(long)]
     client_ceiling: bool,
