@@ -30,7 +30,7 @@ const TOKEN: HeaderName = HeaderName::from_static("x-gitlab-event-streaming-toke
 
 use crate::{
     config::DelivererSettings,
-    pool::{Conn, Pool},
+    pool::{BoxError, Conn, Pool},
 };
 use proto::signature as sign;
 
@@ -43,7 +43,6 @@ pub const USER_AGENT: &str = concat!("auditstream/", env!("CARGO_PKG_VERSION"));
 pub struct ClientError(#[from] rustls::Error);
 
 type Resolved = std::vec::IntoIter<SocketAddr>;
-use crate::pool::BoxError;
 
 /// Resolves names, then keeps only addresses the policy allows, so the
 /// connection goes to a checked address (DNS rebinding cannot slip a private

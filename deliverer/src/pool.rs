@@ -56,6 +56,12 @@ impl Origin {
     /// Drops what is closed or was idle for `timeout`.
     fn expire(&mut self, now: Instant, timeout: Duration) {
         self.idle.retain(|(send, since)| !send.is_closed() && now.duration_since(*since) < timeout);
+        self.expire_shared(now, timeout);
+    }
+
+    /// Drops the shared connection when it is closed or was idle for
+    /// `timeout`.
+    fn expire_shared(&mut self, now: Instant, timeout: Duration) {
         if self.shared.as_ref().is_some_and(|(send, since)| send.is_closed() || now.duration_since(*since) >= timeout) {
             self.shared = None;
         }
@@ -100,21 +106,25 @@ where
     /// one.
     pub async fn checkout(&self, origin: &str, uri: &Uri) -> Result<Conn, BoxError> {
         loop {
-            let idle = {
+            let mut send = {
                 let mut origins = self.origins();
                 let Some(o) = origins.get_mut(origin) else { break };
                 let now = Instant::now();
-                o.expire(now, self.idle_timeout);
+                o.expire_shared(now, self.idle_timeout);
                 if let Some((send, since)) = &mut o.shared {
                     *since = now;
                     return Ok(Conn::Http2(send.clone()));
                 }
                 match o.idle.pop() {
-                    Some((send, _)) => send,
+                    Some((send, since)) if now.duration_since(since) < self.idle_timeout => send,
+                    // The most recently used one idled out, so did the rest.
+                    Some(_) => {
+                        o.idle.clear();
+                        break;
+                    }
                     None => break,
                 }
             };
-            let mut send = idle;
             // Ready once the connection has finished the last exchange; an
             // error when the receiver closed it meanwhile.
             if send.ready().await.is_ok() {

@@ -12,9 +12,14 @@
 
 use std::{
     collections::HashSet,
-    io::Write,
+    io::{self, Write},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -30,7 +35,10 @@ use proto::destination::SigningSecret;
 use serde::Serialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
 
 /// A destination this receiver stands in for.
 #[derive(Debug, Clone)]
@@ -83,7 +91,6 @@ struct FaultState {
     since: Instant,
     rng: u64,
     injected: u64,
-    connections: u64,
 }
 
 impl FaultState {
@@ -126,14 +133,75 @@ impl FaultState {
     }
 }
 
-/// A listener that resets connections the faults say to reset.
+/// Connections served: in all, and still open.
+#[derive(Default)]
+struct Connections {
+    served: AtomicU64,
+    open: AtomicU64,
+}
+
+/// A served connection, counted open until it is dropped.
+struct Counted {
+    stream: TcpStream,
+    connections: Arc<Connections>,
+}
+
+impl Counted {
+    fn new(stream: TcpStream, connections: Arc<Connections>) -> Self {
+        connections.served.fetch_add(1, Ordering::Relaxed);
+        connections.open.fetch_add(1, Ordering::Relaxed);
+        Self { stream, connections }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.connections.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A listener that resets connections the faults say to reset, and counts
+/// the ones it serves.
 struct FaultyListener {
     inner: TcpListener,
     faults: Arc<Mutex<FaultState>>,
+    connections: Arc<Connections>,
 }
 
 impl axum::serve::Listener for FaultyListener {
-    type Io = tokio::net::TcpStream;
+    type Io = Counted;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -153,8 +221,7 @@ impl axum::serve::Listener for FaultyListener {
                 drop(stream);
                 continue;
             }
-            self.faults.lock().unwrap_or_else(|e| e.into_inner()).connections += 1;
-            return (stream, addr);
+            return (Counted::new(stream, self.connections.clone()), addr);
         }
     }
 
@@ -189,6 +256,8 @@ pub struct Stats {
     pub faults_injected: u64,
     /// Connections accepted and served (the reset ones not counted).
     pub connections: u64,
+    /// Of those, the ones still open.
+    pub open_connections: u64,
 }
 
 /// One request as received.
@@ -232,6 +301,7 @@ pub struct Receiver {
     inner: Arc<Mutex<Inner>>,
     log: Option<Arc<Mutex<std::fs::File>>>,
     faults: Arc<Mutex<FaultState>>,
+    connections: Arc<Connections>,
 }
 
 impl Receiver {
@@ -246,9 +316,14 @@ impl Receiver {
             since: Instant::now(),
             rng: 0x9E37_79B9_7F4A_7C15,
             injected: 0,
-            connections: 0,
         };
-        Ok(Self { config: Arc::new(config), inner: Arc::default(), log, faults: Arc::new(Mutex::new(faults)) })
+        Ok(Self {
+            config: Arc::new(config),
+            inner: Arc::default(),
+            log,
+            faults: Arc::new(Mutex::new(faults)),
+            connections: Arc::default(),
+        })
     }
 
     fn fault_state(&self) -> std::sync::MutexGuard<'_, FaultState> {
@@ -269,9 +344,9 @@ impl Receiver {
     /// The counts so far.
     pub fn stats(&self) -> Stats {
         let mut stats = self.lock().stats;
-        let faults = self.fault_state();
-        stats.faults_injected = faults.injected;
-        stats.connections = faults.connections;
+        stats.faults_injected = self.fault_state().injected;
+        stats.connections = self.connections.served.load(Ordering::Relaxed);
+        stats.open_connections = self.connections.open.load(Ordering::Relaxed);
         stats
     }
 
@@ -291,7 +366,8 @@ impl Receiver {
         listener: TcpListener,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let listener = FaultyListener { inner: listener, faults: self.faults.clone() };
+        let listener =
+            FaultyListener { inner: listener, faults: self.faults.clone(), connections: self.connections.clone() };
         axum::serve(listener, self.router()).with_graceful_shutdown(stop).await
     }
 

@@ -589,8 +589,10 @@ async fn deliveries_reuse_kept_alive_connections_until_they_idle_out() {
     // connections.
     let kept = w.receiver.stats().connections;
     assert!((1..=2).contains(&kept), "{kept} connections for 20 deliveries");
-    // Idle for longer than the timeout: the next delivery needs a new one.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Idle for longer than the timeout, they are closed without waiting
+    // for another delivery, and the next one needs a new connection.
+    let closed = wait_until(Duration::from_secs(10), || async { w.receiver.stats().open_connections == 0 }).await;
+    assert!(closed, "idle connections still open: {:?}", w.receiver.stats());
     w.enqueue("a", "e-after-idle").await;
     assert!(w.wait_received("/a", "e-after-idle", Duration::from_secs(30)).await);
     assert_eq!(w.receiver.stats().connections, kept + 1);
