@@ -761,7 +761,7 @@ async fn ceiling_sender(sink: SocketAddr, payload: &[u8], connections: usize, se
         allowed_networks: vec!["127.0.0.0/8".parse().map_err(|e| anyhow::anyhow!("{e}"))?],
         ..Default::default()
     };
-    let sender = deliverer::http::Sender::new(&settings)?;
+    let sender = deliverer::http::Sender::new(&settings, None)?;
     let url = format!("http://{sink}{RAW_PATH}");
     let destination = proto::destination::Destination::http(
         "bench-client-ceiling",

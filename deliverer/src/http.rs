@@ -150,14 +150,15 @@ pub struct Sender {
 impl Sender {
     /// A sender with keep-alive connections ([`crate::pool`]), no redirects
     /// (hyper follows none), no proxies, rustls with the platform's trust
-    /// store; HTTP/2 where the destination offers it over TLS.
+    /// store; HTTP/2 where the destination offers it over TLS. `counters`,
+    /// when given, count its connections.
     ///
     /// hyper's connections directly, not reqwest or hyper-util's pooled
     /// client: reqwest's per-request layers (redirect policy, URL to URI and
     /// back, boxed futures) were ~20 allocations per delivery and a URL
     /// parse, and the pooled client's checkout ~4 µs of CPU per delivery
     /// (docs/PERFORMANCE.md).
-    pub fn new(settings: &DelivererSettings) -> Result<Self, ClientError> {
+    pub fn new(settings: &DelivererSettings, counters: Option<crate::pool::Counters>) -> Result<Self, ClientError> {
         let policy = Arc::new(Policy { allowed: settings.allowed_networks.clone() });
         let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: policy.clone() });
         http.enforce_http(false);
@@ -171,7 +172,7 @@ impl Sender {
             .enable_http2()
             .wrap_connector(http);
         Ok(Self {
-            pool: Pool::new(connector, settings.idle_connection_timeout),
+            pool: Pool::new(connector, settings.idle_connection_timeout, counters),
             policy,
             request_timeout: settings.request_timeout,
             max_response_bytes: settings.max_response_bytes,

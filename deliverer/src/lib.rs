@@ -128,7 +128,7 @@ async fn run_registered(
     let ctx = Arc::new(Context {
         destinations,
         isolation: isolation::Isolation::new(limits, metrics.circuit_open.clone()),
-        sender: Sender::new(&settings)?,
+        sender: Sender::new(&settings, Some(metrics.connections.clone()))?,
         producer: kafka::producer(&config.kafka, Duration::from_secs(30))?,
         topics: topics.clone(),
         retry_topics: (0..rungs).map(|n| topics.retry(n)).collect(),

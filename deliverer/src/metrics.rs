@@ -21,6 +21,8 @@ pub struct Metrics {
     pub circuit_open: IntGauge,
     /// Deliveries held waiting for their due time, by retry rung.
     pub retry_waiting: IntGaugeVec,
+    /// Connections to destinations opened (by protocol) and open.
+    pub connections: crate::pool::Counters,
     /// `deliveries{outcome="delivered"}`, looked up once: a label lookup
     /// hashes the labels on every call.
     pub delivered: IntCounter,
@@ -43,7 +45,25 @@ impl Metrics {
             Opts::new("auditstream_deliverer_deliveries_total", "Deliveries finished, by outcome"),
             &["outcome"],
         )?;
+        let opened = IntCounterVec::new(
+            Opts::new(
+                "auditstream_deliverer_connections_opened_total",
+                "Connections to destinations opened, by protocol (http1, http2)",
+            ),
+            &["protocol"],
+        )?;
+        let open = IntGauge::new(
+            "auditstream_deliverer_connections_open",
+            "Connections to destinations open now, idle or busy",
+        )?;
+        registry.register(Box::new(opened.clone()))?;
+        registry.register(Box::new(open.clone()))?;
         let m = Self {
+            connections: crate::pool::Counters {
+                opened_http1: opened.with_label_values(&["http1"]),
+                opened_http2: opened.with_label_values(&["http2"]),
+                open,
+            },
             delivered: deliveries.with_label_values(&["delivered"]),
             attempt_series: Arc::default(),
             attempts,

@@ -16,6 +16,7 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     sync::{Arc, Mutex, MutexGuard, Weak},
     time::Duration,
 };
@@ -28,6 +29,7 @@ use hyper_util::{
     client::legacy::connect::Connection,
     rt::{TokioExecutor, TokioTimer},
 };
+use prometheus::{IntCounter, IntGauge};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -72,11 +74,32 @@ impl Origin {
     }
 }
 
+/// What the pool counts: connections opened by protocol, and those open.
+#[derive(Clone)]
+pub struct Counters {
+    /// HTTP/1.1 connections opened.
+    pub opened_http1: IntCounter,
+    /// HTTP/2 connections opened.
+    pub opened_http2: IntCounter,
+    /// Connections open now, idle or busy.
+    pub open: IntGauge,
+}
+
+/// Keeps [`Counters::open`] up while a connection's task lives.
+struct Open(IntGauge);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Connections by origin.
 pub struct Pool<C> {
     connector: C,
     idle_timeout: Duration,
     origins: Mutex<HashMap<Box<str>, Origin>>,
+    counters: Option<Counters>,
 }
 
 impl<C, S> Pool<C>
@@ -86,11 +109,12 @@ where
     C::Future: Send,
     S: hyper::rt::Read + hyper::rt::Write + Connection + Unpin + Send + 'static,
 {
-    /// A pool connecting through `connector`. Within a tokio runtime, a
-    /// task sweeps out idle connections every half `idle_timeout` for as
-    /// long as the pool lives; outside one, they expire at checkout only.
-    pub fn new(connector: C, idle_timeout: Duration) -> Arc<Self> {
-        let pool = Arc::new(Self { connector, idle_timeout, origins: Mutex::default() });
+    /// A pool connecting through `connector`, counting its connections in
+    /// `counters` when given. Within a tokio runtime, a task sweeps out idle
+    /// connections every half `idle_timeout` for as long as the pool lives;
+    /// outside one, they expire at checkout only.
+    pub fn new(connector: C, idle_timeout: Duration, counters: Option<Counters>) -> Arc<Self> {
+        let pool = Arc::new(Self { connector, idle_timeout, origins: Mutex::default(), counters });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(sweep(Arc::downgrade(&pool), (idle_timeout / 2).max(Duration::from_millis(100))));
         }
@@ -141,16 +165,33 @@ where
         if stream.connected().is_negotiated_h2() {
             let (send, connection) =
                 http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).handshake(stream).await?;
-            tokio::spawn(connection);
+            self.drive(connection, |c| &c.opened_http2);
             let mut origins = self.origins();
             let o = origins.entry(origin.into()).or_default();
             o.shared = Some((send.clone(), Instant::now()));
             Ok(Conn::Http2(send))
         } else {
             let (send, connection) = http1::handshake(stream).await?;
-            tokio::spawn(connection);
+            self.drive(connection, |c| &c.opened_http1);
             Ok(Conn::Http1(send))
         }
+    }
+
+    /// Runs a new connection's task, counted open until it ends (the
+    /// receiver closed it, or the pool dropped its last handle).
+    fn drive<F>(&self, connection: F, opened: impl Fn(&Counters) -> &IntCounter)
+    where
+        F: Future + Send + 'static,
+    {
+        let open = self.counters.as_ref().map(|c| {
+            opened(c).inc();
+            c.open.inc();
+            Open(c.open.clone())
+        });
+        tokio::spawn(async move {
+            let _open = open;
+            let _ = connection.await;
+        });
     }
 
     /// Gives back an HTTP/1.1 connection whose response was read to its

@@ -294,6 +294,16 @@ def build() -> dict:
         [(lag("deliverer"), "{{topic}}")],
         "short", w=12,
     )
+    d.panel(
+        "timeseries", "Connections opened to destinations", "New connections to destinations per second, by protocol. Kept-alive connections are reused, so a steady rate near the delivery rate means destinations close them after every response (or idle ones time out: deliverer.idle_connection_timeout).",
+        [(f"sum by (protocol) ({rate('auditstream_deliverer_connections_opened_total')})", "{{protocol}}")],
+        "ops", w=12,
+    )
+    d.panel(
+        "timeseries", "Open connections by pod", "Connections to destinations each deliverer holds open, idle or busy (over HTTP/1.1 one per attempt in flight to an origin at its peak, until idle ones time out; over HTTP/2 one per origin).",
+        [(f"sum by (pod) ({sel('auditstream_deliverer_connections_open')})", "{{pod}}")],
+        "short", w=12,
+    )
 
     d.row("Retries and dead letters")
     d.panel(

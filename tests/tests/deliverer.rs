@@ -143,6 +143,11 @@ async fn count(d: &Role, series: &str) -> f64 {
     metric(d.admin, series).await
 }
 
+const OPENED_HTTP1: &str = "auditstream_deliverer_connections_opened_total{protocol=\"http1\"}";
+const OPENED_HTTP2: &str = "auditstream_deliverer_connections_opened_total{protocol=\"http2\"}";
+/// The gauge's whole line name: a bare prefix would match `..._opened_total` too.
+const OPEN: &str = "auditstream_deliverer_connections_open ";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_5xx_then_success_is_delivered_by_the_quick_tries() {
     let w = world().await;
@@ -554,7 +559,7 @@ async fn https_destinations_offering_http2_get_one_shared_http2_connection() {
     let url = format!("https://localhost:{}/h2", front.port());
     w.seed.put_destination(&destination("h2", Owner::Instance, &url, TOKEN_A)).await.unwrap();
     let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls/ca.pem");
-    let _d = w.ready_deliverer(&[("SSL_CERT_FILE", ca.into())]).await;
+    let d = w.ready_deliverer(&[("SSL_CERT_FILE", ca.into())]).await;
     // One first, so the connection exists before the others arrive.
     w.enqueue("h2", "e-h2-0").await;
     assert!(w.wait_received("/h2", "e-h2-0", Duration::from_secs(20)).await, "not delivered over HTTP/2");
@@ -569,6 +574,9 @@ async fn https_destinations_offering_http2_get_one_shared_http2_connection() {
     // Every request multiplexed over the one connection (the front opens
     // one to the receiver per connection it accepts).
     assert_eq!(w.receiver.stats().connections, 1);
+    assert_eq!(count(&d, OPENED_HTTP2).await, 1.0);
+    assert_eq!(count(&d, OPENED_HTTP1).await, 0.0);
+    assert_eq!(count(&d, OPEN).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,13 +597,19 @@ async fn deliveries_reuse_kept_alive_connections_until_they_idle_out() {
     // connections.
     let kept = w.receiver.stats().connections;
     assert!((1..=2).contains(&kept), "{kept} connections for 20 deliveries");
+    assert_eq!(count(&d, OPENED_HTTP1).await, kept as f64, "the deliverer counts what the receiver served");
     // Idle for longer than the timeout, they are closed without waiting
     // for another delivery, and the next one needs a new connection.
-    let closed = wait_until(Duration::from_secs(10), || async { w.receiver.stats().open_connections == 0 }).await;
-    assert!(closed, "idle connections still open: {:?}", w.receiver.stats());
+    let closed = wait_until(Duration::from_secs(10), || async {
+        w.receiver.stats().open_connections == 0 && count(&d, OPEN).await == 0.0
+    })
+    .await;
+    assert!(closed, "idle connections still open: {:?}, gauge {}", w.receiver.stats(), count(&d, OPEN).await);
     w.enqueue("a", "e-after-idle").await;
     assert!(w.wait_received("/a", "e-after-idle", Duration::from_secs(30)).await);
     assert_eq!(w.receiver.stats().connections, kept + 1);
+    assert_eq!(count(&d, OPENED_HTTP1).await, (kept + 1) as f64);
+    assert_eq!(count(&d, OPEN).await, 1.0, "the new connection, idle in the pool");
     assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await, 0.0);
 }
 
@@ -612,6 +626,9 @@ async fn a_connection_the_receiver_closed_is_not_used_again() {
         assert!(w.wait_received("/a", id, Duration::from_secs(30)).await, "{id} not delivered");
     }
     assert_eq!(w.receiver.stats().connections, 5, "one connection per response that closed it");
+    assert_eq!(count(&d, OPENED_HTTP1).await, 5.0);
+    let closed = wait_until(Duration::from_secs(10), || async { count(&d, OPEN).await == 0.0 }).await;
+    assert!(closed, "connections the receiver closed still counted open: {}", count(&d, OPEN).await);
     assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await, 0.0);
     assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"2xx\",outcome=\"delivered\"}").await, 5.0);
 }
