@@ -9,7 +9,8 @@
 //! load at `--rate` and a maximum-throughput run of `--max-events`. Beside
 //! it, in the same run, two ceilings: (a) the broker's raw produce→consume
 //! rate for the same messages with no processing, (b) the raw HTTP POST rate
-//! to the same sink with the same payload and connection count.
+//! to the same sink with the same payload and connection count, read before
+//! every scenario and at the end; ratios are against the run's highest.
 //!
 //! Prints markdown tables: delivered events/s, latency percentiles, CPU
 //! seconds per 1000 deliveries per role (from `/proc/<pid>/stat`), peak RSS
@@ -94,7 +95,8 @@ struct Args {
     /// to tell its cost from the rest of the deliverer's.
     #[arg(long)]
     client_ceiling: bool,
-    /// Rounds: every scenario (and the ceilings around it) this many times,
+    /// Rounds: every scenario (and a reading of the ceilings before it)
+    /// this many times,
     /// with the median and range of each figure at the end. This machine's
     /// noise is ±25%: one round proves little.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -160,9 +162,12 @@ async fn main() -> Result<()> {
         payload.len()
     )?;
 
-    // The ceilings are measured before and after the scenarios, and the
-    // ratios use the higher of each: a busy moment on this shared machine
-    // must not make the pipeline look closer to its ceiling than it is.
+    // The ceilings are measured before every scenario and once at the end,
+    // and every ratio uses the highest reading of the run: on this shared
+    // machine (b) moves by a third between minutes, and a ceiling read in a
+    // slow stretch would make the pipeline look closer to it than it is.
+    // With the highest of several readings, a slow stretch would have to
+    // last through all of them.
     let measure = || async {
         eprintln!("bench: ceilings");
         // (a)'s producer and consumer run in the harness; the broker in its
@@ -195,14 +200,16 @@ async fn main() -> Result<()> {
     };
     let mut rows = Vec::new();
     let mut memory: Vec<(Scenario, Vec<Option<u64>>)> = Vec::new();
-    let mut measured = Vec::new();
+    // Each reading and what it was taken before.
+    let mut readings: Vec<(String, Ceilings)> = Vec::new();
     for round in 1..=args.repeat {
-        let before = if args.no_ceilings { None } else { Some(measure().await?) };
-        let first = rows.len();
         for &scenario in &args.scenarios {
+            if !args.no_ceilings {
+                readings.push((format!("round {round}, before {scenario:?}"), measure().await?));
+            }
             eprintln!("bench: round {round}, scenario {scenario:?}");
             let (phases, rss) = run_scenario(&args, &broker, &sink, &client, scenario).await?;
-            rows.extend(phases);
+            rows.extend(phases.into_iter().map(|r| Row { round, ..r }));
             match memory.iter_mut().find(|(s, _)| *s == scenario) {
                 // The peak over the rounds.
                 Some((_, peak)) => {
@@ -213,73 +220,51 @@ async fn main() -> Result<()> {
                 None => memory.push((scenario, rss)),
             }
         }
-        let ceilings = match before {
-            Some(before) => {
-                let after = measure().await?;
-                let higher = (before.a.max(after.a), before.b.max(after.b));
-                measured.push((round, before, after));
-                Some(higher)
-            }
-            None => None,
-        };
-        for r in &mut rows[first..] {
-            r.round = round;
-            r.ceilings = ceilings;
-        }
     }
+    if !args.no_ceilings {
+        readings.push(("at the end".to_owned(), measure().await?));
+    }
+    // The run's highest (a) and (b): what every ratio is taken against.
+    let highest = readings.iter().map(|(_, c)| (c.a, c.b)).reduce(|x, y| (x.0.max(y.0), x.1.max(y.1)));
 
-    if !measured.is_empty() {
+    if let Some((_, best_b)) = highest {
         let cpu = |c: Option<f64>| c.map_or("–".to_owned(), |p| format!("{p:.0}"));
-        let cpu_message = |c: &Ceilings| c.per_message.map_or("–".to_owned(), |p| format!("{p:.1}"));
+        let sender = args.client_ceiling;
         writeln!(
             out,
-            "## Ceilings\n\nMeasured before and after each round's scenarios; that round's ratios use the higher.\n\n\
-             | round | ceiling | before | after | CPU µs per message (before, after) |\n|---|---|---|---|---|"
-        )?;
-        for (round, before, after) in &measured {
-            writeln!(
-                out,
-                "| {round} | (a) broker produce→consume, same messages, no processing | {:.0} msg/s | {:.0} msg/s | {}, {} (producer, consumer and broker) |",
-                before.a,
-                after.a,
-                cpu_message(before),
-                cpu_message(after)
-            )?;
-            writeln!(
-                out,
-                "| {round} | (b) HTTP POST to the sink, same payload, {} connections | {:.0} req/s | {:.0} req/s | {}, {} (client and sink) |",
-                args.connections,
-                before.b,
-                after.b,
-                cpu(before.per_request),
-                cpu(after.per_request)
-            )?;
-            if let (Some((b1, c1)), Some((b2, c2))) = (before.sender, after.sender) {
-                writeln!(
-                    out,
-                    "| {round} | (b′) the same, through the deliverer's HTTP client | {b1:.0} req/s | {b2:.0} req/s | {}, {} (client and sink) |",
-                    cpu(c1),
-                    cpu(c2)
-                )?;
-            }
-        }
-        writeln!(
-            out,
-            "\nThe floor of this design: an event crosses Kafka twice and is POSTed once, so it costs at least \
-             2 × (a) + (b) of CPU. On {} cores that caps delivered events/s, whatever the pipeline does \
-             (cheaper of the two readings, against the higher (b)):\n\n| round | floor µs per event | at most events/s | at most vs (b) |\n|---|---|---|---|",
+            "## Ceilings\n\n(a) the broker's produce→consume rate, same messages, no processing; (b) HTTP POST to the \
+             sink, same payload, {} connections{}. CPU: µs per message ((a): producer, consumer and broker) or per \
+             request (client and sink). Every ratio below is against the highest reading of the run. \
+             The floor of this design: an event crosses Kafka twice and is POSTed once, so it costs at least \
+             2 × (a) + (b) of CPU; on {} cores that caps delivered events/s, whatever the pipeline does.\n",
+            args.connections,
+            if sender { "; (b′) the same through the deliverer's HTTP client" } else { "" },
             cores()
         )?;
-        for (round, before, after) in &measured {
-            let floor = before.floor().into_iter().chain(after.floor()).reduce(f64::min);
+        writeln!(
+            out,
+            "| reading | (a) msg/s | (a) CPU µs | (b) req/s | (b) CPU µs |{} floor µs per event | at most events/s | at most vs the highest (b) |\n|---|---|---|---|---|{}---|---|---|",
+            if sender { " (b′) req/s | (b′) CPU µs |" } else { "" },
+            if sender { "---|---|" } else { "" }
+        )?;
+        for (when, c) in &readings {
+            let floor = c.floor();
             let most = floor.map(|f| cores() as f64 * 1e6 / f);
-            let b = before.b.max(after.b);
+            let b_prime = match c.sender {
+                Some((rate, per)) => format!(" {rate:.0} | {} |", cpu(per)),
+                None if sender => " – | – |".to_owned(),
+                None => String::new(),
+            };
             writeln!(
                 out,
-                "| {round} | {} | {} | {} |",
+                "| {when} | {:.0} | {} | {:.0} | {} |{b_prime} {} | {} | {} |",
+                c.a,
+                c.per_message.map_or("–".to_owned(), |p| format!("{p:.1}")),
+                c.b,
+                cpu(c.per_request),
                 floor.map_or("–".to_owned(), |f| format!("{f:.1}")),
                 most.map_or("–".to_owned(), |m| format!("{m:.0}")),
-                most.map_or("–".to_owned(), |m| format!("{:.1}%", 100.0 * m / b)),
+                most.map_or("–".to_owned(), |m| format!("{:.1}%", 100.0 * m / best_b)),
             )?;
         }
         writeln!(out)?;
@@ -299,7 +284,7 @@ async fn main() -> Result<()> {
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for r in &rows {
-        let ceilings = r.ceilings;
+        let ceilings = highest;
         let ratio = |c: Option<f64>| c.map_or("–".to_owned(), |c| format!("{:.1}%", 100.0 * r.rate / c));
         let cpu = |i: usize| r.cpu.get(i).copied().flatten().map_or("–".to_owned(), |c| format!("{c:.3}"));
         let total = r.cpu.iter().copied().sum::<Option<f64>>().map_or("–".to_owned(), |c| format!("{c:.3}"));
@@ -354,7 +339,7 @@ async fn main() -> Result<()> {
                 r.scenario,
                 r.run,
                 spread(same.iter().map(|x| x.rate).collect(), &whole),
-                spread(same.iter().filter_map(|x| x.ceilings.map(|c| 100.0 * x.rate / c.1)).collect(), &percent),
+                spread(same.iter().filter_map(|x| highest.map(|c| 100.0 * x.rate / c.1)).collect(), &percent),
                 spread(same.iter().map(|x| x.latency[2] as f64).collect(), &whole),
                 spread(same.iter().filter_map(|x| x.cpu.iter().copied().sum::<Option<f64>>()).collect(), &cpu),
             )?;
@@ -426,8 +411,6 @@ fn summary(mut values: Vec<f64>) -> Option<(f64, f64, f64)> {
 struct Row {
     /// Which round (`--repeat`) it belongs to.
     round: u32,
-    /// That round's ceilings (a) and (b), the higher of before and after.
-    ceilings: Option<(f64, f64)>,
     scenario: Scenario,
     run: &'static str,
     published: u64,
@@ -1140,7 +1123,6 @@ async fn run_scenario(
         eprintln!("bench: {scenario:?} {run}: {published} published, {delivered} delivered, {rate:.0}/s");
         rows.push(Row {
             round: 0,
-            ceilings: None,
             scenario,
             run,
             published,
