@@ -8,6 +8,15 @@
 //! attempt to its origin. Idle connections are closed after the idle
 //! timeout, by a sweep and at the next checkout, whichever comes first.
 //!
+//! While an origin has no connection and is not known to speak HTTP/1.1,
+//! one attempt connects at a time and the others wait for it: if it gets
+//! HTTP/2 they share its connection instead of each opening one (a burst
+//! of attempts after a cold start, or after the origin closed its
+//! connection, would otherwise open as many TLS connections, all but one
+//! closed after their request). When it gets HTTP/1.1 the waiters connect
+//! on their own, at once; when it fails, the next waiter tries. Each
+//! waits within its own request timeout.
+//!
 //! This replaced hyper-util's pooled `legacy::Client` (session 8): the same
 //! connector (the address guard, TLS, ALPN), but no per-request pool key,
 //! checkout/connect race and waiter bookkeeping. The deliverer's isolation
@@ -30,7 +39,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioTimer},
 };
 use prometheus::{IntCounter, IntGauge};
-use tokio::time::Instant;
+use tokio::{sync::OwnedMutexGuard, time::Instant};
 use tower_service::Service;
 
 /// The error of an attempt to connect, or of the protocol handshake after.
@@ -52,6 +61,12 @@ struct Origin {
     idle: Vec<(http1::SendRequest<Body>, Instant)>,
     /// The origin's HTTP/2 connection and when it was last taken.
     shared: Option<(http2::SendRequest<Body>, Instant)>,
+    /// Plain HTTP (HTTP/2 only comes by ALPN), or the last connection to
+    /// it negotiated HTTP/1.1: attempts connect in parallel, nothing to
+    /// share.
+    http1: bool,
+    /// Held by the attempt connecting while the protocol may be HTTP/2.
+    connecting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Origin {
@@ -69,8 +84,9 @@ impl Origin {
         }
     }
 
+    /// Nothing to keep: no connection, and no attempt connecting.
     fn is_empty(&self) -> bool {
-        self.idle.is_empty() && self.shared.is_none()
+        self.idle.is_empty() && self.shared.is_none() && Arc::strong_count(&self.connecting) == 1
     }
 }
 
@@ -92,6 +108,14 @@ impl Drop for Open {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// What a checkout found in the pool.
+enum Found {
+    /// An idle HTTP/1.1 connection, to check before use.
+    Idle(http1::SendRequest<Body>),
+    /// Nothing: connect, through the origin's gate when given.
+    Connect(Option<Arc<tokio::sync::Mutex<()>>>),
 }
 
 /// Connections by origin.
@@ -129,10 +153,17 @@ where
     /// shared HTTP/2 one, an idle HTTP/1.1 one that is still open, or a new
     /// one.
     pub async fn checkout(&self, origin: &str, uri: &Uri) -> Result<Conn, BoxError> {
+        // The origin's gate, once this attempt waited for it and holds it.
+        let mut held: Option<OwnedMutexGuard<()>> = None;
         loop {
-            let mut send = {
+            let found = 'look: {
                 let mut origins = self.origins();
-                let Some(o) = origins.get_mut(origin) else { break };
+                let Some(o) = origins.get_mut(origin) else {
+                    // Never connected, or swept: the protocol is unknown.
+                    let o = origins.entry(origin.into()).or_default();
+                    o.http1 = !origin.starts_with("https:");
+                    break 'look Found::Connect((!o.http1).then(|| o.connecting.clone()));
+                };
                 let now = Instant::now();
                 o.expire_shared(now, self.idle_timeout);
                 if let Some((send, since)) = &mut o.shared {
@@ -140,22 +171,44 @@ where
                     return Ok(Conn::Http2(send.clone()));
                 }
                 match o.idle.pop() {
-                    Some((send, since)) if now.duration_since(since) < self.idle_timeout => send,
-                    // The most recently used one idled out, so did the rest.
-                    Some(_) => {
-                        o.idle.clear();
-                        break;
+                    Some((send, since)) if now.duration_since(since) < self.idle_timeout => Found::Idle(send),
+                    popped => {
+                        // The most recently used one idled out, so did the rest.
+                        if popped.is_some() {
+                            o.idle.clear();
+                        }
+                        Found::Connect((!o.http1).then(|| o.connecting.clone()))
                     }
-                    None => break,
                 }
             };
-            // Ready once the connection has finished the last exchange; an
-            // error when the receiver closed it meanwhile.
-            if send.ready().await.is_ok() {
-                return Ok(Conn::Http1(send));
+            match found {
+                Found::Idle(mut send) => {
+                    // Ready once the connection has finished the last
+                    // exchange; an error when the receiver closed it
+                    // meanwhile.
+                    if send.ready().await.is_ok() {
+                        return Ok(Conn::Http1(send));
+                    }
+                }
+                // Connect holding the gate; when another attempt holds it,
+                // wait for it and look again, holding it: a waiter that
+                // let go before looking would hand it to the next, and
+                // none would connect.
+                Found::Connect(Some(gate)) => {
+                    if held.as_ref().is_some_and(|h| Arc::ptr_eq(OwnedMutexGuard::mutex(h), &gate)) {
+                        return self.connect(origin, uri).await;
+                    }
+                    match gate.clone().try_lock_owned() {
+                        Ok(_connecting) => return self.connect(origin, uri).await,
+                        Err(_) => held = Some(gate.lock_owned().await),
+                    }
+                }
+                Found::Connect(None) => {
+                    drop(held.take());
+                    return self.connect(origin, uri).await;
+                }
             }
         }
-        self.connect(origin, uri).await
     }
 
     async fn connect(&self, origin: &str, uri: &Uri) -> Result<Conn, BoxError> {
@@ -169,10 +222,12 @@ where
             let mut origins = self.origins();
             let o = origins.entry(origin.into()).or_default();
             o.shared = Some((send.clone(), Instant::now()));
+            o.http1 = false;
             Ok(Conn::Http2(send))
         } else {
             let (send, connection) = http1::handshake(stream).await?;
             self.drive(connection, |c| &c.opened_http1);
+            self.origins().entry(origin.into()).or_default().http1 = true;
             Ok(Conn::Http1(send))
         }
     }
@@ -204,7 +259,7 @@ where
         match origins.get_mut(origin) {
             Some(o) => o.idle.push((send, Instant::now())),
             None => {
-                origins.insert(origin.into(), Origin { idle: vec![(send, Instant::now())], shared: None });
+                origins.insert(origin.into(), Origin { idle: vec![(send, Instant::now())], ..Origin::default() });
             }
         }
     }

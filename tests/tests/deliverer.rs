@@ -490,6 +490,12 @@ async fn names_resolving_to_refused_addresses_are_not_connected_to() {
 /// A TLS front (the test CA's `localhost` certificate) that passes each
 /// connection's bytes on to `to`, offering `alpn` (e.g. `h2`) to clients.
 async fn tls_front(to: SocketAddr, alpn: &[&str]) -> SocketAddr {
+    tls_front_dropping(to, alpn, 0).await
+}
+
+/// [`tls_front`], closing the first `drop` connections it accepts before
+/// the TLS handshake.
+async fn tls_front_dropping(to: SocketAddr, alpn: &[&str], drop: usize) -> SocketAddr {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls");
     let certs: Vec<_> =
@@ -507,7 +513,12 @@ async fn tls_front(to: SocketAddr, alpn: &[&str]) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
+        let mut accepted = 0;
         while let Ok((tcp, _)) = listener.accept().await {
+            accepted += 1;
+            if accepted <= drop {
+                continue;
+            }
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else { return };
@@ -577,6 +588,50 @@ async fn https_destinations_offering_http2_get_one_shared_http2_connection() {
     assert_eq!(count(&d, OPENED_HTTP2).await, 1.0);
     assert_eq!(count(&d, OPENED_HTTP1).await, 0.0);
     assert_eq!(count(&d, OPEN).await, 1.0);
+}
+
+/// Twelve deliveries to destination `name` behind the TLS `front`,
+/// waiting in the topic before the deliverer starts, so they are attempted
+/// together while no connection to the origin exists yet; returns the
+/// deliverer once all arrived.
+async fn burst_through(w: &World, front: SocketAddr, name: &str) -> Role {
+    let url = format!("https://localhost:{}/{name}", front.port());
+    w.seed.put_destination(&destination(name, Owner::Instance, &url, TOKEN_A)).await.unwrap();
+    let ids: Vec<(String, String)> = (0..12).map(|i| (name.to_owned(), format!("e-{name}-{i}"))).collect();
+    w.enqueue_many(&ids).await;
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls/ca.pem");
+    let d = w.ready_deliverer(&[("SSL_CERT_FILE", ca.into())]).await;
+    for (_, id) in &ids {
+        assert!(w.wait_received(&format!("/{name}"), id, Duration::from_secs(30)).await, "{id} not delivered");
+    }
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_to_a_new_http2_origin_opens_one_connection_not_one_per_attempt() {
+    let w = world().await;
+    let front = tls_front(w.addr, &["h2", "http/1.1"]).await;
+    let d = burst_through(&w, front, "burst").await;
+    let got: Vec<_> = w.receiver.received().into_iter().filter(|r| r.path == "/burst").collect();
+    assert!(got.iter().all(|r| r.version == "HTTP/2.0"));
+    // The front opens one connection to the receiver per connection it
+    // accepts: one TLS connection carried the whole burst.
+    assert_eq!(w.receiver.stats().connections, 1, "the burst opened a connection per attempt");
+    assert_eq!(count(&d, OPENED_HTTP2).await, 1.0);
+    assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_first_connection_of_a_burst_fails_the_next_attempt_connects_for_the_rest() {
+    let w = world().await;
+    let front = tls_front_dropping(w.addr, &["h2", "http/1.1"], 1).await;
+    let d = burst_through(&w, front, "again").await;
+    // Only the attempt whose connection the front closed failed; the ones
+    // waiting for it did not take its error, and the next one's HTTP/2
+    // connection carried them all.
+    assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await, 1.0);
+    assert_eq!(w.receiver.stats().connections, 1);
+    assert_eq!(count(&d, OPENED_HTTP2).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
