@@ -96,9 +96,8 @@ struct Args {
     #[arg(long)]
     client_ceiling: bool,
     /// Rounds: every scenario (and a reading of the ceilings before it)
-    /// this many times,
-    /// with the median and range of each figure at the end. This machine's
-    /// noise is ±25%: one round proves little.
+    /// this many times, with the median and range of each figure at the
+    /// end. This machine's noise is ±25%: one round proves little.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
     /// The `auditstream` binary.
@@ -284,7 +283,6 @@ async fn main() -> Result<()> {
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for r in &rows {
-        let ceilings = highest;
         let ratio = |c: Option<f64>| c.map_or("–".to_owned(), |c| format!("{:.1}%", 100.0 * r.rate / c));
         let cpu = |i: usize| r.cpu.get(i).copied().flatten().map_or("–".to_owned(), |c| format!("{c:.3}"));
         let total = r.cpu.iter().copied().sum::<Option<f64>>().map_or("–".to_owned(), |c| format!("{c:.3}"));
@@ -298,8 +296,8 @@ async fn main() -> Result<()> {
             r.accepted_rate,
             r.delivered,
             r.rate,
-            ratio(ceilings.map(|c| c.0)),
-            ratio(ceilings.map(|c| c.1)),
+            ratio(highest.map(|c| c.0)),
+            ratio(highest.map(|c| c.1)),
             r.latency[0],
             r.latency[1],
             r.latency[2],

@@ -61,13 +61,14 @@ struct Origin {
     idle: Vec<(http1::SendRequest<Body>, Instant)>,
     /// The origin's HTTP/2 connection and when it was last taken.
     shared: Option<(http2::SendRequest<Body>, Instant)>,
-    /// Plain HTTP (HTTP/2 only comes by ALPN), or the last connection to
-    /// it negotiated HTTP/1.1: attempts connect in parallel, nothing to
-    /// share.
+    /// The last connection to it negotiated HTTP/1.1: attempts connect in
+    /// parallel, nothing to share.
     http1: bool,
     /// Held by the attempt connecting while the protocol may be HTTP/2.
-    connecting: Arc<tokio::sync::Mutex<()>>,
+    connecting: Gate,
 }
+
+type Gate = Arc<tokio::sync::Mutex<()>>;
 
 impl Origin {
     /// Drops what is closed or was idle for `timeout`.
@@ -84,7 +85,14 @@ impl Origin {
         }
     }
 
-    /// Nothing to keep: no connection, and no attempt connecting.
+    /// The gate a new connection to `origin` goes through: only where it
+    /// may get HTTP/2, which comes by ALPN over TLS alone.
+    fn gate(&self, origin: &str) -> Option<Gate> {
+        (!self.http1 && origin.starts_with("https:")).then(|| self.connecting.clone())
+    }
+
+    /// Nothing to keep: no connection, and no attempt connecting (a held
+    /// or awaited gate is a clone of `connecting`).
     fn is_empty(&self) -> bool {
         self.idle.is_empty() && self.shared.is_none() && Arc::strong_count(&self.connecting) == 1
     }
@@ -115,7 +123,7 @@ enum Found {
     /// An idle HTTP/1.1 connection, to check before use.
     Idle(http1::SendRequest<Body>),
     /// Nothing: connect, through the origin's gate when given.
-    Connect(Option<Arc<tokio::sync::Mutex<()>>>),
+    Connect(Option<Gate>),
 }
 
 /// Connections by origin.
@@ -160,9 +168,7 @@ where
                 let mut origins = self.origins();
                 let Some(o) = origins.get_mut(origin) else {
                     // Never connected, or swept: the protocol is unknown.
-                    let o = origins.entry(origin.into()).or_default();
-                    o.http1 = !origin.starts_with("https:");
-                    break 'look Found::Connect((!o.http1).then(|| o.connecting.clone()));
+                    break 'look Found::Connect(origins.entry(origin.into()).or_default().gate(origin));
                 };
                 let now = Instant::now();
                 o.expire_shared(now, self.idle_timeout);
@@ -177,7 +183,7 @@ where
                         if popped.is_some() {
                             o.idle.clear();
                         }
-                        Found::Connect((!o.http1).then(|| o.connecting.clone()))
+                        Found::Connect(o.gate(origin))
                     }
                 }
             };
@@ -190,18 +196,23 @@ where
                         return Ok(Conn::Http1(send));
                     }
                 }
-                // Connect holding the gate; when another attempt holds it,
-                // wait for it and look again, holding it: a waiter that
-                // let go before looking would hand it to the next, and
-                // none would connect.
+                // Connect holding the gate. When another attempt holds it,
+                // wait for it and look again still holding it: a waiter
+                // that let go before looking would hand it to the next,
+                // and none would connect. While it is held the origin is
+                // not swept, so the gate found again is the one held.
                 Found::Connect(Some(gate)) => {
-                    if held.as_ref().is_some_and(|h| Arc::ptr_eq(OwnedMutexGuard::mutex(h), &gate)) {
-                        return self.connect(origin, uri).await;
-                    }
-                    match gate.clone().try_lock_owned() {
-                        Ok(_connecting) => return self.connect(origin, uri).await,
-                        Err(_) => held = Some(gate.lock_owned().await),
-                    }
+                    let _connecting = match held.take() {
+                        Some(guard) => guard,
+                        None => match gate.clone().try_lock_owned() {
+                            Ok(guard) => guard,
+                            Err(_) => {
+                                held = Some(gate.lock_owned().await);
+                                continue;
+                            }
+                        },
+                    };
+                    return self.connect(origin, uri).await;
                 }
                 Found::Connect(None) => {
                     drop(held.take());

@@ -125,6 +125,13 @@ impl World {
         .await
     }
 
+    /// Asserts that every one of `deliveries` reached `path` in time.
+    async fn assert_all_received(&self, path: &str, deliveries: &[(String, String)], deadline: Duration) {
+        for (_, id) in deliveries {
+            assert!(self.wait_received(path, id, deadline).await, "{id} not delivered");
+        }
+    }
+
     /// Destination "slow": its own receiver, answering after `delay`.
     async fn slow_destination(&self, delay: Duration) -> Receiver {
         let (slow, addr) = start_receiver(vec![expected("slow", TOKEN_A)]).await;
@@ -143,6 +150,8 @@ async fn count(d: &Role, series: &str) -> f64 {
     metric(d.admin, series).await
 }
 
+/// Failed attempts that got no HTTP answer (connect and transport errors).
+const NO_ANSWER: &str = "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}";
 const OPENED_HTTP1: &str = "auditstream_deliverer_connections_opened_total{protocol=\"http1\"}";
 const OPENED_HTTP2: &str = "auditstream_deliverer_connections_opened_total{protocol=\"http2\"}";
 /// The gauge's whole line name: a bare prefix would match `..._opened_total` too.
@@ -165,12 +174,7 @@ async fn a_timeout_is_a_failed_attempt_and_retried() {
     let d = w.ready_deliverer(&[("AUDITSTREAM_DELIVERER__REQUEST_TIMEOUT", "500ms".into())]).await;
     w.receiver.set_faults(Faults { delay: Duration::from_secs(2), ..Faults::default() });
     w.enqueue("a", "e-timeout").await;
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await >= 1.0
-        })
-        .await
-    );
+    assert!(wait_until(Duration::from_secs(20), || async { count(&d, NO_ANSWER).await >= 1.0 }).await);
     w.receiver.set_faults(Faults::default());
     assert!(w.wait_received("/a", "e-timeout", Duration::from_secs(30)).await);
 }
@@ -183,7 +187,7 @@ async fn a_connection_reset_is_retried() {
     w.enqueue("a", "e-reset").await;
     assert!(w.wait_received("/a", "e-reset", Duration::from_secs(30)).await);
     assert_eq!(w.receiver.stats().faults_injected, 2);
-    assert!(count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await >= 2.0);
+    assert!(count(&d, NO_ANSWER).await >= 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -430,12 +434,7 @@ async fn configuration_changes_apply_to_the_next_attempt() {
     let d =
         w.ready_deliverer(&[("AUDITSTREAM_DELIVERER__RETRY_DELAYS", r#"["1s", "1s", "1s", "1s", "1s"]"#.into())]).await;
     w.enqueue("a", "e-fixed").await;
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await >= 1.0
-        })
-        .await
-    );
+    assert!(wait_until(Duration::from_secs(20), || async { count(&d, NO_ANSWER).await >= 1.0 }).await);
     w.seed.put_destination(&destination("a", Owner::Instance, &format!("http://{}/a", w.addr), TOKEN_A)).await.unwrap();
     assert!(w.wait_received("/a", "e-fixed", Duration::from_secs(30)).await);
 }
@@ -576,9 +575,7 @@ async fn https_destinations_offering_http2_get_one_shared_http2_connection() {
     assert!(w.wait_received("/h2", "e-h2-0", Duration::from_secs(20)).await, "not delivered over HTTP/2");
     let ids: Vec<(String, String)> = (1..=10).map(|i| ("h2".to_owned(), format!("e-h2-{i}"))).collect();
     w.enqueue_many(&ids).await;
-    for (_, id) in &ids {
-        assert!(w.wait_received("/h2", id, Duration::from_secs(20)).await, "{id} not delivered");
-    }
+    w.assert_all_received("/h2", &ids, Duration::from_secs(20)).await;
     let got: Vec<_> = w.receiver.received().into_iter().filter(|r| r.path == "/h2").collect();
     assert!(got.iter().all(|r| r.version == "HTTP/2.0"), "{:?}", got.iter().map(|r| &r.version).collect::<Vec<_>>());
     assert!(got.iter().all(|r| r.header("x-gitlab-event-streaming-token") == Some(TOKEN_A)));
@@ -601,9 +598,7 @@ async fn burst_through(w: &World, front: SocketAddr, name: &str) -> Role {
     w.enqueue_many(&ids).await;
     let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls/ca.pem");
     let d = w.ready_deliverer(&[("SSL_CERT_FILE", ca.into())]).await;
-    for (_, id) in &ids {
-        assert!(w.wait_received(&format!("/{name}"), id, Duration::from_secs(30)).await, "{id} not delivered");
-    }
+    w.assert_all_received(&format!("/{name}"), &ids, Duration::from_secs(30)).await;
     d
 }
 
@@ -618,7 +613,7 @@ async fn a_burst_to_a_new_http2_origin_opens_one_connection_not_one_per_attempt(
     // accepts: one TLS connection carried the whole burst.
     assert_eq!(w.receiver.stats().connections, 1, "the burst opened a connection per attempt");
     assert_eq!(count(&d, OPENED_HTTP2).await, 1.0);
-    assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await, 0.0);
+    assert_eq!(count(&d, NO_ANSWER).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,7 +624,7 @@ async fn when_the_first_connection_of_a_burst_fails_the_next_attempt_connects_fo
     // Only the attempt whose connection the front closed failed; the ones
     // waiting for it did not take its error, and the next one's HTTP/2
     // connection carried them all.
-    assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await, 1.0);
+    assert_eq!(count(&d, NO_ANSWER).await, 1.0);
     assert_eq!(w.receiver.stats().connections, 1);
     assert_eq!(count(&d, OPENED_HTTP2).await, 1.0);
 }
@@ -645,9 +640,7 @@ async fn deliveries_reuse_kept_alive_connections_until_they_idle_out() {
         .await;
     let ids: Vec<(String, String)> = (0..20).map(|i| ("a".to_owned(), format!("e-keep-{i}"))).collect();
     w.enqueue_many(&ids).await;
-    for (_, id) in &ids {
-        assert!(w.wait_received("/a", id, Duration::from_secs(30)).await, "{id} not delivered");
-    }
+    w.assert_all_received("/a", &ids, Duration::from_secs(30)).await;
     // Twenty deliveries, at most two at a time: over at most two
     // connections.
     let kept = w.receiver.stats().connections;
@@ -665,7 +658,7 @@ async fn deliveries_reuse_kept_alive_connections_until_they_idle_out() {
     assert_eq!(w.receiver.stats().connections, kept + 1);
     assert_eq!(count(&d, OPENED_HTTP1).await, (kept + 1) as f64);
     assert_eq!(count(&d, OPEN).await, 1.0, "the new connection, idle in the pool");
-    assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await, 0.0);
+    assert_eq!(count(&d, NO_ANSWER).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -677,14 +670,12 @@ async fn a_connection_the_receiver_closed_is_not_used_again() {
     w.receiver.set_faults(Faults { delay: Duration::from_millis(1), ..Faults::default() });
     let ids: Vec<(String, String)> = (0..5).map(|i| ("a".to_owned(), format!("e-close-{i}"))).collect();
     w.enqueue_many(&ids).await;
-    for (_, id) in &ids {
-        assert!(w.wait_received("/a", id, Duration::from_secs(30)).await, "{id} not delivered");
-    }
+    w.assert_all_received("/a", &ids, Duration::from_secs(30)).await;
     assert_eq!(w.receiver.stats().connections, 5, "one connection per response that closed it");
     assert_eq!(count(&d, OPENED_HTTP1).await, 5.0);
     let closed = wait_until(Duration::from_secs(10), || async { count(&d, OPEN).await == 0.0 }).await;
     assert!(closed, "connections the receiver closed still counted open: {}", count(&d, OPEN).await);
-    assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"none\",outcome=\"failed\"}").await, 0.0);
+    assert_eq!(count(&d, NO_ANSWER).await, 0.0);
     assert_eq!(count(&d, "auditstream_deliverer_attempts_total{class=\"2xx\",outcome=\"delivered\"}").await, 5.0);
 }
 
