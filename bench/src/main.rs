@@ -186,7 +186,7 @@ async fn main() -> Result<()> {
         let harness = || cpu_seconds(std::process::id());
         let requests = |rate: f64| rate * args.ceiling_seconds as f64;
         let cpu_before = harness();
-        let b = ceiling_http(sink.addr, &payload, args.connections, args.ceiling_seconds).await?;
+        let b = ceiling_http(sink.addr, &payload, args.connections, args.ceiling_seconds, None).await?;
         let per_request = cpu_per(cpu_before, harness(), requests(b));
         let sender = if args.client_ceiling {
             let cpu_before = harness();
@@ -207,7 +207,20 @@ async fn main() -> Result<()> {
                 readings.push((format!("round {round}, before {scenario:?}"), measure().await?));
             }
             eprintln!("bench: round {round}, scenario {scenario:?}");
-            let (phases, rss) = run_scenario(&args, &broker, &sink, &client, scenario).await?;
+            let (mut phases, rss) = run_scenario(&args, &broker, &sink, &client, scenario).await?;
+            // What one POST costs at the rate the pipeline delivered: a
+            // request costs more CPU below saturation (fewer requests per
+            // wakeup) than at (b)'s flat-out rate.
+            if let Some(max) = phases.iter_mut().find(|r| r.run == "max" && r.rate >= 1.0)
+                && !args.no_ceilings
+            {
+                eprintln!("bench: (b) at {:.0} req/s", max.rate);
+                let before = cpu_seconds(std::process::id());
+                let reached =
+                    ceiling_http(sink.addr, &payload, args.connections, args.ceiling_seconds, Some(max.rate)).await?;
+                let per = cpu_per(before, cpu_seconds(std::process::id()), reached * args.ceiling_seconds as f64);
+                max.paced = Some((reached, per));
+            }
             rows.extend(phases.into_iter().map(|r| Row { round, ..r }));
             match memory.iter_mut().find(|(s, _)| *s == scenario) {
                 // The peak over the rounds.
@@ -310,11 +323,38 @@ async fn main() -> Result<()> {
             r.retried,
         )?;
     }
+    if rows.iter().any(|r| r.paced.is_some()) {
+        writeln!(
+            out,
+            "\n## One POST at the pipeline's pace\n\nRight after each max run: (b)'s requests paced at the rate \
+             that run delivered, over the same {} connections. Below saturation a request costs more CPU than at \
+             (b)'s flat-out rate (fewer requests per wakeup), so this is what the HTTP exchange alone costs at the \
+             pipeline's rate; beyond = the pipeline's CPU per delivery minus it.\n\n\
+             | round | scenario | delivered/s | paced req/s | CPU µs per request | pipeline CPU µs per delivery | \
+             beyond one POST |\n|---|---|---|---|---|---|---|",
+            args.connections
+        )?;
+        for r in rows.iter().filter(|r| r.paced.is_some()) {
+            let (reached, per) = r.paced.unwrap_or_default();
+            let show = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.0}"));
+            writeln!(
+                out,
+                "| {} | {:?} | {:.0} | {reached:.0} | {} | {} | {} |",
+                r.round,
+                r.scenario,
+                r.rate,
+                show(per),
+                show(r.total_us()),
+                show(r.beyond_post()),
+            )?;
+        }
+    }
     if args.repeat > 1 {
         writeln!(
             out,
             "\n## Over the {} rounds\n\nMedian (lowest–highest).\n\n\
-             | scenario | run | delivered/s | vs (b) | p99 ms | CPU total |\n|---|---|---|---|---|---|",
+             | scenario | run | delivered/s | vs (b) | p99 ms | CPU total | CPU µs beyond one POST |\n\
+             |---|---|---|---|---|---|---|",
             args.repeat
         )?;
         let mut seen = Vec::new();
@@ -333,13 +373,14 @@ async fn main() -> Result<()> {
             let cpu = |v: f64| format!("{v:.3}");
             writeln!(
                 out,
-                "| {:?} | {} | {} | {} | {} | {} |",
+                "| {:?} | {} | {} | {} | {} | {} | {} |",
                 r.scenario,
                 r.run,
                 spread(same.iter().map(|x| x.rate).collect(), &whole),
                 spread(same.iter().filter_map(|x| highest.map(|c| 100.0 * x.rate / c.1)).collect(), &percent),
                 spread(same.iter().map(|x| x.latency[2] as f64).collect(), &whole),
                 spread(same.iter().filter_map(|x| x.cpu.iter().copied().sum::<Option<f64>>()).collect(), &cpu),
+                spread(same.iter().filter_map(|x| x.beyond_post()).collect(), &whole),
             )?;
         }
     }
@@ -422,6 +463,21 @@ struct Row {
     cpu: Vec<Option<f64>>,
     /// Deliveries the deliverer set aside to a retry topic during the run.
     retried: f64,
+    /// Max runs: (b) paced at this run's delivered rate, right after it:
+    /// requests/s reached and CPU µs per request.
+    paced: Option<(f64, Option<f64>)>,
+}
+
+impl Row {
+    /// The whole CPU per delivery, in µs.
+    fn total_us(&self) -> Option<f64> {
+        self.cpu.iter().copied().sum::<Option<f64>>().map(|c| c * 1000.0)
+    }
+
+    /// The CPU per delivery beyond one POST at this run's rate, in µs.
+    fn beyond_post(&self) -> Option<f64> {
+        self.total_us().zip(self.paced.and_then(|(_, per)| per)).map(|(t, p)| t - p)
+    }
 }
 
 /// The broker: a running one, or a mock cluster kept alive here.
@@ -696,7 +752,16 @@ async fn ceiling_broker(broker: &Broker, payload: &[u8], seconds: u64) -> Result
 
 /// Ceiling (b): POST `payload` to the sink from `connections` connections
 /// for `seconds`; requests per second.
-async fn ceiling_http(sink: SocketAddr, payload: &[u8], connections: usize, seconds: u64) -> Result<f64> {
+/// Ceiling (b): POSTs of the payload to the sink over `connections`
+/// keep-alive connections, as fast as they go or, with `pace`, at that
+/// many requests per second in all. Requests per second.
+async fn ceiling_http(
+    sink: SocketAddr,
+    payload: &[u8],
+    connections: usize,
+    seconds: u64,
+    pace: Option<f64>,
+) -> Result<f64> {
     let body = bytes::Bytes::copy_from_slice(payload);
     let host = http::HeaderValue::from_str(&sink.to_string())?;
     let start = Instant::now();
@@ -712,8 +777,14 @@ async fn ceiling_http(sink: SocketAddr, payload: &[u8], connections: usize, seco
         let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         let (body, host, done) = (body.clone(), host.clone(), done.clone());
+        // Each connection's share of the pace; ticks missed between timer
+        // wakeups (1 ms) fire at once, so the rate is kept.
+        let mut tick = pace.map(|rate| tokio::time::interval(Duration::from_secs_f64(connections as f64 / rate)));
         workers.push(async move {
             while Instant::now() < deadline {
+                if let Some(tick) = &mut tick {
+                    tick.tick().await;
+                }
                 let mut request = http::Request::new(http_body_util::Full::new(body.clone()));
                 *request.method_mut() = http::Method::POST;
                 *request.uri_mut() = http::Uri::from_static(RAW_PATH);
@@ -1130,6 +1201,7 @@ async fn run_scenario(
             latency: percentiles(sink),
             cpu,
             retried,
+            paced: None,
         });
     }
     // Each role's metrics at the end, for a closer look (lag, histograms).
