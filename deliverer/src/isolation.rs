@@ -86,6 +86,8 @@ impl Breaker {
 const AVERAGE_WEIGHT: f64 = 0.2;
 
 struct Destination {
+    /// The destination's id, for the logs.
+    id: String,
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
     breaker: Mutex<Breaker>,
@@ -140,6 +142,7 @@ impl Isolation {
         map.entry(id.to_owned())
             .or_insert_with(|| {
                 Arc::new(Destination {
+                    id: id.to_owned(),
                     permits: Arc::new(Semaphore::new(self.limits.concurrency)),
                     waiting: AtomicUsize::new(0),
                     breaker: Mutex::new(Breaker::new()),
@@ -236,6 +239,7 @@ impl Isolation {
             b.open_until = None;
             if was_open {
                 self.open_circuits.dec();
+                tracing::info!(destination = %slot.destination.id, "destination circuit closed");
             }
         } else {
             b.failures = b.failures.saturating_add(1);
@@ -243,7 +247,12 @@ impl Isolation {
                 b.open_until = Some(Instant::now() + self.limits.open_for);
                 if !was_open {
                     self.open_circuits.inc();
-                    tracing::warn!(failures = b.failures, "destination circuit opened");
+                    tracing::warn!(
+                        destination = %slot.destination.id,
+                        failures = b.failures,
+                        open_for = ?self.limits.open_for,
+                        "destination circuit opened"
+                    );
                 }
             }
         }

@@ -346,19 +346,7 @@ async fn a_slow_destination_does_not_hold_up_a_healthy_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_destination_opens_its_circuit() {
     let w = world().await;
-    let d = w
-        .ready_deliverer(&[
-            ("AUDITSTREAM_DELIVERER__CIRCUIT_FAILURES", "2".into()),
-            ("AUDITSTREAM_DELIVERER__CIRCUIT_OPEN_FOR", "1m".into()),
-        ])
-        .await;
-    w.receiver.set_faults(Faults { fail_rate: 1.0, fail_status: 503, ..Faults::default() });
-    let batch: Vec<(String, String)> = (0..20).map(|i| ("a".to_owned(), format!("c{i}"))).collect();
-    w.enqueue_many(&batch).await;
-    assert!(
-        wait_until(Duration::from_secs(20), || async { count(&d, "auditstream_deliverer_circuit_open").await == 1.0 })
-            .await
-    );
+    let d = open_circuit(&w, "1m", 20).await;
     // Once open, deliveries go down the ladder without attempts: the retry
     // rungs (1 s, 2 s) bring every delivery back and on to the dead-letter
     // topic, and none of them may reach the destination meanwhile.
@@ -368,6 +356,62 @@ async fn a_failing_destination_opens_its_circuit() {
     assert!(w.dlq(20).await.len() == 20, "all went down the ladder to the dead-letter topic");
     assert_eq!(count(&d, failed).await, at_open, "attempts while the circuit was open");
     assert_eq!(w.receiver.stats().faults_injected, served_at_open, "the destination was hammered while open");
+    assert!(
+        circuit_logged(&d, "destination circuit opened", "a"),
+        "the opened circuit was not logged with its destination: {:?}",
+        d.process.stderr()
+    );
+}
+
+/// Starts a deliverer whose circuits open after 2 failures for `open_for`
+/// (logging at info), makes destination "a" fail every request, and sends
+/// it `failing` deliveries until its circuit opens.
+async fn open_circuit(w: &World, open_for: &str, failing: usize) -> Role {
+    let d = w
+        .ready_deliverer(&[
+            ("AUDITSTREAM_DELIVERER__CIRCUIT_FAILURES", "2".into()),
+            ("AUDITSTREAM_DELIVERER__CIRCUIT_OPEN_FOR", open_for.into()),
+            ("AUDITSTREAM_TELEMETRY__FILTER", "info".into()),
+        ])
+        .await;
+    w.receiver.set_faults(Faults { fail_rate: 1.0, fail_status: 503, ..Faults::default() });
+    let batch: Vec<(String, String)> = (0..failing).map(|i| ("a".to_owned(), format!("c{i}"))).collect();
+    w.enqueue_many(&batch).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async { count(&d, "auditstream_deliverer_circuit_open").await == 1.0 })
+            .await,
+        "failures did not open the circuit"
+    );
+    d
+}
+
+/// Whether the role logged `message` for destination `id`.
+fn circuit_logged(role: &Role, message: &str, id: &str) -> bool {
+    let destination = format!(r#""destination":"{id}""#);
+    role.process.stderr().iter().any(|l| l.contains(message) && l.contains(&destination))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovered_destination_closes_its_circuit_and_gets_its_deliveries() {
+    let w = world().await;
+    let d = open_circuit(&w, "1s", 2).await;
+    // The destination recovers; after `open_for` the first delivery is
+    // the trial, and its success closes the circuit for the rest.
+    w.receiver.set_faults(Faults::default());
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let later: Vec<(String, String)> = (0..5).map(|i| ("a".to_owned(), format!("r{i}"))).collect();
+    w.enqueue_many(&later).await;
+    w.assert_all_received("/a", &later, Duration::from_secs(20)).await;
+    assert!(
+        wait_until(Duration::from_secs(5), || async { count(&d, "auditstream_deliverer_circuit_open").await == 0.0 })
+            .await,
+        "the circuit stayed open after a successful trial"
+    );
+    assert!(
+        circuit_logged(&d, "destination circuit closed", "a"),
+        "the closed circuit was not logged with its destination: {:?}",
+        d.process.stderr()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
