@@ -298,7 +298,7 @@ async fn main() -> Result<()> {
     for r in &rows {
         let ratio = |c: Option<f64>| c.map_or("–".to_owned(), |c| format!("{:.1}%", 100.0 * r.rate / c));
         let cpu = |i: usize| r.cpu.get(i).copied().flatten().map_or("–".to_owned(), |c| format!("{c:.3}"));
-        let total = r.cpu.iter().copied().sum::<Option<f64>>().map_or("–".to_owned(), |c| format!("{c:.3}"));
+        let total = r.total().map_or("–".to_owned(), |c| format!("{c:.3}"));
         writeln!(
             out,
             "| {} | {:?} | {} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -379,7 +379,7 @@ async fn main() -> Result<()> {
                 spread(same.iter().map(|x| x.rate).collect(), &whole),
                 spread(same.iter().filter_map(|x| highest.map(|c| 100.0 * x.rate / c.1)).collect(), &percent),
                 spread(same.iter().map(|x| x.latency[2] as f64).collect(), &whole),
-                spread(same.iter().filter_map(|x| x.cpu.iter().copied().sum::<Option<f64>>()).collect(), &cpu),
+                spread(same.iter().filter_map(|x| x.total()).collect(), &cpu),
                 spread(same.iter().filter_map(|x| x.beyond_post()).collect(), &whole),
             )?;
         }
@@ -469,9 +469,14 @@ struct Row {
 }
 
 impl Row {
+    /// The whole CPU, in seconds per 1000 deliveries (ms per delivery).
+    fn total(&self) -> Option<f64> {
+        self.cpu.iter().copied().sum::<Option<f64>>()
+    }
+
     /// The whole CPU per delivery, in µs.
     fn total_us(&self) -> Option<f64> {
-        self.cpu.iter().copied().sum::<Option<f64>>().map(|c| c * 1000.0)
+        self.total().map(|c| c * 1000.0)
     }
 
     /// The CPU per delivery beyond one POST at this run's rate, in µs.

@@ -395,18 +395,18 @@ fn circuit_logged(role: &Role, message: &str, id: &str) -> bool {
 async fn a_recovered_destination_closes_its_circuit_and_gets_its_deliveries() {
     let w = world().await;
     let d = open_circuit(&w, "1s", 2).await;
-    // The destination recovers; after `open_for` the first delivery is
-    // the trial, and its success closes the circuit for the rest.
+    // The destination recovers. The failed deliveries come back from their
+    // retry rung; after `open_for` the first of them is the trial, and its
+    // success closes the circuit.
     w.receiver.set_faults(Faults::default());
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let later: Vec<(String, String)> = (0..5).map(|i| ("a".to_owned(), format!("r{i}"))).collect();
-    w.enqueue_many(&later).await;
-    w.assert_all_received("/a", &later, Duration::from_secs(20)).await;
     assert!(
-        wait_until(Duration::from_secs(5), || async { count(&d, "auditstream_deliverer_circuit_open").await == 0.0 })
+        wait_until(Duration::from_secs(20), || async { count(&d, "auditstream_deliverer_circuit_open").await == 0.0 })
             .await,
         "the circuit stayed open after a successful trial"
     );
+    let later: Vec<(String, String)> = (0..5).map(|i| ("a".to_owned(), format!("r{i}"))).collect();
+    w.enqueue_many(&later).await;
+    w.assert_all_received("/a", &later, Duration::from_secs(20)).await;
     assert!(
         circuit_logged(&d, "destination circuit closed", "a"),
         "the closed circuit was not logged with its destination: {:?}",
