@@ -137,7 +137,9 @@ pub async fn run(command: DlqCommand) -> ExitCode {
             Ok((replayed, skipped)) => {
                 println!("replayed {replayed} deliveries into the flow");
                 if skipped > 0 {
-                    println!("skipped {skipped} records whose delivery headers are unreadable");
+                    println!(
+                        "skipped {skipped} records whose delivery (destination, event id and type) cannot be read"
+                    );
                 }
             }
             Err(e) => {

@@ -238,7 +238,8 @@ impl Context {
         self.park(meta.destination_id.as_bytes(), Some(&record.body), headers, reason).await;
     }
 
-    /// Parks a record whose delivery headers cannot be read, as it came.
+    /// Parks a record whose delivery cannot be read (its key, its headers
+    /// or, without headers, its event), as it came.
     async fn dead_letter_unreadable(&self, m: &OwnedMessage, reason: &str) {
         tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "dead-lettering delivery");
         let headers = kafka::header_iter(m).filter_map(|(k, v)| v.map(|v| (k, v)));
@@ -285,7 +286,7 @@ struct Record {
 /// to a task of its own (its attempts wait for the network).
 fn take(ctx: &Arc<Context>, m: &BorrowedMessage<'_>, done: consume::Done) {
     let ctx = ctx.clone();
-    match DeliveryMeta::from_headers(m.key(), kafka::header_iter(m)) {
+    match DeliveryMeta::read(m.key(), kafka::header_iter(m), m.payload().unwrap_or_default()) {
         Ok(meta) => {
             let record = Record {
                 body: Bytes::copy_from_slice(m.payload().unwrap_or_default()),

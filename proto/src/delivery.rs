@@ -1,13 +1,16 @@
 //! The delivery envelope: one Kafka record per (event, destination).
 //!
 //! The record's value is the event's bytes, unchanged; its key is the
-//! destination id; everything else travels in headers, so a delivery can be
-//! moved between topics without touching the payload.
+//! destination id. A fresh delivery, as the router writes it, has no
+//! headers at all: its event id, type and `created_at` are the event's own,
+//! read from the value ([`DeliveryMeta::read`]). Kafka clients allocate per
+//! header on both sides; headers were a quarter of the router's CPU.
 //!
-//! Headers are written only when they say something: the destination is the
-//! key (records written before 0.1's slimmer envelope also carry it as
-//! [`H_DESTINATION`], which is still read), and the attempt count only once
-//! there was an attempt. Kafka clients allocate per header, on both sides.
+//! Once attempted, a delivery travels with headers ([`DeliveryMeta::to_headers`]):
+//! the attempt count, when it is due, its history. Headers are written only
+//! when they say something. Records written by earlier releases carry the
+//! event's id and type as headers (and some the destination, as
+//! [`H_DESTINATION`]); they are still read.
 
 use serde::{Deserialize, Serialize};
 
@@ -108,8 +111,12 @@ impl DeliveryMeta {
     pub fn to_headers(&self) -> Vec<(&'static str, Vec<u8>)> {
         let mut h = Vec::with_capacity(6);
         let mut header = |name, value: &[u8]| h.push((name, value.to_vec()));
-        fresh_headers(&self.event_id, &self.event_type, self.created_at_ms, &mut header);
+        header(H_EVENT_ID, self.event_id.as_bytes());
+        header(H_EVENT_TYPE, self.event_type.as_bytes());
         let mut digits = itoa::Buffer::new();
+        if let Some(created) = self.created_at_ms {
+            header(H_CREATED_AT, digits.format(created).as_bytes());
+        }
         if self.attempt > 0 {
             header(H_ATTEMPT, digits.format(self.attempt).as_bytes());
         }
@@ -129,11 +136,30 @@ impl DeliveryMeta {
         h
     }
 
+    /// Reads a delivery record: its key (the destination id), its headers
+    /// and, when no header names the event (a fresh delivery), the event
+    /// id, type and `created_at` from `event`, the record's value.
+    pub fn read<'a>(
+        key: Option<&[u8]>,
+        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+        event: &[u8],
+    ) -> Result<Self, String> {
+        Self::parse(key, headers, Some(event))
+    }
+
     /// Reads the metadata back from a record's key (the destination id)
-    /// and headers.
+    /// and headers alone, as records that were attempted carry it.
     pub fn from_headers<'a>(
         key: Option<&[u8]>,
         headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Result<Self, String> {
+        Self::parse(key, headers, None)
+    }
+
+    fn parse<'a>(
+        key: Option<&[u8]>,
+        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+        event: Option<&[u8]>,
     ) -> Result<Self, String> {
         let (mut dest, mut id, mut ty, mut attempt, mut due, mut history) = (None, None, None, 0u32, None, Vec::new());
         let (mut created, mut rung, mut bounces) = (None, None, 0u32);
@@ -173,6 +199,15 @@ impl DeliveryMeta {
                 _ => {}
             }
         }
+        if let (None, None, Some(event)) = (&id, &ty, event) {
+            let view = crate::event::EventView::parse(event).map_err(|errors| {
+                let why = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                format!("no header names the event, and the record's value is not a readable event: {why}")
+            })?;
+            id = Some(view.id.as_ref().map_or_else(String::new, ToString::to_string));
+            ty = Some(view.event_type.into_owned());
+            created = created.or_else(|| view.created_at.as_deref().and_then(crate::event::timestamp_ms));
+        }
         let need = |v: Option<String>, name: &str| v.ok_or_else(|| format!("header {name} is missing"));
         let destination_id = match dest {
             Some(d) => d,
@@ -200,24 +235,6 @@ impl DeliveryMeta {
     }
 }
 
-/// Calls `header(name, value)` for each header of a fresh delivery (no
-/// attempt yet, due at once), as [`DeliveryMeta::to_headers`] lists them for
-/// `DeliveryMeta::new(destination, event_id, event_type)` with
-/// `created_at_ms`, without building one: the router writes a record per
-/// (event, destination) and needs no owned copy of either string.
-pub fn fresh_headers(
-    event_id: &str,
-    event_type: &str,
-    created_at_ms: Option<i64>,
-    mut header: impl FnMut(&'static str, &[u8]),
-) {
-    header(H_EVENT_ID, event_id.as_bytes());
-    header(H_EVENT_TYPE, event_type.as_bytes());
-    if let Some(created) = created_at_ms {
-        header(H_CREATED_AT, itoa::Buffer::new().format(created).as_bytes());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,14 +247,11 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_delivery_carries_three_headers_and_its_destination_in_the_key() {
+    fn an_unattempted_delivery_writes_three_headers_and_its_destination_in_the_key() {
         let mut m = DeliveryMeta::new("dest-1", "e-1", "merge_request_create");
         m.created_at_ms = Some(1_795_255_200_123);
         let names: Vec<&str> = m.to_headers().iter().map(|(k, _)| *k).collect();
         assert_eq!(names, [H_EVENT_ID, H_EVENT_TYPE, H_CREATED_AT]);
-        let mut fresh = Vec::new();
-        fresh_headers("e-1", "merge_request_create", Some(1_795_255_200_123), |k, v| fresh.push((k, v.to_vec())));
-        assert_eq!(fresh, m.to_headers());
         assert_eq!(round_trip(&m), m);
         // Once attempted, the count is written.
         m.record(Attempt { at_ms: 1, status: Some(500), error: None });
@@ -258,6 +272,59 @@ mod tests {
         assert_eq!(m.attempt, 0);
         let m = DeliveryMeta::from_headers(None, headers).unwrap();
         assert_eq!(m.destination_id, "old-dest");
+    }
+
+    const EVENT: &[u8] = br#"{"id":"0190c1d2-7e4f-7a3b-9c2d-1e2f3a4b5c6d","event_type":"merge_request_create","entity_type":"Project","entity_id":7,"created_at":"2026-11-21T10:00:00.123Z","details":{"id":"not-this-one"}}"#;
+
+    #[test]
+    fn a_fresh_delivery_without_headers_is_read_from_its_event() {
+        let m = DeliveryMeta::read(Some(b"dest-1"), [], EVENT).unwrap();
+        let mut want = DeliveryMeta::new("dest-1", "0190c1d2-7e4f-7a3b-9c2d-1e2f3a4b5c6d", "merge_request_create");
+        want.created_at_ms = Some(1_795_255_200_123);
+        assert_eq!(m, want);
+        // Integer ids (GitLab's own) read as their decimal text; no
+        // `created_at`, none read.
+        let m =
+            DeliveryMeta::read(Some(b"d"), [], br#"{"id":42,"event_type":"t","entity_type":"Project","entity_id":1}"#)
+                .unwrap();
+        assert_eq!((m.event_id.as_str(), m.created_at_ms), ("42", None));
+    }
+
+    #[test]
+    fn headers_that_name_the_event_win_over_the_value() {
+        // As retry rungs and earlier releases write them: the headers are
+        // read, the value is not parsed.
+        let headers =
+            [(H_EVENT_ID, Some(&b"h-id"[..])), (H_EVENT_TYPE, Some(&b"h-type"[..])), (H_ATTEMPT, Some(&b"2"[..]))];
+        let m = DeliveryMeta::read(Some(b"d"), headers, b"not even json").unwrap();
+        assert_eq!((m.event_id.as_str(), m.event_type.as_str(), m.attempt), ("h-id", "h-type", 2));
+        // Headers that say nothing of the event leave it to the value.
+        let m = DeliveryMeta::read(Some(b"d"), [(H_ATTEMPT, Some(&b"1"[..]))], EVENT).unwrap();
+        assert_eq!((m.event_type.as_str(), m.attempt), ("merge_request_create", 1));
+        // Half of the pair is still an error, as before.
+        let err = DeliveryMeta::read(Some(b"d"), [(H_EVENT_ID, Some(&b"1"[..]))], EVENT).unwrap_err();
+        assert!(err.contains(H_EVENT_TYPE), "{err}");
+    }
+
+    #[test]
+    fn a_fresh_delivery_whose_value_is_not_an_event_is_named_unreadable() {
+        for (value, why) in [
+            (&b"not json"[..], "must be a JSON object"),
+            (&br#"{"id":"#[..], "JSON"),
+            (&b""[..], "is empty"),
+            (&br#"[1,2]"#[..], "must be a JSON object"),
+            (&br#"{"id":"x","entity_type":"Project","entity_id":1}"#[..], "event_type"),
+        ] {
+            let err = DeliveryMeta::read(Some(b"d"), [], value).unwrap_err();
+            assert!(
+                err.starts_with("no header names the event, and the record's value is not a readable event"),
+                "{err}"
+            );
+            assert!(err.contains(why), "{why}: {err}");
+        }
+        // The key is still required.
+        let err = DeliveryMeta::read(None, [], EVENT).unwrap_err();
+        assert!(err.contains("record key (the destination id) is missing"), "{err}");
     }
 
     #[test]

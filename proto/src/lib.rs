@@ -6,7 +6,8 @@
 //! - [`event_type`] — event-type definitions and their registry (SPEC §3).
 //! - [`namespace`] — the namespace tree records (SPEC §4).
 //! - [`destination`] — destination configuration and its rules (SPEC §5).
-//! - [`delivery`] — the delivery envelope carried in Kafka headers.
+//! - [`delivery`] — the delivery envelope: the record key, and headers once
+//!   a delivery was attempted (a fresh one is read from its event).
 //! - [`seal`] — secrets at rest (AES-256-GCM under operator keys).
 //! - [`signature`] — Standard Webhooks v1 signing and verification.
 //! - [`netguard`] — which addresses destinations may reach.

@@ -254,8 +254,16 @@ async fn rewrite(producer: Arc<ThreadedProducer<Acks>>, mut queue: mpsc::Unbound
 
 /// Hands a record to the producer; one it does not take now goes to
 /// [`rewrite`].
-fn write(ctx: &Context, topic: &str, key: &[u8], payload: &[u8], headers: OwnedHeaders, pending: &Arc<Pending>) {
-    let record = BaseRecord::with_opaque_to(topic, pending.clone()).key(key).payload(payload).headers(headers);
+fn write(
+    ctx: &Context,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+    headers: Option<OwnedHeaders>,
+    pending: &Arc<Pending>,
+) {
+    let mut record = BaseRecord::with_opaque_to(topic, pending.clone()).key(key).payload(payload);
+    record.headers = headers;
     if let Err((e, record)) = ctx.producer.send(record) {
         tracing::debug!(%topic, error = %e, "write not taken at once; queued to write again");
         ctx.metrics.rewrites.inc();
@@ -270,16 +278,16 @@ fn write(ctx: &Context, topic: &str, key: &[u8], payload: &[u8], headers: OwnedH
 }
 
 /// Where one event goes, decided while holding the table read locks.
-enum Plan<'a> {
+enum Plan {
     /// To the destinations `plan` left in its `out` (perhaps none).
-    Deliver(EventView<'a>),
+    Deliver,
     Nothing,
     Poison(String),
 }
 
 /// Decides where the event in `payload` goes; its destinations are left in
 /// `out` (cleared first), a buffer the router reuses from event to event.
-fn plan<'a>(ctx: &Context, payload: &'a [u8], out: &mut Vec<Arc<Destination>>) -> Plan<'a> {
+fn plan(ctx: &Context, payload: &[u8], out: &mut Vec<Arc<Destination>>) -> Plan {
     out.clear();
     let view = match EventView::parse(payload) {
         Ok(v) => v,
@@ -316,7 +324,7 @@ fn plan<'a>(ctx: &Context, payload: &'a [u8], out: &mut Vec<Arc<Destination>>) -
             } else {
                 ctx.metrics.resolution.with_label_values(&[via]).inc();
             }
-            Plan::Deliver(view)
+            Plan::Deliver
         }
     }
 }
@@ -336,21 +344,20 @@ fn handle(ctx: &Context, m: &BorrowedMessage<'_>, done: consume::Done, targets: 
             headers.push((H_REASON, reason.as_bytes()));
             let key = m.key().unwrap_or_default();
             let pending = Pending::new(done, 1);
-            write(ctx, &ctx.topics.events_dlq(), key, payload, kafka::headers(headers), &pending);
+            write(ctx, &ctx.topics.events_dlq(), key, payload, Some(kafka::headers(headers)), &pending);
             ctx.metrics.events.with_label_values(&["dead_lettered"]).inc();
         }
-        Plan::Deliver(_) if targets.is_empty() => {
+        Plan::Deliver if targets.is_empty() => {
             ctx.metrics.hot.unrouted.inc();
             done.finish();
         }
-        Plan::Deliver(view) => {
-            let mut digits = itoa::Buffer::new();
-            let event_id = view.id.as_ref().map_or("", |id| id.text(&mut digits));
-            let created_at_ms = view.created_at.as_deref().and_then(proto::event::timestamp_ms);
+        Plan::Deliver => {
+            // A fresh delivery is the event's bytes keyed by the destination,
+            // with no headers: the deliverer reads the event's id, type and
+            // `created_at` from the bytes (`DeliveryMeta::read`).
             let pending = Pending::new(done, targets.len());
             for dest in targets.iter() {
-                let headers = kafka::fresh_delivery_headers(event_id, &view.event_type, created_at_ms);
-                write(ctx, &ctx.deliveries_topic, dest.id.as_bytes(), payload, headers, &pending);
+                write(ctx, &ctx.deliveries_topic, dest.id.as_bytes(), payload, None, &pending);
                 let level =
                     if dest.owner == Owner::Instance { &ctx.metrics.hot.instance } else { &ctx.metrics.hot.group };
                 level.inc();

@@ -143,20 +143,6 @@ pub fn header_pairs<M: rdkafka::Message>(m: &M) -> Vec<(&str, Option<&[u8]>)> {
     header_iter(m).collect()
 }
 
-/// The headers of a fresh delivery record ([`proto::delivery::fresh_headers`]),
-/// built straight from the event's fields.
-pub fn fresh_delivery_headers(
-    event_id: &str,
-    event_type: &str,
-    created_at_ms: Option<i64>,
-) -> rdkafka::message::OwnedHeaders {
-    let mut headers = Some(rdkafka::message::OwnedHeaders::new_with_capacity(3));
-    proto::delivery::fresh_headers(event_id, event_type, created_at_ms, |key, value| {
-        headers = headers.take().map(|h| h.insert(rdkafka::message::Header { key, value: Some(value) }));
-    });
-    headers.unwrap_or_default()
-}
-
 /// Writes a record and waits for the acknowledgement, retrying with
 /// growing pauses for as long as it takes: the callers' offsets must not
 /// advance past a record Kafka did not take.

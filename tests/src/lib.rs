@@ -315,9 +315,16 @@ pub fn key(m: &OwnedMessage) -> Option<&str> {
     rdkafka::Message::key(m).and_then(|k| std::str::from_utf8(k).ok())
 }
 
-/// A delivery record's metadata, read as the deliverer reads it.
+/// A delivery record's metadata, read as the deliverer reads it: from its
+/// key, its headers and, for a fresh delivery (no headers), its event.
 pub fn delivery_meta(m: &OwnedMessage) -> Result<proto::delivery::DeliveryMeta, String> {
-    proto::delivery::DeliveryMeta::from_headers(rdkafka::Message::key(m), service::kafka::header_pairs(m))
+    use rdkafka::Message as _;
+    proto::delivery::DeliveryMeta::read(m.key(), service::kafka::header_pairs(m), m.payload().unwrap_or_default())
+}
+
+/// A delivery record's event id, read as the deliverer reads it.
+pub fn delivery_event_id(m: &OwnedMessage) -> Option<String> {
+    delivery_meta(m).ok().map(|meta| meta.event_id)
 }
 
 /// A destination with test defaults.

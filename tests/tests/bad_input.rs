@@ -809,7 +809,7 @@ async fn routed(kafka: &service::config::KafkaConfig, topics: &Topics, want: usi
     read_topic(kafka, &topics.deliveries(), want, Duration::from_secs(3))
         .await
         .iter()
-        .filter_map(|m| Some((header(m, H_EVENT_ID)?.to_owned(), tests::key(m)?.to_owned())))
+        .filter_map(|m| Some((tests::delivery_event_id(m)?, tests::key(m)?.to_owned())))
         .collect()
 }
 

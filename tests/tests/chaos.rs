@@ -496,8 +496,8 @@ async fn where_lost(
     delivery_topics.extend((0..RUNGS).map(|n| topics.retry(n)));
     for topic in delivery_topics {
         for m in read(topic).await {
-            if let (Some(d), Some(e)) = (tests::key(&m), tests::header(&m, H_EVENT_ID)) {
-                routed.insert((d.to_owned(), e.to_owned()));
+            if let (Some(d), Some(e)) = (tests::key(&m), tests::delivery_event_id(&m)) {
+                routed.insert((d.to_owned(), e));
             }
         }
     }

@@ -85,23 +85,28 @@ impl World {
         d
     }
 
-    /// Writes a delivery of a fresh event to `destination`, as the router would.
+    /// Writes a delivery of a fresh event to `destination`, as the router
+    /// would: the event's bytes keyed by the destination, no headers.
     async fn enqueue(&self, destination: &str, event_id: &str) {
-        let now = proto::event::format_timestamp(time::OffsetDateTime::now_utc());
-        let body = format!(
-            r#"{{"id":"{event_id}","event_type":"audit_operation","entity_type":"Project","entity_id":1,"created_at":"{now}"}}"#
-        );
-        let meta = DeliveryMeta::new(destination, event_id, "audit_operation").to_headers();
-        let headers: Vec<(&str, &[u8])> = meta.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        self.enqueue_raw(destination, fresh_event(event_id).as_bytes(), &[]).await;
+    }
+
+    /// Runs the binary (an admin command) against this world's topics;
+    /// its standard output.
+    fn run(&self, args: &[&str]) -> String {
+        let env = [
+            ("AUDITSTREAM_KAFKA__BROKERS", self.broker.brokers().to_owned()),
+            ("AUDITSTREAM_KAFKA__TOPIC_PREFIX", self.prefix.clone()),
+        ];
+        let out = std::process::Command::new(tests::binary()).args(args).envs(env).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Writes a record to the deliveries topic, keyed by `destination`.
+    async fn enqueue_raw(&self, destination: &str, value: &[u8], headers: &[(&str, &[u8])]) {
         let topic = self.topics.deliveries();
-        service::kafka::produce_durably(
-            &self.producer,
-            &topic,
-            destination.as_bytes(),
-            Some(body.as_bytes()),
-            &headers,
-        )
-        .await;
+        service::kafka::produce_durably(&self.producer, &topic, destination.as_bytes(), Some(value), headers).await;
     }
 
     /// Writes many deliveries at once: (destination, event id).
@@ -144,6 +149,14 @@ impl World {
     async fn dlq(&self, want: usize) -> Vec<rdkafka::message::OwnedMessage> {
         read_topic(&self.kafka, &self.topics.deliveries_dlq(), want, Duration::from_secs(20)).await
     }
+}
+
+/// A fresh event as the producer would have written it, `created_at` now.
+fn fresh_event(event_id: &str) -> String {
+    let now = proto::event::format_timestamp(time::OffsetDateTime::now_utc());
+    format!(
+        r#"{{"id":"{event_id}","event_type":"audit_operation","entity_type":"Project","entity_id":1,"created_at":"{now}"}}"#
+    )
 }
 
 async fn count(d: &Role, series: &str) -> f64 {
@@ -259,15 +272,7 @@ async fn exhausted_deliveries_are_dead_lettered_and_replay_delivers_them() {
     assert!(meta.history.iter().all(|a| a.status == Some(500)));
 
     // The operator's view, through the binary.
-    let env = [
-        ("AUDITSTREAM_KAFKA__BROKERS", w.broker.brokers().to_owned()),
-        ("AUDITSTREAM_KAFKA__TOPIC_PREFIX", w.prefix.clone()),
-    ];
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(tests::binary()).args(args).envs(env.iter().cloned()).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| w.run(args);
     let listed = run(&["dlq", "list", "--json", "--destination", "a"]);
     let rows: Vec<serde_json::Value> = listed.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 1, "{listed}");
@@ -412,6 +417,53 @@ async fn a_recovered_destination_closes_its_circuit_and_gets_its_deliveries() {
         "the closed circuit was not logged with its destination: {:?}",
         d.process.stderr()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_are_read_from_their_event_or_their_headers_and_unreadable_ones_dead_lettered() {
+    let w = world().await;
+    let d = w.ready_deliverer(&[]).await;
+    // A fresh delivery from an earlier release: the event named in headers.
+    let meta = DeliveryMeta::new("a", "with-headers", "audit_operation").to_headers();
+    let headers: Vec<(&str, &[u8])> = meta.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+    w.enqueue_raw("a", fresh_event("with-headers").as_bytes(), &headers).await;
+    // No headers, and a value that is not an event: nothing to deliver,
+    // parked with the reason and the value as it came.
+    w.enqueue_raw("a", b"{\"id\": \"cut-short", &[]).await;
+    // A fresh delivery as this release's router writes it.
+    w.enqueue("a", "without-headers").await;
+    let both = [("a".to_owned(), "with-headers".to_owned()), ("a".to_owned(), "without-headers".to_owned())];
+    w.assert_all_received("/a", &both, Duration::from_secs(20)).await;
+    let dlq = w.dlq(1).await;
+    assert_eq!(dlq.len(), 1);
+    let reason = header(&dlq[0], H_REASON).unwrap();
+    assert!(
+        reason.starts_with(
+            "unreadable delivery: no header names the event, and the record's value is not a readable event"
+        ),
+        "{reason}"
+    );
+    assert_eq!(rdkafka::Message::payload(&dlq[0]), Some(&b"{\"id\": \"cut-short"[..]));
+    assert_eq!(tests::key(&dlq[0]), Some("a"));
+    assert_eq!(count(&d, "auditstream_deliverer_deliveries_total{outcome=\"dead_lettered\"}").await, 1.0);
+
+    // A deliverer older than this release's router dead-letters a delivery
+    // without headers (rolling back in the wrong order); replay reads it
+    // from its event and puts it back. The unreadable one stays parked.
+    let old_reason = "unreadable delivery: header auditstream-event-id is missing";
+    let parked_by_older = fresh_event("rolled-back");
+    service::kafka::produce_durably(
+        &w.producer,
+        &w.topics.deliveries_dlq(),
+        b"a",
+        Some(parked_by_older.as_bytes()),
+        &[(H_REASON, old_reason.as_bytes())],
+    )
+    .await;
+    assert_eq!(w.dlq(2).await.len(), 2);
+    let out = w.run(&["dlq", "replay", "--destination", "a", "--since", "1h"]);
+    assert!(out.contains("replayed 1 deliveries"), "{out}");
+    assert!(w.wait_received("/a", "rolled-back", Duration::from_secs(30)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -434,7 +434,7 @@ if p.flush(30) != 0:
     assert!(out.status.success(), "python publisher failed: {}", String::from_utf8_lossy(&out.stderr));
     let deliveries = read_topic(&kafka, &Topics::new(&prefix).deliveries(), 1, Duration::from_secs(30)).await;
     assert_eq!(deliveries.len(), 1);
-    assert_eq!(tests::header(&deliveries[0], proto::delivery::H_EVENT_ID), Some("from-python-1"));
+    assert_eq!(tests::delivery_event_id(&deliveries[0]).as_deref(), Some("from-python-1"));
     assert_eq!(tests::key(&deliveries[0]), Some("inst"));
 }
 
