@@ -176,9 +176,9 @@ async fn via_kafka(args: &PublishArgs, events: &[&[u8]], progress: &mut Progress
         for (index, result) in futures_util::future::join_all(sends).await {
             match result {
                 Ok(_) => summary.published += 1,
-                Err(producer::PublishError::Invalid(errors)) => summary
-                    .rejected
-                    .push((index, errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))),
+                Err(producer::PublishError::Invalid(errors)) => {
+                    summary.rejected.push((index, proto::event::FieldError::join(&errors)))
+                }
                 Err(e) => {
                     summary.failed += 1;
                     if summary.failed == 1 {

@@ -286,10 +286,11 @@ struct Record {
 /// to a task of its own (its attempts wait for the network).
 fn take(ctx: &Arc<Context>, m: &BorrowedMessage<'_>, done: consume::Done) {
     let ctx = ctx.clone();
-    match DeliveryMeta::read(m.key(), kafka::header_iter(m), m.payload().unwrap_or_default()) {
+    let payload = m.payload().unwrap_or_default();
+    match DeliveryMeta::read(m.key(), kafka::header_iter(m), payload) {
         Ok(meta) => {
             let record = Record {
-                body: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                body: Bytes::copy_from_slice(payload),
                 rung: ctx.rung_of(m.topic()),
                 partition: m.partition(),
                 offset: m.offset(),

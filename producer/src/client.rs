@@ -31,7 +31,7 @@ use service::config::KafkaConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     /// The input is wrong: fix it, do not retry.
-    #[error("invalid input: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    #[error("invalid input: {}", FieldError::join(.0))]
     Invalid(Vec<FieldError>),
     /// Kafka did not take it in time: retry later.
     #[error("Kafka did not acknowledge the write: {0}")]

@@ -201,7 +201,7 @@ impl DeliveryMeta {
         }
         if let (None, None, Some(event)) = (&id, &ty, event) {
             let view = crate::event::EventView::parse(event).map_err(|errors| {
-                let why = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                let why = crate::event::FieldError::join(&errors);
                 format!("no header names the event, and the record's value is not a readable event: {why}")
             })?;
             id = Some(view.id.as_ref().map_or_else(String::new, ToString::to_string));

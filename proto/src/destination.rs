@@ -449,7 +449,7 @@ impl Directory {
         let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         crate::seal::open_destination(&mut value, self.keyring.as_deref())?;
         let d: Destination = serde_json::from_value(value).map_err(|e| e.to_string())?;
-        d.validate_shape().map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))?;
+        d.validate_shape().map_err(|errors| crate::event::FieldError::join(&errors))?;
         Ok(d)
     }
 

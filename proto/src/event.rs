@@ -95,6 +95,11 @@ impl FieldError {
     fn whole(problem: impl Into<String>) -> Self {
         Self::new("(event)", problem)
     }
+
+    /// Every problem in one line, `field: problem; field: problem`.
+    pub fn join(errors: &[FieldError]) -> String {
+        errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    }
 }
 
 impl fmt::Display for FieldError {

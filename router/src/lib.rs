@@ -292,7 +292,7 @@ fn plan(ctx: &Context, payload: &[u8], out: &mut Vec<Arc<Destination>>) -> Plan 
     let view = match EventView::parse(payload) {
         Ok(v) => v,
         Err(errors) => {
-            let reason = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            let reason = proto::event::FieldError::join(&errors);
             return Plan::Poison(format!("invalid event: {reason}"));
         }
     };
