@@ -247,12 +247,13 @@ impl Sender {
             Ok(h) => h,
             Err(e) => return failed(e, false),
         };
-        let mut request = Request::new(Full::new(body.clone()));
-        *request.method_mut() = Method::POST;
-        *request.headers_mut() = headers;
         // The whole exchange (connecting included, response body included)
-        // within the timeout.
+        // within the timeout. The request is made inside it, so that the
+        // attempt's future (in every delivery's task) holds one copy.
         let exchange = async {
+            let mut request = Request::new(Full::new(body.clone()));
+            *request.method_mut() = Method::POST;
+            *request.headers_mut() = headers;
             let conn = self.pool.checkout(&target.origin, &target.uri).await.map_err(Broken::Connect)?;
             let (response, reusable) = match conn {
                 Conn::Http1(mut send) => {

@@ -216,7 +216,10 @@ impl Context {
         let headers = meta.to_headers();
         let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
         let key = meta.destination_id.as_bytes();
-        kafka::produce_durably(&self.producer, &self.retry_topics[rung], key, Some(&record.body), &headers).await;
+        // Boxed, here and in `park`: the produce future is ~1 KB, and
+        // inline it would take that room in every delivery's task.
+        Box::pin(kafka::produce_durably(&self.producer, &self.retry_topics[rung], key, Some(&record.body), &headers))
+            .await;
         self.metrics.deliveries.with_label_values(&["retried"]).inc();
     }
 
@@ -254,7 +257,7 @@ impl Context {
         reason: &'a str,
     ) {
         let headers: Vec<(&str, &[u8])> = headers.chain([(H_REASON, reason.as_bytes())]).collect();
-        kafka::produce_durably(&self.producer, &self.topics.deliveries_dlq(), key, payload, &headers).await;
+        Box::pin(kafka::produce_durably(&self.producer, &self.topics.deliveries_dlq(), key, payload, &headers)).await;
         self.metrics.deliveries.with_label_values(&["dead_lettered"]).inc();
     }
 }
@@ -288,15 +291,17 @@ fn take(ctx: &Arc<Context>, m: &BorrowedMessage<'_>, done: consume::Done) {
     let ctx = ctx.clone();
     let payload = m.payload().unwrap_or_default();
     match DeliveryMeta::read(m.key(), kafka::header_iter(m), payload) {
-        Ok(meta) => {
+        Ok(mut meta) => {
             let record = Record {
                 body: Bytes::copy_from_slice(payload),
                 rung: ctx.rung_of(m.topic()),
                 partition: m.partition(),
                 offset: m.offset(),
             };
+            // `handle` borrows what this task owns: one copy of the
+            // delivery in the task, not one per level of the future.
             tokio::spawn(async move {
-                handle(ctx, record, meta).await;
+                handle(&ctx, &record, &mut meta).await;
                 done.finish();
             });
         }
@@ -310,7 +315,7 @@ fn take(ctx: &Arc<Context>, m: &BorrowedMessage<'_>, done: consume::Done) {
     }
 }
 
-async fn handle(ctx: Arc<Context>, record: Record, mut meta: DeliveryMeta) {
+async fn handle(ctx: &Context, record: &Record, meta: &mut DeliveryMeta) {
     let rung = record.rung;
     // How far down the ladder it is: its `auditstream-rung` header, else
     // the topic it was read from (0 = fresh, n = retry rung n − 1).
@@ -325,7 +330,7 @@ async fn handle(ctx: Arc<Context>, record: Record, mut meta: DeliveryMeta) {
             waiting.dec();
         }
     }
-    let mut turn = attempts(&ctx, &record, &mut meta).await;
+    let mut turn = attempts(ctx, record, meta).await;
     if let Turn::Bounce = turn
         && meta.bounces >= ctx.settings.max_bounces()
     {
@@ -338,7 +343,7 @@ async fn handle(ctx: Arc<Context>, record: Record, mut meta: DeliveryMeta) {
     }
     match turn {
         Turn::Done => {}
-        Turn::Hopeless(reason) => ctx.dead_letter(&record, &meta, &reason).await,
+        Turn::Hopeless(reason) => ctx.dead_letter(record, meta, &reason).await,
         Turn::Bounce => {
             // Busy, not failing: back soon through the first rung (the one
             // with the shortest wait), keeping its place on the ladder, a
@@ -346,7 +351,7 @@ async fn handle(ctx: Arc<Context>, record: Record, mut meta: DeliveryMeta) {
             meta.rung = Some(position);
             let delay = ctx.settings.bounce_delay(meta.bounces);
             meta.bounces += 1;
-            ctx.requeue(&record, &mut meta, 0, delay).await;
+            ctx.requeue(record, meta, 0, delay).await;
         }
         Turn::Ladder(retry_after) => {
             let next = position;
@@ -354,10 +359,10 @@ async fn handle(ctx: Arc<Context>, record: Record, mut meta: DeliveryMeta) {
             meta.bounces = 0;
             let Some(delay) = ctx.settings.retry_delays.get(next) else {
                 let reason = format!("retries exhausted after {} attempts", meta.attempt);
-                return ctx.dead_letter(&record, &meta, &reason).await;
+                return ctx.dead_letter(record, meta, &reason).await;
             };
             let delay = retry_after.map_or(*delay, |ra| ra.max(*delay));
-            ctx.requeue(&record, &mut meta, next, delay).await;
+            ctx.requeue(record, meta, next, delay).await;
         }
     }
 }

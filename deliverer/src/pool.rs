@@ -201,6 +201,10 @@ where
                 // that let go before looking would hand it to the next,
                 // and none would connect. While it is held the origin is
                 // not swept, so the gate found again is the one held.
+                // Connecting is boxed, here and below: its future
+                // (resolve, TCP, TLS, handshake) is ~6 KB, and inline it
+                // would take that room in every delivery's task, though
+                // few attempts connect.
                 Found::Connect(Some(gate)) => {
                     let _connecting = match held.take() {
                         Some(guard) => guard,
@@ -212,11 +216,11 @@ where
                             }
                         },
                     };
-                    return self.connect(origin, uri).await;
+                    return Box::pin(self.connect(origin, uri)).await;
                 }
                 Found::Connect(None) => {
                     drop(held.take());
-                    return self.connect(origin, uri).await;
+                    return Box::pin(self.connect(origin, uri)).await;
                 }
             }
         }
