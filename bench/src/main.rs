@@ -95,6 +95,18 @@ struct Args {
     /// to tell its cost from the rest of the deliverer's.
     #[arg(long)]
     client_ceiling: bool,
+    /// Also measure (b) with its client in a process of its own, as a load
+    /// tool runs: the same client, payload, sink and connection count. (b)
+    /// drives the sink from the harness's own runtime, where a client's
+    /// write and the sink's read can be served by one worker without
+    /// crossing processes, which no load tool and no deliverer does.
+    #[arg(long)]
+    client_process: bool,
+    /// Run only ceiling (b)'s client against the sink at this address for
+    /// `--ceiling-seconds`, print "requests/s CPU-seconds" and exit (what
+    /// `--client-process` starts).
+    #[arg(long, hide = true)]
+    post_to: Option<SocketAddr>,
     /// Rounds: every scenario (and a reading of the ceilings before it)
     /// this many times, with the median and range of each figure at the
     /// end. This machine's noise is ±25%: one round proves little.
@@ -138,6 +150,12 @@ enum Dead {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(sink) = args.post_to {
+        let rate = ceiling_http(sink, &sample_payload()?, args.connections, args.ceiling_seconds, None).await?;
+        let cpu = cpu_seconds(std::process::id()).context("the client's CPU time")?;
+        println!("{rate} {cpu}");
+        return Ok(());
+    }
     if !args.binary.exists() {
         bail!("{} is missing: run `cargo build --release -p auditstream`", args.binary.display());
     }
@@ -195,7 +213,16 @@ async fn main() -> Result<()> {
         } else {
             None
         };
-        anyhow::Ok(Ceilings { a, b, per_message, per_request, sender })
+        let process = if args.client_process {
+            let cpu_before = harness();
+            let (rate, client_cpu) = ceiling_http_process(sink.addr, args.connections, args.ceiling_seconds).await?;
+            // The sink's CPU (the harness's) and the client process's.
+            let sink_cpu = cpu_per(cpu_before, harness(), requests(rate));
+            Some((rate, sink_cpu.map(|s| s + client_cpu * 1e6 / requests(rate).max(1.0))))
+        } else {
+            None
+        };
+        anyhow::Ok(Ceilings { a, b, per_message, per_request, sender, process })
     };
     let mut rows = Vec::new();
     let mut memory: Vec<(Scenario, Vec<Option<u64>>)> = Vec::new();
@@ -242,6 +269,7 @@ async fn main() -> Result<()> {
     if let Some((_, best_b)) = highest {
         let cpu = |c: Option<f64>| c.map_or("–".to_owned(), |p| format!("{p:.0}"));
         let sender = args.client_ceiling;
+        let process = args.client_process;
         writeln!(
             out,
             "## Ceilings\n\n(a) the broker's produce→consume rate, same messages, no processing; (b) HTTP POST to the \
@@ -250,23 +278,33 @@ async fn main() -> Result<()> {
              The floor of this design: an event crosses Kafka twice and is POSTed once, so it costs at least \
              2 × (a) + (b) of CPU; on {} cores that caps delivered events/s, whatever the pipeline does.\n",
             args.connections,
-            if sender { "; (b′) the same through the deliverer's HTTP client" } else { "" },
+            [
+                (sender, "; (b′) the same through the deliverer's HTTP client"),
+                (process, "; (b) from a process of its own: (b)'s client in another process, as a load tool runs"),
+            ]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, text)| *text)
+            .collect::<String>(),
             cores()
         )?;
         writeln!(
             out,
-            "| reading | (a) msg/s | (a) CPU µs | (b) req/s | (b) CPU µs |{} floor µs per event | at most events/s | at most vs the highest (b) |\n|---|---|---|---|---|{}---|---|---|",
+            "| reading | (a) msg/s | (a) CPU µs | (b) req/s | (b) CPU µs |{}{} floor µs per event | at most events/s | at most vs the highest (b) |\n|---|---|---|---|---|{}{}---|---|---|",
             if sender { " (b′) req/s | (b′) CPU µs |" } else { "" },
-            if sender { "---|---|" } else { "" }
+            if process { " (b) from its own process, req/s | its CPU µs |" } else { "" },
+            if sender { "---|---|" } else { "" },
+            if process { "---|---|" } else { "" }
         )?;
         for (when, c) in &readings {
             let floor = c.floor();
             let most = floor.map(|f| cores() as f64 * 1e6 / f);
-            let b_prime = match c.sender {
+            let column = |reading: Option<(f64, Option<f64>)>, on: bool| match reading {
                 Some((rate, per)) => format!(" {rate:.0} | {} |", cpu(per)),
-                None if sender => " – | – |".to_owned(),
+                None if on => " – | – |".to_owned(),
                 None => String::new(),
             };
+            let b_prime = column(c.sender, sender) + &column(c.process, process);
             writeln!(
                 out,
                 "| {when} | {:.0} | {} | {:.0} | {} |{b_prime} {} | {} | {} |",
@@ -407,6 +445,9 @@ struct Ceilings {
     per_request: Option<f64>,
     /// (b′), with `--client-ceiling`: requests/s and CPU µs per request.
     sender: Option<(f64, Option<f64>)>,
+    /// (b) with its client in a process of its own, with
+    /// `--client-process`: requests/s and CPU µs per request.
+    process: Option<(f64, Option<f64>)>,
 }
 
 impl Ceilings {
@@ -808,6 +849,32 @@ async fn ceiling_http(
         });
     }
     rate_of(workers, &done, start).await
+}
+
+/// Ceiling (b) with its client in a process of its own: this binary,
+/// started with `--post-to`. Requests/s and the client's CPU seconds.
+async fn ceiling_http_process(sink: SocketAddr, connections: usize, seconds: u64) -> Result<(f64, f64)> {
+    let output = tokio::process::Command::new(std::env::current_exe().context("the harness's own path")?)
+        .args(["--post-to", &sink.to_string(), "--connections", &connections.to_string()])
+        .args(["--ceiling-seconds", &seconds.to_string()])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("starting ceiling (b)'s client process")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "ceiling (b)'s client process failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let mut fields = text.split_whitespace().map(str::parse::<f64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(rate)), Some(Ok(cpu))) => Ok((rate, cpu)),
+        _ => bail!("ceiling (b)'s client process printed {text:?}, not \"requests/s CPU-seconds\""),
+    }
 }
 
 /// Ceiling (b′): ceiling (b)'s requests, from as many concurrent tasks,
