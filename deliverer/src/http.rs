@@ -430,4 +430,28 @@ mod tests {
             assert_eq!(host_value(&uri).unwrap(), host, "{url}");
         }
     }
+
+    /// Every delivery's task holds an attempt's future, and a future takes
+    /// the room of every branch it might await. Connecting (resolve, TCP,
+    /// TLS, handshake) is ~6 KB and rare, so it is boxed; inline, this
+    /// future measured 7,488 bytes (docs/PERFORMANCE.md, session 12).
+    #[test]
+    fn an_attempt_does_not_carry_connecting_inline() {
+        install_crypto_provider();
+        let sender = Sender::new(&DelivererSettings::default(), None).unwrap();
+        let destination = Arc::new(
+            Destination::http(
+                "d",
+                proto::destination::Owner::Instance,
+                "d",
+                "http://127.0.0.1:9/in",
+                "token-0123456789",
+            )
+            .unwrap(),
+        );
+        let body = Bytes::from_static(b"{}");
+        let attempt = sender.attempt(&destination, "id", "type", &body);
+        let size = std::mem::size_of_val(&attempt);
+        assert!(size < 2048, "an attempt's future is {size} bytes: is a rare branch (connecting?) inline again?");
+    }
 }
