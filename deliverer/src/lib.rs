@@ -274,9 +274,9 @@ enum Turn {
     Hopeless(String),
 }
 
-/// What the deliverer keeps of a delivery record: its headers are read
-/// from the consumer's buffer (into [`DeliveryMeta`]) and never copied, and
-/// the body is shared with every attempt's request.
+/// What the deliverer keeps of a delivery record: its metadata is read
+/// from the consumer's buffer (its headers, or its event, into
+/// [`DeliveryMeta`]), and the body is shared with every attempt's request.
 struct Record {
     body: Bytes,
     /// The retry rung it was read from; `None` for a fresh delivery.
@@ -411,8 +411,7 @@ async fn attempts(ctx: &Context, record: &Record, meta: &mut DeliveryMeta) -> Tu
                 ctx.isolation.record(slot, true);
                 ctx.metrics.attempt(true, Some(status));
                 ctx.metrics.delivered.inc();
-                let created = meta.created_at_ms.or_else(|| created_at_ms(&record.body));
-                if let Some(created) = created {
+                if let Some(created) = meta.created_at_ms {
                     ctx.metrics.latency.observe((now_ms() - created).max(0) as f64 / 1000.0);
                 }
                 return Turn::Done;
@@ -432,10 +431,4 @@ async fn attempts(ctx: &Context, record: &Record, meta: &mut DeliveryMeta) -> Tu
             }
         }
     }
-}
-
-/// The event's `created_at` in Unix ms, read from the payload: only for
-/// deliveries written before the router sent it as a header.
-fn created_at_ms(body: &[u8]) -> Option<i64> {
-    proto::event::timestamp_ms(proto::EventView::parse(body).ok()?.created_at.as_deref()?)
 }

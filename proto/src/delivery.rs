@@ -138,28 +138,13 @@ impl DeliveryMeta {
 
     /// Reads a delivery record: its key (the destination id), its headers
     /// and, when no header names the event (a fresh delivery), the event
-    /// id, type and `created_at` from `event`, the record's value.
+    /// id, type and `created_at` from `event`, the record's value. A record
+    /// whose headers name the event but not its `created_at` (written
+    /// before that header was) takes it from the value when it can.
     pub fn read<'a>(
         key: Option<&[u8]>,
         headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
         event: &[u8],
-    ) -> Result<Self, String> {
-        Self::parse(key, headers, Some(event))
-    }
-
-    /// Reads the metadata back from a record's key (the destination id)
-    /// and headers alone, as records that were attempted carry it.
-    pub fn from_headers<'a>(
-        key: Option<&[u8]>,
-        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
-    ) -> Result<Self, String> {
-        Self::parse(key, headers, None)
-    }
-
-    fn parse<'a>(
-        key: Option<&[u8]>,
-        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
-        event: Option<&[u8]>,
     ) -> Result<Self, String> {
         let (mut dest, mut id, mut ty, mut attempt, mut due, mut history) = (None, None, None, 0u32, None, Vec::new());
         let (mut created, mut rung, mut bounces) = (None, None, 0u32);
@@ -199,14 +184,18 @@ impl DeliveryMeta {
                 _ => {}
             }
         }
-        if let (None, None, Some(event)) = (&id, &ty, event) {
+        let created_at =
+            |view: &crate::event::EventView| view.created_at.as_deref().and_then(crate::event::timestamp_ms);
+        if let (None, None) = (&id, &ty) {
             let view = crate::event::EventView::parse(event).map_err(|errors| {
                 let why = crate::event::FieldError::join(&errors);
                 format!("no header names the event, and the record's value is not a readable event: {why}")
             })?;
+            created = created.or_else(|| created_at(&view));
             id = Some(view.id.as_ref().map_or_else(String::new, ToString::to_string));
             ty = Some(view.event_type.into_owned());
-            created = created.or_else(|| view.created_at.as_deref().and_then(crate::event::timestamp_ms));
+        } else if created.is_none() {
+            created = crate::event::EventView::parse(event).ok().as_ref().and_then(created_at);
         }
         let need = |v: Option<String>, name: &str| v.ok_or_else(|| format!("header {name} is missing"));
         let destination_id = match dest {
@@ -242,7 +231,7 @@ mod tests {
 
     fn round_trip(m: &DeliveryMeta) -> DeliveryMeta {
         let h = m.to_headers();
-        DeliveryMeta::from_headers(Some(m.destination_id.as_bytes()), h.iter().map(|(k, v)| (*k, Some(v.as_slice()))))
+        DeliveryMeta::read(Some(m.destination_id.as_bytes()), h.iter().map(|(k, v)| (*k, Some(v.as_slice()))), b"")
             .unwrap()
     }
 
@@ -267,10 +256,10 @@ mod tests {
             (H_ATTEMPT, Some(&b"0"[..])),
         ];
         // The header wins over the key, as the writer of such a record meant.
-        let m = DeliveryMeta::from_headers(Some(b"other"), headers).unwrap();
+        let m = DeliveryMeta::read(Some(b"other"), headers, b"").unwrap();
         assert_eq!(m.destination_id, "old-dest");
         assert_eq!(m.attempt, 0);
-        let m = DeliveryMeta::from_headers(None, headers).unwrap();
+        let m = DeliveryMeta::read(None, headers, b"").unwrap();
         assert_eq!(m.destination_id, "old-dest");
     }
 
@@ -293,7 +282,7 @@ mod tests {
     #[test]
     fn headers_that_name_the_event_win_over_the_value() {
         // As retry rungs and earlier releases write them: the headers are
-        // read, the value is not parsed.
+        // read, the value is not needed.
         let headers =
             [(H_EVENT_ID, Some(&b"h-id"[..])), (H_EVENT_TYPE, Some(&b"h-type"[..])), (H_ATTEMPT, Some(&b"2"[..]))];
         let m = DeliveryMeta::read(Some(b"d"), headers, b"not even json").unwrap();
@@ -304,6 +293,18 @@ mod tests {
         // Half of the pair is still an error, as before.
         let err = DeliveryMeta::read(Some(b"d"), [(H_EVENT_ID, Some(&b"1"[..]))], EVENT).unwrap_err();
         assert!(err.contains(H_EVENT_TYPE), "{err}");
+    }
+
+    #[test]
+    fn a_record_without_the_created_at_header_takes_it_from_its_event() {
+        // Written before the header was: the event names its own.
+        let headers = [(H_EVENT_ID, Some(&b"h-id"[..])), (H_EVENT_TYPE, Some(&b"h-type"[..]))];
+        let m = DeliveryMeta::read(Some(b"d"), headers, EVENT).unwrap();
+        assert_eq!((m.event_id.as_str(), m.created_at_ms), ("h-id", Some(1_795_255_200_123)));
+        // The header wins; a value that is no event leaves it unknown.
+        let with = [headers[0], headers[1], (H_CREATED_AT, Some(&b"5"[..]))];
+        assert_eq!(DeliveryMeta::read(Some(b"d"), with, EVENT).unwrap().created_at_ms, Some(5));
+        assert_eq!(DeliveryMeta::read(Some(b"d"), headers, b"not json").unwrap().created_at_ms, None);
     }
 
     #[test]
@@ -341,22 +342,22 @@ mod tests {
     #[test]
     fn missing_and_bad_headers_are_named() {
         let complete = [(H_EVENT_ID, Some(&b"1"[..])), (H_EVENT_TYPE, Some(&b"t"[..]))];
-        let err = DeliveryMeta::from_headers(None, complete).unwrap_err();
+        let err = DeliveryMeta::read(None, complete, b"").unwrap_err();
         assert!(err.contains("record key (the destination id) is missing") && err.contains(H_DESTINATION), "{err}");
-        let err = DeliveryMeta::from_headers(Some(b""), complete).unwrap_err();
+        let err = DeliveryMeta::read(Some(b""), complete, b"").unwrap_err();
         assert!(err.contains("record key (the destination id) is missing"), "{err}");
-        let err = DeliveryMeta::from_headers(Some(b"\xff"), complete).unwrap_err();
+        let err = DeliveryMeta::read(Some(b"\xff"), complete, b"").unwrap_err();
         assert!(err.contains("record key (the destination id) is not UTF-8"), "{err}");
         let key = Some(&b"d"[..]);
-        let err = DeliveryMeta::from_headers(key, [(H_EVENT_ID, Some(&b"1"[..]))]).unwrap_err();
+        let err = DeliveryMeta::read(key, [(H_EVENT_ID, Some(&b"1"[..]))], b"").unwrap_err();
         assert!(err.contains(H_EVENT_TYPE), "{err}");
-        let err = DeliveryMeta::from_headers(key, [(H_ATTEMPT, Some(&b"x"[..]))]).unwrap_err();
+        let err = DeliveryMeta::read(key, [(H_ATTEMPT, Some(&b"x"[..]))], b"").unwrap_err();
         assert!(err.contains(H_ATTEMPT), "{err}");
-        let err = DeliveryMeta::from_headers(key, [(H_EVENT_TYPE, None)]).unwrap_err();
+        let err = DeliveryMeta::read(key, [(H_EVENT_TYPE, None)], b"").unwrap_err();
         assert!(err.contains(H_EVENT_TYPE), "{err}");
-        let err = DeliveryMeta::from_headers(key, [(H_CREATED_AT, Some(&b"2026-11-21"[..]))]).unwrap_err();
+        let err = DeliveryMeta::read(key, [(H_CREATED_AT, Some(&b"2026-11-21"[..]))], b"").unwrap_err();
         assert!(err.contains(H_CREATED_AT), "{err}");
-        let err = DeliveryMeta::from_headers(key, [(H_RUNG, Some(&b"-1"[..]))]).unwrap_err();
+        let err = DeliveryMeta::read(key, [(H_RUNG, Some(&b"-1"[..]))], b"").unwrap_err();
         assert!(err.contains(H_RUNG), "{err}");
     }
 

@@ -272,16 +272,15 @@ async fn exhausted_deliveries_are_dead_lettered_and_replay_delivers_them() {
     assert!(meta.history.iter().all(|a| a.status == Some(500)));
 
     // The operator's view, through the binary.
-    let run = |args: &[&str]| w.run(args);
-    let listed = run(&["dlq", "list", "--json", "--destination", "a"]);
+    let listed = w.run(&["dlq", "list", "--json", "--destination", "a"]);
     let rows: Vec<serde_json::Value> = listed.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 1, "{listed}");
     assert_eq!(rows[0]["event_id"], "e-exhausted");
     assert_eq!(rows[0]["attempts"], 6);
-    assert!(run(&["dlq", "replay", "--destination", "a", "--dry-run"]).contains("nothing replayed"));
+    assert!(w.run(&["dlq", "replay", "--destination", "a", "--dry-run"]).contains("nothing replayed"));
 
     w.receiver.set_faults(Faults::default());
-    let out = run(&["dlq", "replay", "--destination", "a", "--since", "1h"]);
+    let out = w.run(&["dlq", "replay", "--destination", "a", "--since", "1h"]);
     assert!(out.contains("replayed 1 deliveries"), "{out}");
     assert!(w.wait_received("/a", "e-exhausted", Duration::from_secs(30)).await);
     assert_eq!(w.received("/b", "e-other"), 0, "the filter left b's parked delivery alone");
