@@ -13,7 +13,13 @@
 //! # Ok(()) }
 //! ```
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use proto::{
     EventId, EventLimits, FieldError, PreparedEvent, Registry,
@@ -22,8 +28,11 @@ use proto::{
     topics::Topics,
 };
 use rdkafka::{
+    ClientContext,
     error::KafkaError,
-    producer::{FutureProducer, FutureRecord},
+    message::ToBytes,
+    producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer},
+    types::RDKafkaErrorCode,
 };
 use service::config::KafkaConfig;
 
@@ -42,7 +51,79 @@ pub enum PublishError {
 }
 
 fn timed_out() -> PublishError {
-    PublishError::Unavailable(KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::MessageTimedOut))
+    PublishError::Unavailable(KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut))
+}
+
+/// How long a write waits before trying again when the producer's queue
+/// is full (its acknowledgements make room).
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(10);
+
+/// The producer's context: each acknowledgement (or refusal) is written
+/// into the batch its record belongs to. One callback per record, and no
+/// channel or future per record: a request's events are waited for
+/// together.
+struct Acks;
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = Box<Ack>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, ack: Box<Ack>) {
+        ack.writes.settle(ack.index, result.as_ref().map(|_| ()).map_err(|(e, _)| e.clone()));
+    }
+}
+
+/// A record's place in its batch.
+struct Ack {
+    writes: Arc<Writes>,
+    index: usize,
+}
+
+/// The outcomes of a batch of writes, as the acknowledgements come in.
+struct Writes {
+    /// Per record, in the order given; `None` until it is settled.
+    outcomes: Mutex<Vec<Option<Result<(), KafkaError>>>>,
+    /// Records not settled yet.
+    left: AtomicUsize,
+    /// Signalled when the last record is settled.
+    settled: tokio::sync::Notify,
+}
+
+impl Writes {
+    fn new(records: usize) -> Arc<Self> {
+        Arc::new(Self {
+            outcomes: Mutex::new(vec![None; records]),
+            left: AtomicUsize::new(records),
+            settled: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Records the outcome of record `index`; each record is settled once.
+    fn settle(&self, index: usize, outcome: Result<(), KafkaError>) {
+        self.outcomes.lock().unwrap_or_else(|e| e.into_inner())[index] = Some(outcome);
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A permit is kept if nobody waits yet, so the wake is not lost.
+            self.settled.notify_one();
+        }
+    }
+
+    /// Every record's outcome once all are settled or `deadline` passed;
+    /// a record still unsettled then timed out.
+    async fn outcomes(&self, deadline: tokio::time::Instant) -> Vec<Result<(), PublishError>> {
+        if self.left.load(Ordering::Acquire) > 0 {
+            let _ = tokio::time::timeout_at(deadline, self.settled.notified()).await;
+        }
+        let outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        outcomes
+            .iter()
+            .map(|o| match o {
+                Some(Ok(())) => Ok(()),
+                Some(Err(e)) => Err(PublishError::Unavailable(e.clone())),
+                None => Err(timed_out()),
+            })
+            .collect()
+    }
 }
 
 /// An event record's headers: its id and type, for tools that read the
@@ -56,7 +137,7 @@ fn headers(event: &PreparedEvent) -> rdkafka::message::OwnedHeaders {
 /// Publishes events, namespace records and destination records to Kafka.
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: Arc<ThreadedProducer<Acks>>,
     topics: Topics,
     /// `topics.events()`, named once.
     events_topic: Arc<str>,
@@ -77,7 +158,11 @@ impl Publisher {
     ) -> Result<Self, PublishError> {
         let topics = Topics::new(kafka.topic_prefix.clone());
         Ok(Self {
-            producer: service::kafka::producer(kafka, timeout).map_err(PublishError::Setup)?,
+            producer: Arc::new(
+                service::kafka::producer_config(kafka, timeout)
+                    .create_with_context(Acks)
+                    .map_err(PublishError::Setup)?,
+            ),
             events_topic: topics.events().into(),
             topics,
             registry: Arc::new(registry),
@@ -111,45 +196,61 @@ impl Publisher {
     /// Writes a prepared event; resolves once the broker acknowledged it
     /// (acks=all, idempotent producer).
     pub async fn send(&self, event: &PreparedEvent) -> Result<(), PublishError> {
-        let key = event.partition_key();
-        self.write(self.event_record(event, &key)).await
-    }
-
-    /// The record of `event`, keyed by `key` (its partition key).
-    fn event_record<'a>(&'a self, event: &'a PreparedEvent, key: &'a str) -> FutureRecord<'a, str, [u8]> {
-        FutureRecord::to(&self.events_topic).key(key).payload(&event.bytes[..]).headers(headers(event))
+        let mut results = self.send_all(std::slice::from_ref(event)).await;
+        results.pop().unwrap_or_else(|| Err(timed_out()))
     }
 
     /// Writes prepared events, each result in the order given; resolves
     /// once the broker acknowledged (or refused) every one. All are handed
     /// to the producer first, so they travel in as few batches as the
-    /// partitions allow; an event the producer's queue had no room for
-    /// waits for room as [`Self::send`] does.
+    /// partitions allow; when the producer's queue is full, the rest wait
+    /// for room, up to the timeout.
     pub async fn send_all(&self, events: &[PreparedEvent]) -> Vec<Result<(), PublishError>> {
+        let writes = Writes::new(events.len());
+        let queue_deadline = tokio::time::Instant::now() + self.timeout;
         // One key buffer for the whole request: the producer copies it.
         let mut key = String::new();
-        let sent: Vec<_> = events
-            .iter()
-            .map(|event| {
-                proto::event::write_partition_key(&mut key, &event.entity_type, event.entity_id);
-                self.producer.send_result(self.event_record(event, &key)).ok()
-            })
-            .collect();
-        // Each acknowledgement comes within the delivery timeout; the bound
-        // on the whole is a guard against a stuck client, as in `write`.
-        let deadline = tokio::time::Instant::now() + self.timeout * 3;
-        let mut results = Vec::with_capacity(events.len());
-        for (event, sent) in events.iter().zip(sent) {
-            results.push(match sent {
-                Some(ack) => match tokio::time::timeout_at(deadline, ack).await {
-                    Ok(Ok(Ok(_))) => Ok(()),
-                    Ok(Ok(Err((e, _)))) => Err(PublishError::Unavailable(e)),
-                    Ok(Err(_)) | Err(_) => Err(timed_out()),
-                },
-                None => self.send(event).await,
-            });
+        for (index, event) in events.iter().enumerate() {
+            proto::event::write_partition_key(&mut key, &event.entity_type, event.entity_id);
+            let record =
+                BaseRecord::with_opaque_to(&self.events_topic, Box::new(Ack { writes: writes.clone(), index }))
+                    .key(key.as_str())
+                    .payload(&event.bytes[..])
+                    .headers(headers(event));
+            if let Err(e) = self.enqueue(record, queue_deadline).await {
+                writes.settle(index, Err(e));
+            }
         }
-        results
+        // Each acknowledgement comes within the delivery timeout (the
+        // producer's `message.timeout.ms`); the bound on the whole is a
+        // guard against a stuck client.
+        writes.outcomes(queue_deadline + self.timeout * 2).await
+    }
+
+    /// Hands `record` to the producer, waiting for room in its queue until
+    /// `deadline`.
+    async fn enqueue<K, P>(
+        &self,
+        mut record: BaseRecord<'_, K, P, Box<Ack>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), KafkaError>
+    where
+        K: ToBytes + ?Sized,
+        P: ToBytes + ?Sized,
+    {
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((e, returned))
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    record = returned;
+                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
     }
 
     /// Validates, completes and publishes one event.
@@ -173,11 +274,7 @@ impl Publisher {
         };
         let topic = self.topics.namespaces();
         let key = of.to_string();
-        let mut record = FutureRecord::<String, Vec<u8>>::to(&topic).key(&key);
-        if let Some(p) = &payload {
-            record = record.payload(p);
-        }
-        self.write(record).await
+        self.write(&topic, key.as_bytes(), payload.as_deref()).await
     }
 
     /// Writes a destination record (validated by the caller).
@@ -190,35 +287,81 @@ impl Publisher {
         }
         let payload = serde_json::to_vec(&value).map_err(invalid)?;
         let topic = self.topics.destinations();
-        self.write(FutureRecord::to(&topic).key(&destination.id).payload(&payload)).await
+        self.write(&topic, destination.id.as_bytes(), Some(&payload)).await
     }
 
     /// Deletes a destination: a tombstone for its id.
     pub async fn delete_destination(&self, id: &str) -> Result<(), PublishError> {
         let topic = self.topics.destinations();
-        self.write(FutureRecord::<str, [u8]>::to(&topic).key(id)).await
+        self.write(&topic, id.as_bytes(), None).await
     }
 
-    async fn write<K, P>(&self, record: FutureRecord<'_, K, P>) -> Result<(), PublishError>
-    where
-        K: rdkafka::message::ToBytes + ?Sized,
-        P: rdkafka::message::ToBytes + ?Sized,
-    {
-        // The queue wait and the delivery timeout together stay within twice
-        // `timeout`; the outer bound is a guard against a stuck client.
-        let send = self.producer.send(record, self.timeout);
-        match tokio::time::timeout(self.timeout * 3, send).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(PublishError::Unavailable(e)),
-            Err(_) => Err(timed_out()),
+    /// Writes one record (`None`: a tombstone) and waits for its
+    /// acknowledgement.
+    async fn write(&self, topic: &str, key: &[u8], payload: Option<&[u8]>) -> Result<(), PublishError> {
+        let writes = Writes::new(1);
+        let mut record =
+            BaseRecord::<[u8], [u8], _>::with_opaque_to(topic, Box::new(Ack { writes: writes.clone(), index: 0 }))
+                .key(key);
+        record.payload = payload;
+        let queue_deadline = tokio::time::Instant::now() + self.timeout;
+        if let Err(e) = self.enqueue(record, queue_deadline).await {
+            writes.settle(0, Err(e));
         }
+        writes.outcomes(queue_deadline + self.timeout * 2).await.pop().unwrap_or_else(|| Err(timed_out()))
     }
 
     /// Waits for queued writes, up to `deadline`.
     pub fn flush(&self, deadline: Duration) {
-        use rdkafka::producer::Producer as _;
         if let Err(e) = self.producer.flush(deadline) {
             tracing::warn!(error = %e, "producer flush incomplete at shutdown");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> KafkaError {
+        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)
+    }
+
+    /// Outcomes land at their own index whatever order they come in, and
+    /// one never settled reads as timed out.
+    #[tokio::test]
+    async fn each_outcome_belongs_to_its_record_and_an_unsettled_one_timed_out() {
+        let writes = Writes::new(3);
+        writes.settle(2, Err(refused()));
+        writes.settle(0, Ok(()));
+        let outcomes = writes.outcomes(tokio::time::Instant::now() + Duration::from_millis(50)).await;
+        assert!(outcomes[0].is_ok());
+        let error = |i: usize| match &outcomes[i] {
+            Err(PublishError::Unavailable(e)) => e.rdkafka_error_code(),
+            other => panic!("record {i}: {other:?}"),
+        };
+        assert_eq!(error(1), Some(RDKafkaErrorCode::MessageTimedOut));
+        assert_eq!(error(2), Some(RDKafkaErrorCode::MessageSizeTooLarge));
+    }
+
+    /// The wait ends with the last acknowledgement, from the producer's
+    /// own thread, not at its deadline.
+    #[tokio::test]
+    async fn the_wait_ends_with_the_last_acknowledgement() {
+        let writes = Writes::new(2);
+        writes.settle(1, Ok(()));
+        let late = writes.clone();
+        let callback = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            late.settle(0, Ok(()));
+        });
+        let waited = tokio::time::timeout(
+            Duration::from_secs(10),
+            writes.outcomes(tokio::time::Instant::now() + Duration::from_secs(3600)),
+        )
+        .await
+        .expect("the wait ends when the last record is settled");
+        assert!(waited.iter().all(Result::is_ok));
+        callback.join().expect("settled");
     }
 }

@@ -391,6 +391,34 @@ async fn the_client_library_publishes_to_the_broker() {
     assert_eq!(key(&minted.to_string()).as_deref(), Some("Group:9"));
 }
 
+/// A batch larger than the producer's queue: the events beyond it wait for
+/// room (the acknowledgements make it) instead of failing, and each result
+/// belongs to its own event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_producer_queue_waits_for_room() {
+    let broker = TestBroker::start();
+    let prefix = format!("{}.", unique("queue"));
+    broker.create_topics(&prefix, 0).await;
+    let mut kafka = broker.kafka(&prefix);
+    kafka.properties.insert("queue.buffering.max.messages".into(), "1".into());
+    let publisher =
+        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
+            .unwrap();
+    let events: Vec<_> =
+        (0..20).map(|i| publisher.prepare(event(&format!("queued-{i}")).as_bytes()).expect("valid")).collect();
+    let results = publisher.send_all(&events).await;
+    assert_eq!(results.len(), 20);
+    for (i, r) in results.iter().enumerate() {
+        assert!(r.is_ok(), "event {i}: {r:?}");
+    }
+    let records = read_topic(&kafka, &Topics::new(&prefix).events(), 20, Duration::from_secs(10)).await;
+    let ids: HashSet<&str> = records.iter().filter_map(|m| tests::header(m, proto::delivery::H_EVENT_ID)).collect();
+    assert_eq!(
+        ids,
+        (0..20).map(|i| format!("queued-{i}")).collect::<HashSet<_>>().iter().map(String::as_str).collect()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stock_python_kafka_client_can_publish_and_the_router_routes_it() {
     let broker = TestBroker::start();
