@@ -217,9 +217,7 @@ impl Publisher {
                     .key(key.as_str())
                     .payload(&event.bytes[..])
                     .headers(headers(event));
-            if let Err(e) = self.enqueue(record, queue_deadline).await {
-                writes.settle(index, Err(e));
-            }
+            self.enqueue(record, queue_deadline).await;
         }
         // Each acknowledgement comes within the delivery timeout (the
         // producer's `message.timeout.ms`); the bound on the whole is a
@@ -228,19 +226,16 @@ impl Publisher {
     }
 
     /// Hands `record` to the producer, waiting for room in its queue until
-    /// `deadline`.
-    async fn enqueue<K, P>(
-        &self,
-        mut record: BaseRecord<'_, K, P, Box<Ack>>,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), KafkaError>
+    /// `deadline`. A record the producer does not take is settled here,
+    /// with the reason; one it takes, by its acknowledgement.
+    async fn enqueue<K, P>(&self, mut record: BaseRecord<'_, K, P, Box<Ack>>, deadline: tokio::time::Instant)
     where
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
     {
         loop {
             match self.producer.send(record) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return,
                 Err((e, returned))
                     if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
                         && tokio::time::Instant::now() < deadline =>
@@ -248,7 +243,10 @@ impl Publisher {
                     record = returned;
                     tokio::time::sleep(QUEUE_FULL_PAUSE).await;
                 }
-                Err((e, _)) => return Err(e),
+                Err((e, refused)) => {
+                    let ack = refused.delivery_opaque;
+                    return ack.writes.settle(ack.index, Err(e));
+                }
             }
         }
     }
@@ -305,9 +303,7 @@ impl Publisher {
                 .key(key);
         record.payload = payload;
         let queue_deadline = tokio::time::Instant::now() + self.timeout;
-        if let Err(e) = self.enqueue(record, queue_deadline).await {
-            writes.settle(0, Err(e));
-        }
+        self.enqueue(record, queue_deadline).await;
         writes.outcomes(queue_deadline + self.timeout * 2).await.pop().unwrap_or_else(|| Err(timed_out()))
     }
 

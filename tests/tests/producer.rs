@@ -419,6 +419,41 @@ async fn a_batch_larger_than_the_producer_queue_waits_for_room() {
     );
 }
 
+/// An event the producer refuses outright (larger than its
+/// `message.max.bytes`) fails alone: the others of its batch are written,
+/// and each result is its own event's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_producer_refuses_fails_alone_in_its_batch() {
+    let broker = TestBroker::start();
+    let prefix = format!("{}.", unique("refused"));
+    broker.create_topics(&prefix, 0).await;
+    let mut kafka = broker.kafka(&prefix);
+    kafka.properties.insert("message.max.bytes".into(), "1000".into());
+    let publisher =
+        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
+            .unwrap();
+    let large = format!(
+        r#"{{"id":"too-large","event_type":"audit_operation","entity_type":"Project","entity_id":7,"entity_path":"{}"}}"#,
+        "p".repeat(1500)
+    );
+    let events = [
+        publisher.prepare(event("small-0").as_bytes()).expect("valid"),
+        publisher.prepare(large.as_bytes()).expect("valid"),
+        publisher.prepare(event("small-2").as_bytes()).expect("valid"),
+    ];
+    let results = publisher.send_all(&events).await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    match &results[1] {
+        Err(producer::PublishError::Unavailable(e)) => {
+            assert_eq!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge))
+        }
+        other => panic!("the large event: {other:?}"),
+    }
+    let records = read_topic(&kafka, &Topics::new(&prefix).events(), 2, Duration::from_secs(10)).await;
+    let ids: HashSet<&str> = records.iter().filter_map(|m| tests::header(m, proto::delivery::H_EVENT_ID)).collect();
+    assert_eq!(ids, HashSet::from(["small-0", "small-2"]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stock_python_kafka_client_can_publish_and_the_router_routes_it() {
     let broker = TestBroker::start();
