@@ -391,19 +391,29 @@ async fn the_client_library_publishes_to_the_broker() {
     assert_eq!(key(&minted.to_string()).as_deref(), Some("Group:9"));
 }
 
+/// A publisher linked in, on a fresh prefix, with one extra client
+/// property; the broker is kept alive by the caller.
+async fn library_publisher(
+    name: &str,
+    (key, value): (&str, &str),
+) -> (TestBroker, service::config::KafkaConfig, producer::Publisher) {
+    let broker = TestBroker::start();
+    let prefix = format!("{}.", unique(name));
+    broker.create_topics(&prefix, 0).await;
+    let mut kafka = broker.kafka(&prefix);
+    kafka.properties.insert(key.into(), value.into());
+    let publisher =
+        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
+            .unwrap();
+    (broker, kafka, publisher)
+}
+
 /// A batch larger than the producer's queue: the events beyond it wait for
 /// room (the acknowledgements make it) instead of failing, and each result
 /// belongs to its own event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_larger_than_the_producer_queue_waits_for_room() {
-    let broker = TestBroker::start();
-    let prefix = format!("{}.", unique("queue"));
-    broker.create_topics(&prefix, 0).await;
-    let mut kafka = broker.kafka(&prefix);
-    kafka.properties.insert("queue.buffering.max.messages".into(), "1".into());
-    let publisher =
-        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
-            .unwrap();
+    let (_broker, kafka, publisher) = library_publisher("queue", ("queue.buffering.max.messages", "1")).await;
     let events: Vec<_> =
         (0..20).map(|i| publisher.prepare(event(&format!("queued-{i}")).as_bytes()).expect("valid")).collect();
     let results = publisher.send_all(&events).await;
@@ -411,7 +421,7 @@ async fn a_batch_larger_than_the_producer_queue_waits_for_room() {
     for (i, r) in results.iter().enumerate() {
         assert!(r.is_ok(), "event {i}: {r:?}");
     }
-    let records = read_topic(&kafka, &Topics::new(&prefix).events(), 20, Duration::from_secs(10)).await;
+    let records = read_topic(&kafka, &Topics::new(&kafka.topic_prefix).events(), 20, Duration::from_secs(10)).await;
     let ids: HashSet<&str> = records.iter().filter_map(|m| tests::header(m, proto::delivery::H_EVENT_ID)).collect();
     assert_eq!(
         ids,
@@ -424,14 +434,7 @@ async fn a_batch_larger_than_the_producer_queue_waits_for_room() {
 /// and each result is its own event's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_the_producer_refuses_fails_alone_in_its_batch() {
-    let broker = TestBroker::start();
-    let prefix = format!("{}.", unique("refused"));
-    broker.create_topics(&prefix, 0).await;
-    let mut kafka = broker.kafka(&prefix);
-    kafka.properties.insert("message.max.bytes".into(), "1000".into());
-    let publisher =
-        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
-            .unwrap();
+    let (_broker, kafka, publisher) = library_publisher("refused", ("message.max.bytes", "1000")).await;
     let large = format!(
         r#"{{"id":"too-large","event_type":"audit_operation","entity_type":"Project","entity_id":7,"entity_path":"{}"}}"#,
         "p".repeat(1500)
@@ -449,7 +452,7 @@ async fn an_event_the_producer_refuses_fails_alone_in_its_batch() {
         }
         other => panic!("the large event: {other:?}"),
     }
-    let records = read_topic(&kafka, &Topics::new(&prefix).events(), 2, Duration::from_secs(10)).await;
+    let records = read_topic(&kafka, &Topics::new(&kafka.topic_prefix).events(), 2, Duration::from_secs(10)).await;
     let ids: HashSet<&str> = records.iter().filter_map(|m| tests::header(m, proto::delivery::H_EVENT_ID)).collect();
     assert_eq!(ids, HashSet::from(["small-0", "small-2"]));
 }
