@@ -341,23 +341,19 @@ mod tests {
     }
 
     /// The wait ends with the last acknowledgement, from the producer's
-    /// own thread, not at its deadline.
+    /// own thread once the request is already waiting, not at its deadline.
     #[tokio::test]
     async fn the_wait_ends_with_the_last_acknowledgement() {
         let writes = Writes::new(2);
         writes.settle(1, Ok(()));
+        let mut wait = std::pin::pin!(writes.outcomes(tokio::time::Instant::now() + Duration::from_secs(3600)));
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(wait.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "one record is still unsettled");
         let late = writes.clone();
-        let callback = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            late.settle(0, Ok(()));
-        });
-        let waited = tokio::time::timeout(
-            Duration::from_secs(10),
-            writes.outcomes(tokio::time::Instant::now() + Duration::from_secs(3600)),
-        )
-        .await
-        .expect("the wait ends when the last record is settled");
+        std::thread::spawn(move || late.settle(0, Ok(()))).join().expect("settled");
+        let waited = tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the wait ends when the last record is settled");
         assert!(waited.iter().all(Result::is_ok));
-        callback.join().expect("settled");
     }
 }
