@@ -219,9 +219,18 @@ impl Publisher {
                     .headers(headers(event));
             self.enqueue(record, queue_deadline).await;
         }
-        // Each acknowledgement comes within the delivery timeout (the
-        // producer's `message.timeout.ms`); the bound on the whole is a
-        // guard against a stuck client.
+        self.acknowledged(&writes, queue_deadline).await
+    }
+
+    /// Every outcome of `writes`, whose records were handed over by
+    /// `queue_deadline`. Each acknowledgement comes within the delivery
+    /// timeout (the producer's `message.timeout.ms`); the bound on the
+    /// whole is a guard against a stuck client.
+    async fn acknowledged(
+        &self,
+        writes: &Writes,
+        queue_deadline: tokio::time::Instant,
+    ) -> Vec<Result<(), PublishError>> {
         writes.outcomes(queue_deadline + self.timeout * 2).await
     }
 
@@ -304,7 +313,7 @@ impl Publisher {
         record.payload = payload;
         let queue_deadline = tokio::time::Instant::now() + self.timeout;
         self.enqueue(record, queue_deadline).await;
-        writes.outcomes(queue_deadline + self.timeout * 2).await.pop().unwrap_or_else(|| Err(timed_out()))
+        self.acknowledged(&writes, queue_deadline).await.pop().unwrap_or_else(|| Err(timed_out()))
     }
 
     /// Waits for queued writes, up to `deadline`.
