@@ -43,13 +43,18 @@ pub fn producer_config(config: &KafkaConfig, delivery_timeout: Duration) -> Clie
     c.set("acks", "all")
         .set("message.timeout.ms", delivery_timeout.as_millis().max(1).to_string())
         .set("enable.idempotence", "true");
-    if c.get("linger.ms").is_none() && c.get("queue.buffering.max.ms").is_none() {
-        c.set("linger.ms", "5");
-    }
-    if c.get("compression.type").is_none() && c.get("compression.codec").is_none() {
-        c.set("compression.type", "lz4");
-    }
+    default_to(&mut c, &["linger.ms", "queue.buffering.max.ms"], "5");
+    default_to(&mut c, &["compression.type", "compression.codec"], "lz4");
     c
+}
+
+/// Sets `names[0]` to `value` unless the operator set the setting under
+/// any of `names` (librdkafka's aliases of one setting): the operator's
+/// value wins, and no alias of it is contradicted.
+fn default_to(c: &mut ClientConfig, names: &[&str], value: &str) {
+    if names.iter().all(|name| c.get(name).is_none()) {
+        c.set(names[0], value);
+    }
 }
 
 /// How long a consumer lets the broker hold a fetch that finds nothing new
@@ -65,9 +70,7 @@ const FETCH_WAIT_MS: &str = "100";
 
 /// The defaults every consumer gets where the operator set nothing.
 fn consumer_defaults(mut c: ClientConfig) -> ClientConfig {
-    if c.get("fetch.wait.max.ms").is_none() {
-        c.set("fetch.wait.max.ms", FETCH_WAIT_MS);
-    }
+    default_to(&mut c, &["fetch.wait.max.ms"], FETCH_WAIT_MS);
     c
 }
 
