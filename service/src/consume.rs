@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::StreamExt;
 use prometheus::{IntGaugeVec, Opts, Registry};
 use rdkafka::{
     ClientConfig, ClientContext, Message, Statistics,
@@ -363,6 +364,13 @@ pub async fn run_inline<H>(
     // The topic of the last message, shared with its `Done`: one
     // allocation per topic change, not per message.
     let mut topic: Arc<str> = Arc::from("");
+    // Made once, not per message: each `recv()` registers a waker slot in
+    // the consumer (a lock and a slab insert) and removes it again (a
+    // second lock), and each `shutdown.wait()` registers a waiter with the
+    // shutdown's channel and removes it again.
+    let mut messages = consumer.stream();
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
     loop {
         if !paused && tracker.in_flight() >= limits.max_in_flight {
             // At the bound: wait, without reading, until a quarter of the
@@ -378,7 +386,7 @@ pub async fn run_inline<H>(
                 }
                 tokio::select! {
                     biased;
-                    _ = shutdown.wait() => break None,
+                    _ = &mut stop => break None,
                     _ = tracker.capacity.notified() => {}
                     _ = flush.tick() => tracker.flush(consumer.as_ref()),
                     _ = tokio::time::sleep_until(until) => break Some(false),
@@ -397,7 +405,7 @@ pub async fn run_inline<H>(
         }
         tokio::select! {
             biased;
-            _ = shutdown.wait() => break,
+            _ = &mut stop => break,
             _ = flush.tick() => tracker.flush(consumer.as_ref()),
             _ = tracker.capacity.notified(), if paused => {
                 // Resume only once half the places are free: resuming at the
@@ -409,7 +417,8 @@ pub async fn run_inline<H>(
                     tracker.no_wake();
                 }
             }
-            received = consumer.recv() => match received {
+            // The stream never ends (rdkafka's never yields `None`).
+            Some(received) = messages.next() => match received {
                 Ok(m) => {
                     if *topic != *m.topic() {
                         topic = Arc::from(m.topic());
