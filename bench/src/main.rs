@@ -1308,8 +1308,7 @@ mod tests {
     /// where nothing is deleted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ceiling_a_reads_again_after_deleting_its_topic() {
-        let brokers = std::env::var(::tests::BROKERS_ENV).ok().filter(|b| !b.is_empty());
-        let broker = Broker::new(brokers, None).expect("broker");
+        let broker = Broker::new(::tests::real_brokers(), None).expect("broker");
         let payload = event(1000, &proto::event::format_timestamp(time::OffsetDateTime::now_utc()));
         for reading in 1..=6 {
             let (rate, received) = ceiling_broker(&broker, payload.as_bytes(), 1).await.expect("ceiling (a)");

@@ -18,6 +18,12 @@ use service::config::KafkaConfig;
 /// The environment variable naming a real broker for tests.
 pub const BROKERS_ENV: &str = "AUDITSTREAM_TEST_BROKERS";
 
+/// The real broker's bootstrap servers, when `AUDITSTREAM_TEST_BROKERS`
+/// names one (set and not empty).
+pub fn real_brokers() -> Option<String> {
+    std::env::var(BROKERS_ENV).ok().filter(|b| !b.is_empty())
+}
+
 /// A broker for one test.
 pub struct TestBroker {
     brokers: String,
@@ -28,9 +34,9 @@ impl TestBroker {
     /// The real broker when `AUDITSTREAM_TEST_BROKERS` is set, else a fresh
     /// mock cluster.
     pub fn start() -> Self {
-        match std::env::var(BROKERS_ENV) {
-            Ok(b) if !b.is_empty() => Self { brokers: b, mock: None },
-            _ => {
+        match real_brokers() {
+            Some(b) => Self { brokers: b, mock: None },
+            None => {
                 let mock = MockCluster::new(1).expect("mock cluster starts");
                 Self { brokers: mock.bootstrap_servers(), mock: Some(mock) }
             }
