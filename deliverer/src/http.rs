@@ -30,7 +30,7 @@ const TOKEN: HeaderName = HeaderName::from_static("x-gitlab-event-streaming-toke
 
 use crate::{
     config::DelivererSettings,
-    pool::{BoxError, Conn, Pool},
+    pool::{BoxError, Broken, Pool},
 };
 use proto::signature as sign;
 
@@ -121,15 +121,6 @@ struct Target {
     /// Scheme, host and port: the connection pool's key.
     origin: Box<str>,
     fixed: Vec<(HeaderName, HeaderValue)>,
-}
-
-/// Why an exchange ended without a response.
-enum Broken {
-    /// No connection: the address guard, the TCP connect, TLS, or the
-    /// protocol handshake.
-    Connect(BoxError),
-    /// The connection failed during the exchange.
-    Transport(hyper::Error),
 }
 
 /// Per destination id: the version it was prepared from (compared by
@@ -254,18 +245,8 @@ impl Sender {
             let mut request = Request::new(Full::new(body.clone()));
             *request.method_mut() = Method::POST;
             *request.headers_mut() = headers;
-            let conn = self.pool.checkout(&target.origin, &target.uri).await.map_err(Broken::Connect)?;
-            let (response, reusable) = match conn {
-                Conn::Http1(mut send) => {
-                    *request.uri_mut() = target.path.clone();
-                    (send.send_request(request).await, Some(send))
-                }
-                Conn::Http2(mut send) => {
-                    *request.uri_mut() = target.uri.clone();
-                    (send.send_request(request).await, None)
-                }
-            };
-            let (parts, mut body) = response.map_err(Broken::Transport)?.into_parts();
+            let (response, reusable) = self.pool.send(&target.origin, &target.uri, &target.path, &mut request).await?;
+            let (parts, mut body) = response.into_parts();
             // Read a bounded amount of the body and discard it. A
             // connection whose response was read to its end is reused.
             let mut read = 0usize;

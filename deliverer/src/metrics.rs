@@ -56,13 +56,19 @@ impl Metrics {
             "auditstream_deliverer_connections_open",
             "Connections to destinations open now, idle or busy",
         )?;
+        let resent = IntCounter::new(
+            "auditstream_deliverer_requests_resent_total",
+            "Requests sent again on another connection because theirs closed before writing them (a kept-alive connection the receiver closed as it was reused)",
+        )?;
         registry.register(Box::new(opened.clone()))?;
         registry.register(Box::new(open.clone()))?;
+        registry.register(Box::new(resent.clone()))?;
         let m = Self {
             connections: crate::pool::Counters {
                 opened_http1: opened.with_label_values(&["http1"]),
                 opened_http2: opened.with_label_values(&["http2"]),
                 open,
+                resent,
             },
             delivered: deliveries.with_label_values(&["delivered"]),
             attempt_series: Arc::default(),

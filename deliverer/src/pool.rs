@@ -17,6 +17,16 @@
 //! on their own, at once; when it fails, the next waiter tries. Each
 //! waits within its own request timeout.
 //!
+//! A request handed to a connection that closed before writing it (a
+//! kept-alive connection the receiver closed just as it was taken: its
+//! close arrived after the checkout found it open) comes back unsent, and
+//! [`Pool::send`] sends it again on another connection, up to
+//! [`RESENDS`] times: it never reached the receiver, so this cannot
+//! deliver it twice, and the attempt does not fail for a race of the
+//! connection's. A request the connection wrote and got no answer to is
+//! not sent again here (the receiver may have acted on it); the
+//! deliverer's retries take it.
+//!
 //! This replaced hyper-util's pooled `legacy::Client` (session 8): the same
 //! connector (the address guard, TLS, ALPN), but no per-request pool key,
 //! checkout/connect race and waiter bookkeeping. The deliverer's isolation
@@ -31,9 +41,12 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::Uri;
+use http::{Request, Response, Uri};
 use http_body_util::Full;
-use hyper::client::conn::{http1, http2};
+use hyper::{
+    body::Incoming,
+    client::conn::{TrySendError, http1, http2},
+};
 use hyper_util::{
     client::legacy::connect::Connection,
     rt::{TokioExecutor, TokioTimer},
@@ -47,8 +60,56 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 type Body = Full<Bytes>;
 
+/// How many times [`Pool::send`] sends a request again after a connection
+/// gave it back unsent.
+pub const RESENDS: u32 = 2;
+
+/// Why a request got no response.
+pub enum Broken {
+    /// No connection: the address guard, the TCP connect, TLS, or the
+    /// protocol handshake.
+    Connect(BoxError),
+    /// The connection failed during the exchange, or gave the request back
+    /// unsent once more than [`RESENDS`] allow.
+    Transport(hyper::Error),
+}
+
+/// A response, and over HTTP/1.1 the connection to give back once it was
+/// read to its end ([`Pool::checkin`]).
+pub type Sent = (Response<Incoming>, Option<http1::SendRequest<Body>>);
+
+/// How one send ended without a response.
+enum Failed {
+    Broken(Broken),
+    /// Given back unsent (the request is back in its slot), with why.
+    Unsent(hyper::Error),
+}
+
+/// The request in `request`, addressed to `uri`, with an empty one (no
+/// allocation) left in its place until it comes back unsent.
+fn take_to(request: &mut Request<Body>, uri: &Uri) -> Request<Body> {
+    let mut r = std::mem::take(request);
+    *r.uri_mut() = uri.clone();
+    r
+}
+
+/// The response, or why there is none with the request put back in
+/// `request` when the connection gave it back unsent.
+fn sent_or_back(
+    sent: Result<Response<Incoming>, TrySendError<Request<Body>>>,
+    request: &mut Request<Body>,
+) -> Result<Response<Incoming>, Failed> {
+    sent.map_err(|mut e| match e.take_message() {
+        Some(unsent) => {
+            *request = unsent;
+            Failed::Unsent(e.into_error())
+        }
+        None => Failed::Broken(Broken::Transport(e.into_error())),
+    })
+}
+
 /// A connection to send one request on.
-pub enum Conn {
+enum Conn {
     /// Exclusively this attempt's; give it back with [`Pool::checkin`].
     Http1(http1::SendRequest<Body>),
     /// Shared with every other attempt to the origin.
@@ -107,6 +168,9 @@ pub struct Counters {
     pub opened_http2: IntCounter,
     /// Connections open now, idle or busy.
     pub open: IntGauge,
+    /// Requests sent again because their connection closed before
+    /// writing them.
+    pub resent: IntCounter,
 }
 
 /// Keeps [`Counters::open`] up while a connection's task lives.
@@ -160,7 +224,7 @@ where
     /// A connection to `origin` (`uri`'s scheme and authority): the
     /// shared HTTP/2 one, an idle HTTP/1.1 one that is still open, or a new
     /// one.
-    pub async fn checkout(&self, origin: &str, uri: &Uri) -> Result<Conn, BoxError> {
+    async fn checkout(&self, origin: &str, uri: &Uri) -> Result<Conn, BoxError> {
         // The origin's gate, once this attempt waited for it and holds it.
         let mut held: Option<OwnedMutexGuard<()>> = None;
         loop {
@@ -222,6 +286,62 @@ where
                     drop(held.take());
                     return Box::pin(self.connect(origin, uri)).await;
                 }
+            }
+        }
+    }
+
+    /// Sends the request in `request` to `origin` on a connection from the
+    /// pool (`uri` the whole URL, `path` its path and query for HTTP/1.1's
+    /// request line), and again on another one when it comes back unsent
+    /// (see the module's documentation). Returns the response and, over
+    /// HTTP/1.1, the connection to give back once the response was read to
+    /// its end.
+    ///
+    /// The request is taken out of `request` when it is sent, and put back
+    /// while it waits to be sent again: held by reference, it takes no
+    /// room of its own in this future, which every attempt's carries.
+    /// What is left in `request` afterwards is of no use.
+    pub async fn send(&self, origin: &str, uri: &Uri, path: &Uri, request: &mut Request<Body>) -> Result<Sent, Broken> {
+        let mut unsent = match self.send_once(origin, uri, path, request).await {
+            Ok(sent) => return Ok(sent),
+            Err(Failed::Broken(broken)) => return Err(broken),
+            Err(Failed::Unsent(e)) => e,
+        };
+        // Boxed: rare, and this future is in every delivery's task.
+        Box::pin(async {
+            for _ in 0..RESENDS {
+                if let Some(c) = &self.counters {
+                    c.resent.inc();
+                }
+                match self.send_once(origin, uri, path, request).await {
+                    Ok(sent) => return Ok(sent),
+                    Err(Failed::Broken(broken)) => return Err(broken),
+                    Err(Failed::Unsent(e)) => unsent = e,
+                }
+            }
+            Err(Broken::Transport(unsent))
+        })
+        .await
+    }
+
+    /// One checkout and one send of the request in `request`, put back
+    /// there when the connection gives it back unsent.
+    async fn send_once(
+        &self,
+        origin: &str,
+        uri: &Uri,
+        path: &Uri,
+        request: &mut Request<Body>,
+    ) -> Result<Sent, Failed> {
+        let conn = self.checkout(origin, uri).await.map_err(|e| Failed::Broken(Broken::Connect(e)))?;
+        match conn {
+            Conn::Http1(mut send) => {
+                let sent = send.try_send_request(take_to(request, path)).await;
+                sent_or_back(sent, request).map(|response| (response, Some(send)))
+            }
+            Conn::Http2(mut send) => {
+                let sent = send.try_send_request(take_to(request, uri)).await;
+                sent_or_back(sent, request).map(|response| (response, None))
             }
         }
     }
@@ -304,5 +424,237 @@ where
             Some(pool) => pool.sweep(),
             None => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! [`Pool::send`] against a real HTTP/1.1 server on loopback. The race
+    //! it covers (a kept-alive connection's close arriving between the
+    //! checkout that found it open and the request's write) cannot be made
+    //! to happen on demand with a bare socket, so the connections here wrap
+    //! real TCP streams in one that can be told to read the receiver's
+    //! close (end of stream) from a given moment: the only part not real.
+
+    use std::{
+        io,
+        net::SocketAddr,
+        pin::Pin,
+        sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+        task::{Context, Poll},
+    };
+
+    use http_body_util::BodyExt;
+    use hyper_util::{client::legacy::connect::Connected, rt::TokioIo};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    /// A TCP stream that reads end of stream once `closed` is set.
+    struct Closable {
+        io: TokioIo<TcpStream>,
+        closed: Arc<AtomicBool>,
+    }
+
+    impl hyper::rt::Read for Closable {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: hyper::rt::ReadBufCursor<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if this.closed.load(Ordering::SeqCst) {
+                return Poll::Ready(Ok(()));
+            }
+            Pin::new(&mut this.io).poll_read(cx, buf)
+        }
+    }
+
+    impl hyper::rt::Write for Closable {
+        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        }
+    }
+
+    impl Connection for Closable {
+        fn connected(&self) -> Connected {
+            Connected::new()
+        }
+    }
+
+    /// Connects to `to`; each connection's close switch is kept in
+    /// `switches`, in order, set from the start when `born_closed`.
+    #[derive(Clone)]
+    struct Connector {
+        to: SocketAddr,
+        born_closed: bool,
+        switches: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+    }
+
+    impl Connector {
+        fn switch(&self, n: usize) -> Arc<AtomicBool> {
+            self.switches.lock().unwrap()[n].clone()
+        }
+
+        fn connections(&self) -> usize {
+            self.switches.lock().unwrap().len()
+        }
+    }
+
+    impl Service<Uri> for Connector {
+        type Response = Closable;
+        type Error = io::Error;
+        type Future = Pin<Box<dyn Future<Output = io::Result<Closable>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Uri) -> Self::Future {
+            let closed = Arc::new(AtomicBool::new(self.born_closed));
+            self.switches.lock().unwrap().push(closed.clone());
+            let to = self.to;
+            Box::pin(async move { Ok(Closable { io: TokioIo::new(TcpStream::connect(to).await?), closed }) })
+        }
+    }
+
+    /// An HTTP/1.1 server answering every request `200` with a two-byte
+    /// body, keeping connections alive; counts the requests it read.
+    async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // A request: its head, then `content-length` bytes.
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        while buf.len() < end + 4 + length {
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..end + 4 + length);
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if socket.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (to, requests)
+    }
+
+    fn counters() -> Counters {
+        Counters {
+            opened_http1: IntCounter::new("opened_http1", "-").unwrap(),
+            opened_http2: IntCounter::new("opened_http2", "-").unwrap(),
+            open: IntGauge::new("open", "-").unwrap(),
+            resent: IntCounter::new("resent", "-").unwrap(),
+        }
+    }
+
+    struct World {
+        pool: Arc<Pool<Connector>>,
+        connector: Connector,
+        counters: Counters,
+        requests: Arc<AtomicUsize>,
+        origin: String,
+        uri: Uri,
+        path: Uri,
+    }
+
+    async fn world(born_closed: bool) -> World {
+        let (to, requests) = server().await;
+        let connector = Connector { to, born_closed, switches: Arc::default() };
+        let counters = counters();
+        World {
+            pool: Pool::new(connector.clone(), Duration::from_secs(60), Some(counters.clone())),
+            connector,
+            counters,
+            requests,
+            origin: format!("http://{to}"),
+            uri: format!("http://{to}/in").parse().unwrap(),
+            path: "/in".parse().unwrap(),
+        }
+    }
+
+    impl World {
+        /// One exchange, its response read to the end and its connection
+        /// given back.
+        async fn exchange(&self) -> Result<u16, Broken> {
+            let request = Request::post(self.uri.clone()).body(Full::new(Bytes::from_static(b"{}"))).unwrap();
+            let mut request = request;
+            let (response, reusable) = self.pool.send(&self.origin, &self.uri, &self.path, &mut request).await?;
+            let status = response.status().as_u16();
+            response.into_body().collect().await.unwrap();
+            if let Some(send) = reusable {
+                self.pool.checkin(&self.origin, send);
+            }
+            Ok(status)
+        }
+    }
+
+    // A current-thread runtime: a connection's task runs only when the
+    // test waits, so it reads the close only once the request was handed
+    // to it, as in the race.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_its_connection_closed_before_writing_is_sent_again_on_another() {
+        let w = world(false).await;
+        assert!(matches!(w.exchange().await, Ok(200)));
+        assert_eq!(w.connector.connections(), 1);
+        // The receiver closes the idle connection; its close is read only
+        // after the checkout found the connection open.
+        w.connector.switch(0).store(true, Ordering::SeqCst);
+        assert!(matches!(w.exchange().await, Ok(200)), "the request was not sent again");
+        assert_eq!(w.counters.resent.get(), 1);
+        assert_eq!(w.connector.connections(), 2, "sent again on a new connection");
+        assert_eq!(w.requests.load(Ordering::SeqCst), 2, "the receiver got each request once");
+        // The new connection is kept and reused.
+        assert!(matches!(w.exchange().await, Ok(200)));
+        assert_eq!(w.connector.connections(), 2);
+        assert_eq!(w.counters.resent.get(), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_given_back_unsent_again_and_again_fails_after_the_resends() {
+        let w = world(true).await;
+        let Err(Broken::Transport(e)) = w.exchange().await else {
+            panic!("a request no connection would write did not fail as a transport error");
+        };
+        assert!(e.is_canceled(), "{e}");
+        assert_eq!(w.counters.resent.get(), u64::from(RESENDS));
+        assert_eq!(w.connector.connections(), 1 + RESENDS as usize, "one connection per try");
+        assert_eq!(w.requests.load(Ordering::SeqCst), 0);
     }
 }
