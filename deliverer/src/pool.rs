@@ -429,7 +429,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    //! [`Pool::send`] against a real HTTP/1.1 server on loopback. The race
+    //! [`Pool::send`] against the reference receiver on loopback. The race
     //! it covers (a kept-alive connection's close arriving between the
     //! checkout that found it open and the request's write) cannot be made
     //! to happen on demand with a bare socket, so the connections here wrap
@@ -446,10 +446,7 @@ mod tests {
 
     use http_body_util::BodyExt;
     use hyper_util::{client::legacy::connect::Connected, rt::TokioIo};
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::{TcpListener, TcpStream},
-    };
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
@@ -529,50 +526,18 @@ mod tests {
         }
     }
 
-    /// An HTTP/1.1 server answering every request `200` with a two-byte
-    /// body, keeping connections alive; counts the requests it read.
-    async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
+    const TOKEN: &str = "token-0123456789";
+
+    /// The project's reference receiver on loopback (it keeps connections
+    /// alive and counts what it reads).
+    async fn receiver() -> (receiver::Receiver, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let to = listener.local_addr().unwrap();
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counted = requests.clone();
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let counted = counted.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    loop {
-                        // A request: its head, then `content-length` bytes.
-                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            match socket.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                            continue;
-                        };
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        let length: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .map_or(0, |v| v.trim().parse().unwrap());
-                        while buf.len() < end + 4 + length {
-                            match socket.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        buf.drain(..end + 4 + length);
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if socket.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        (to, requests)
+        let expected = vec![receiver::Expected { name: "d".into(), token: TOKEN.into(), secret: None }];
+        let config = receiver::ReceiverConfig { expected, ..Default::default() };
+        let r = receiver::Receiver::new(config).unwrap();
+        tokio::spawn(r.clone().serve(listener, std::future::pending()));
+        (r, to)
     }
 
     fn counters() -> Counters {
@@ -588,21 +553,23 @@ mod tests {
         pool: Arc<Pool<Connector>>,
         connector: Connector,
         counters: Counters,
-        requests: Arc<AtomicUsize>,
+        receiver: receiver::Receiver,
+        sent: AtomicUsize,
         origin: String,
         uri: Uri,
         path: Uri,
     }
 
     async fn world(born_closed: bool) -> World {
-        let (to, requests) = server().await;
+        let (receiver, to) = receiver().await;
         let connector = Connector { to, born_closed, switches: Arc::default() };
         let counters = counters();
         World {
             pool: Pool::new(connector.clone(), Duration::from_secs(60), Some(counters.clone())),
             connector,
             counters,
-            requests,
+            receiver,
+            sent: AtomicUsize::new(0),
             origin: format!("http://{to}"),
             uri: format!("http://{to}/in").parse().unwrap(),
             path: "/in".parse().unwrap(),
@@ -613,7 +580,11 @@ mod tests {
         /// One exchange, its response read to the end and its connection
         /// given back.
         async fn exchange(&self) -> Result<u16, Broken> {
-            let request = Request::post(self.uri.clone()).body(Full::new(Bytes::from_static(b"{}"))).unwrap();
+            let id = self.sent.fetch_add(1, Ordering::SeqCst);
+            let request = Request::post(self.uri.clone())
+                .header("x-gitlab-event-streaming-token", TOKEN)
+                .body(Full::new(Bytes::from(format!(r#"{{"id":"e-{id}"}}"#))))
+                .unwrap();
             let mut request = request;
             let (response, reusable) = self.pool.send(&self.origin, &self.uri, &self.path, &mut request).await?;
             let status = response.status().as_u16();
@@ -622,6 +593,12 @@ mod tests {
                 self.pool.checkin(&self.origin, send);
             }
             Ok(status)
+        }
+
+        /// The requests the receiver read.
+        fn requests(&self) -> u64 {
+            let stats = self.receiver.stats();
+            stats.unique + stats.duplicates + stats.rejected
         }
     }
 
@@ -639,7 +616,7 @@ mod tests {
         assert!(matches!(w.exchange().await, Ok(200)), "the request was not sent again");
         assert_eq!(w.counters.resent.get(), 1);
         assert_eq!(w.connector.connections(), 2, "sent again on a new connection");
-        assert_eq!(w.requests.load(Ordering::SeqCst), 2, "the receiver got each request once");
+        assert_eq!(w.requests(), 2, "the receiver got each request once");
         // The new connection is kept and reused.
         assert!(matches!(w.exchange().await, Ok(200)));
         assert_eq!(w.connector.connections(), 2);
@@ -655,6 +632,6 @@ mod tests {
         assert!(e.is_canceled(), "{e}");
         assert_eq!(w.counters.resent.get(), u64::from(RESENDS));
         assert_eq!(w.connector.connections(), 1 + RESENDS as usize, "one connection per try");
-        assert_eq!(w.requests.load(Ordering::SeqCst), 0);
+        assert_eq!(w.requests(), 0);
     }
 }
