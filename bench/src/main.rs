@@ -10,7 +10,8 @@
 //! it, in the same run, two ceilings: (a) the broker's raw produce→consume
 //! rate for the same messages with no processing, (b) the raw HTTP POST rate
 //! to the same sink with the same payload and connection count, read before
-//! every scenario and at the end; ratios are against the run's highest.
+//! every scenario and at the end; ratios are against the run's highest,
+//! and beside them against the (b) read just before each scenario.
 //!
 //! Prints markdown tables: delivered events/s, latency percentiles, CPU
 //! seconds per 1000 deliveries per role (from `/proc/<pid>/stat`), peak RSS
@@ -248,7 +249,9 @@ async fn main() -> Result<()> {
                 let per = cpu_per(before, cpu_seconds(std::process::id()), reached * args.ceiling_seconds as f64);
                 max.paced = Some((reached, per));
             }
-            rows.extend(phases.into_iter().map(|r| Row { round, ..r }));
+            // The (b) read just before this scenario (none with --no-ceilings).
+            let b_before = readings.last().map(|(_, c)| c.b);
+            rows.extend(phases.into_iter().map(|r| Row { round, b_before, ..r }));
             match memory.iter_mut().find(|(s, _)| *s == scenario) {
                 // The peak over the rounds.
                 Some((_, peak)) => {
@@ -325,21 +328,23 @@ async fn main() -> Result<()> {
         out,
         "Delivered = deliveries to healthy destinations (unique by event and destination). Latency: `created_at` \
          (set by the load generator, ms) → arrival at the sink. CPU: seconds per 1000 deliveries; harness = load \
-         generator and sink; total = all five.\n"
+         generator and sink; total = all five. vs (b) = against the run's highest (b); vs (b) before = against \
+         the (b) read just before that scenario in that round, which a swing of the machine between readings moves \
+         less.\n"
     )?;
     writeln!(
         out,
-        "| round | scenario | run | published | accepted/s | delivered | delivered/s | vs (a) | vs (b) | p50 ms | p95 ms | p99 ms | \
+        "| round | scenario | run | published | accepted/s | delivered | delivered/s | vs (a) | vs (b) | vs (b) before | p50 ms | p95 ms | p99 ms | \
          CPU producer | CPU router | CPU deliverer | CPU broker | CPU harness | CPU total | set aside to retry |"
     )?;
-    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for r in &rows {
         let ratio = |c: Option<f64>| c.map_or("–".to_owned(), |c| format!("{:.1}%", 100.0 * r.rate / c));
         let cpu = |i: usize| r.cpu.get(i).copied().flatten().map_or("–".to_owned(), |c| format!("{c:.3}"));
         let total = r.total().map_or("–".to_owned(), |c| format!("{c:.3}"));
         writeln!(
             out,
-            "| {} | {:?} | {} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:?} | {} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.round,
             r.scenario,
             r.run,
@@ -349,6 +354,7 @@ async fn main() -> Result<()> {
             r.rate,
             ratio(highest.map(|c| c.0)),
             ratio(highest.map(|c| c.1)),
+            ratio(r.b_before),
             r.latency[0],
             r.latency[1],
             r.latency[2],
@@ -391,8 +397,8 @@ async fn main() -> Result<()> {
         writeln!(
             out,
             "\n## Over the {} rounds\n\nMedian (lowest–highest).\n\n\
-             | scenario | run | delivered/s | vs (b) | p99 ms | CPU total | CPU µs beyond one POST |\n\
-             |---|---|---|---|---|---|---|",
+             | scenario | run | delivered/s | vs (b) | vs (b) before | p99 ms | CPU total | CPU µs beyond one POST |\n\
+             |---|---|---|---|---|---|---|---|",
             args.repeat
         )?;
         let mut seen = Vec::new();
@@ -411,11 +417,12 @@ async fn main() -> Result<()> {
             let cpu = |v: f64| format!("{v:.3}");
             writeln!(
                 out,
-                "| {:?} | {} | {} | {} | {} | {} | {} |",
+                "| {:?} | {} | {} | {} | {} | {} | {} | {} |",
                 r.scenario,
                 r.run,
                 spread(same.iter().map(|x| x.rate).collect(), &whole),
                 spread(same.iter().filter_map(|x| highest.map(|c| 100.0 * x.rate / c.1)).collect(), &percent),
+                spread(same.iter().filter_map(|x| x.vs_b_before()).collect(), &percent),
                 spread(same.iter().map(|x| x.latency[2] as f64).collect(), &whole),
                 spread(same.iter().filter_map(|x| x.total()).collect(), &cpu),
                 spread(same.iter().filter_map(|x| x.beyond_post()).collect(), &whole),
@@ -507,6 +514,8 @@ struct Row {
     /// Max runs: (b) paced at this run's delivered rate, right after it:
     /// requests/s reached and CPU µs per request.
     paced: Option<(f64, Option<f64>)>,
+    /// (b) as read just before this scenario of this round, req/s.
+    b_before: Option<f64>,
 }
 
 impl Row {
@@ -518,6 +527,11 @@ impl Row {
     /// The whole CPU per delivery, in µs.
     fn total_us(&self) -> Option<f64> {
         self.total().map(|c| c * 1000.0)
+    }
+
+    /// Delivered/s as a share of the (b) read just before it, in percent.
+    fn vs_b_before(&self) -> Option<f64> {
+        self.b_before.map(|b| 100.0 * self.rate / b)
     }
 
     /// The CPU per delivery beyond one POST at this run's rate, in µs.
@@ -1281,6 +1295,7 @@ async fn run_scenario(
             cpu,
             retried,
             paced: None,
+            b_before: None,
         });
     }
     // Each role's metrics at the end, for a closer look (lag, histograms).
@@ -1299,6 +1314,28 @@ async fn run_scenario(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run's share of the (b) read just before it is its own reading's,
+    /// and there is none when the ceilings were not read (`--no-ceilings`).
+    #[test]
+    fn a_run_is_read_against_the_b_just_before_it() {
+        let row = |rate, b_before| Row {
+            round: 1,
+            scenario: Scenario::One,
+            run: "max",
+            published: 0,
+            accepted_rate: 0.0,
+            delivered: 0,
+            rate,
+            latency: [0; 3],
+            cpu: Vec::new(),
+            retried: 0.0,
+            paced: None,
+            b_before,
+        };
+        assert_eq!(row(30_000.0, Some(75_000.0)).vs_b_before(), Some(40.0));
+        assert_eq!(row(30_000.0, None).vs_b_before(), None);
+    }
 
     /// Ceiling (a) deletes its topic once a reading is over, and a `--repeat`
     /// run reads it again and again. Its consumer must be gone before its
