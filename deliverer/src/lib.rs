@@ -34,7 +34,7 @@ use proto::{
 use rdkafka::{
     Message,
     consumer::Consumer,
-    message::{BorrowedMessage, OwnedMessage},
+    message::{BorrowedMessage, Header, OwnedHeaders, OwnedMessage},
     producer::FutureProducer,
 };
 use service::{Admin, Shutdown, admin::ReadyFlag, consume, kafka, table::Table};
@@ -213,13 +213,12 @@ impl Context {
     /// Writes the delivery to retry rung `rung`, due after `delay`.
     async fn requeue(&self, record: &Record, meta: &mut DeliveryMeta, rung: usize, delay: Duration) {
         meta.due_at_ms = Some(now_ms() + delay.as_millis() as i64);
-        let headers = meta.to_headers();
-        let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        let meta = &*meta;
         let key = meta.destination_id.as_bytes();
         // Boxed, here and in `park`: the produce future is ~1 KB, and
         // inline it would take that room in every delivery's task.
-        Box::pin(kafka::produce_durably(&self.producer, &self.retry_topics[rung], key, Some(&record.body), &headers))
-            .await;
+        let topic = &self.retry_topics[rung];
+        Box::pin(kafka::produce_durably_with(&self.producer, topic, key, Some(&record.body), || headers(meta))).await;
         self.metrics.deliveries.with_label_values(&["retried"]).inc();
     }
 
@@ -236,30 +235,30 @@ impl Context {
     /// Parks a delivery in the dead-letter topic with its history.
     async fn dead_letter(&self, record: &Record, meta: &DeliveryMeta, reason: &str) {
         tracing::warn!(topic = %self.topic_of(record.rung), partition = record.partition, offset = record.offset, destination = %meta.destination_id, %reason, "dead-lettering delivery");
-        let headers = meta.to_headers();
-        let headers = headers.iter().map(|(k, v)| (*k, v.as_slice()));
-        self.park(meta.destination_id.as_bytes(), Some(&record.body), headers, reason).await;
+        self.park(meta.destination_id.as_bytes(), Some(&record.body), || headers(meta), reason).await;
     }
 
     /// Parks a record whose delivery cannot be read (its key, its headers
     /// or, without headers, its event), as it came.
     async fn dead_letter_unreadable(&self, m: &OwnedMessage, reason: &str) {
         tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "dead-lettering delivery");
-        let headers = kafka::header_iter(m).filter_map(|(k, v)| v.map(|v| (k, v)));
+        let headers = || kafka::headers(kafka::header_iter(m).filter_map(|(k, v)| v.map(|v| (k, v))));
         self.park(m.key().unwrap_or_default(), m.payload(), headers, reason).await;
     }
 
-    async fn park<'a>(
-        &self,
-        key: &[u8],
-        payload: Option<&[u8]>,
-        headers: impl Iterator<Item = (&'a str, &'a [u8])>,
-        reason: &'a str,
-    ) {
-        let headers: Vec<(&str, &[u8])> = headers.chain([(H_REASON, reason.as_bytes())]).collect();
-        Box::pin(kafka::produce_durably(&self.producer, &self.topics.deliveries_dlq(), key, payload, &headers)).await;
+    /// Writes a record to the dead-letter topic: `headers`, then the reason.
+    async fn park(&self, key: &[u8], payload: Option<&[u8]>, headers: impl Fn() -> OwnedHeaders, reason: &str) {
+        let headers = || headers().insert(Header { key: H_REASON, value: Some(reason) });
+        let topic = self.topics.deliveries_dlq();
+        Box::pin(kafka::produce_durably_with(&self.producer, &topic, key, payload, headers)).await;
         self.metrics.deliveries.with_label_values(&["dead_lettered"]).inc();
     }
+}
+
+/// A delivery record's headers ([`DeliveryMeta::to_headers`]), written
+/// straight into the Kafka client's list: no copy of each value first.
+fn headers(meta: &DeliveryMeta) -> OwnedHeaders {
+    meta.fold_headers(OwnedHeaders::new_with_capacity(8), |h, key, value| h.insert(Header { key, value: Some(value) }))
 }
 
 /// How the attempts of one turn ended.

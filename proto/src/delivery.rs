@@ -109,29 +109,39 @@ impl DeliveryMeta {
     /// The headers of the record. The destination is not among them: it is
     /// the record's key.
     pub fn to_headers(&self) -> Vec<(&'static str, Vec<u8>)> {
-        let mut h = Vec::with_capacity(6);
-        let mut header = |name, value: &[u8]| h.push((name, value.to_vec()));
-        header(H_EVENT_ID, self.event_id.as_bytes());
-        header(H_EVENT_TYPE, self.event_type.as_bytes());
+        self.fold_headers(Vec::with_capacity(6), |mut h, name, value| {
+            h.push((name, value.to_vec()));
+            h
+        })
+    }
+
+    /// Folds the record's headers ([`DeliveryMeta::to_headers`]) into
+    /// `init`, name and value by value, without a copy of each: a writer
+    /// that copies them into a header list of its own (a Kafka client's)
+    /// builds it straight from here. Only the history, when there is one,
+    /// is serialized into a buffer first.
+    pub fn fold_headers<T>(&self, init: T, mut f: impl FnMut(T, &'static str, &[u8]) -> T) -> T {
+        let mut h = f(init, H_EVENT_ID, self.event_id.as_bytes());
+        h = f(h, H_EVENT_TYPE, self.event_type.as_bytes());
         let mut digits = itoa::Buffer::new();
         if let Some(created) = self.created_at_ms {
-            header(H_CREATED_AT, digits.format(created).as_bytes());
+            h = f(h, H_CREATED_AT, digits.format(created).as_bytes());
         }
         if self.attempt > 0 {
-            header(H_ATTEMPT, digits.format(self.attempt).as_bytes());
+            h = f(h, H_ATTEMPT, digits.format(self.attempt).as_bytes());
         }
         if let Some(due) = self.due_at_ms {
-            header(H_DUE_AT, digits.format(due).as_bytes());
+            h = f(h, H_DUE_AT, digits.format(due).as_bytes());
         }
         if let Some(rung) = self.rung {
-            header(H_RUNG, digits.format(rung).as_bytes());
+            h = f(h, H_RUNG, digits.format(rung).as_bytes());
         }
         if self.bounces > 0 {
-            header(H_BOUNCES, digits.format(self.bounces).as_bytes());
+            h = f(h, H_BOUNCES, digits.format(self.bounces).as_bytes());
         }
         if !self.history.is_empty() {
             // Serializing plain data cannot fail.
-            header(H_HISTORY, &serde_json::to_vec(&self.history).unwrap_or_default());
+            h = f(h, H_HISTORY, &serde_json::to_vec(&self.history).unwrap_or_default());
         }
         h
     }

@@ -180,11 +180,23 @@ pub async fn produce_durably(
     payload: Option<&[u8]>,
     headers: &[(&str, &[u8])],
 ) {
+    produce_durably_with(producer, topic, key, payload, || self::headers(headers.iter().copied())).await;
+}
+
+/// [`produce_durably`] with the record's headers built by `headers`, for
+/// each try, straight into the client's own list: a writer whose header
+/// values are computed (numbers, a serialized history) need not keep a
+/// copy of each for the tries to come.
+pub async fn produce_durably_with(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &[u8],
+    payload: Option<&[u8]>,
+    headers: impl Fn() -> rdkafka::message::OwnedHeaders,
+) {
     let mut pause = Duration::from_millis(100);
     loop {
-        let mut record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic)
-            .key(key)
-            .headers(self::headers(headers.iter().copied()));
+        let mut record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).key(key).headers(headers());
         if let Some(p) = payload {
             record = record.payload(p);
         }

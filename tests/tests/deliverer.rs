@@ -269,6 +269,8 @@ async fn exhausted_deliveries_are_dead_lettered_and_replay_delivers_them() {
     let meta = tests::delivery_meta(parked).unwrap();
     // Two quick tries on each of: the fresh topic and two retry rungs.
     assert_eq!(meta.attempt, 6);
+    // Every attempt is in the history, carried through each retry topic.
+    assert_eq!(meta.history.len(), 6, "{:?}", meta.history);
     assert!(meta.history.iter().all(|a| a.status == Some(500)));
 
     // The operator's view, through the binary.
