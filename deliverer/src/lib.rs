@@ -248,9 +248,9 @@ impl Context {
 
     /// Writes a record to the dead-letter topic: `headers`, then the reason.
     async fn park(&self, key: &[u8], payload: Option<&[u8]>, headers: impl Fn() -> OwnedHeaders, reason: &str) {
-        let headers = || headers().insert(Header { key: H_REASON, value: Some(reason) });
+        let with_reason = || headers().insert(Header { key: H_REASON, value: Some(reason) });
         let topic = self.topics.deliveries_dlq();
-        Box::pin(kafka::produce_durably_with(&self.producer, &topic, key, payload, headers)).await;
+        Box::pin(kafka::produce_durably_with(&self.producer, &topic, key, payload, with_reason)).await;
         self.metrics.deliveries.with_label_values(&["dead_lettered"]).inc();
     }
 }
