@@ -64,9 +64,11 @@ pub struct Faults {
     pub retry_after: Option<u64>,
     /// Added before every answer.
     pub delay: Duration,
-    /// Share of connections (0 to 1) reset at once.
+    /// Share of connections (0 to 1) reset once the client has written to
+    /// them.
     pub reset_rate: f64,
-    /// The next this-many connections are reset at once.
+    /// The next this-many connections are reset once the client has
+    /// written to them.
     pub reset_first: u64,
     /// Every connection is reset for this long after the faults are set.
     pub down_for: Option<Duration>,
@@ -192,8 +194,8 @@ impl AsyncWrite for Counted {
     }
 }
 
-/// A listener that resets connections the faults say to reset, and counts
-/// the ones it serves.
+/// A listener that resets the connections the faults say to reset (once
+/// the client has written to them), and counts the ones it serves.
 struct FaultyListener {
     inner: TcpListener,
     faults: Arc<Mutex<FaultState>>,
@@ -216,9 +218,19 @@ impl axum::serve::Listener for FaultyListener {
             };
             let reset = self.faults.lock().unwrap_or_else(|e| e.into_inner()).reset_connection();
             if reset {
-                // Zero linger: closing sends RST, as a crashed peer would.
-                let _ = stream.set_zero_linger();
-                drop(stream);
+                // Reset once the client has written (its request, or a TLS
+                // hello), as a peer crashing mid-request would: the client
+                // then cannot tell whether the request was acted on, and
+                // its attempt fails. A reset before the client writes
+                // would race the client's write: a client may find such a
+                // request unsent and send it on another connection, and a
+                // test counting failed attempts would count one or none.
+                // Zero linger: closing sends RST.
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.readable()).await;
+                    let _ = stream.set_zero_linger();
+                    drop(stream);
+                });
                 continue;
             }
             return (Counted::new(stream, self.connections.clone()), addr);
