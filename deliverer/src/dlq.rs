@@ -15,6 +15,7 @@ use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{Consumer, StreamConsumer},
     error::KafkaError,
+    message::Header,
 };
 use service::{config::KafkaConfig, kafka};
 
@@ -121,15 +122,13 @@ pub async fn replay(config: &KafkaConfig, parked: &[Parked]) -> Result<(usize, u
         meta.rung = None;
         meta.bounces = 0;
         let from = format!("{}:{}", p.partition, p.offset);
-        let mut headers = meta.to_headers();
-        headers.push((H_REPLAYED_FROM, from.into_bytes()));
-        let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-        kafka::produce_durably(
+        let headers = || crate::headers(&meta).insert(Header { key: H_REPLAYED_FROM, value: Some(&from) });
+        kafka::produce_durably_with(
             &producer,
             &topics.deliveries(),
             meta.destination_id.as_bytes(),
             Some(&p.payload),
-            &headers,
+            headers,
         )
         .await;
         replayed += 1;

@@ -288,6 +288,16 @@ async fn exhausted_deliveries_are_dead_lettered_and_replay_delivers_them() {
     w.receiver.set_faults(Faults::default());
     let out = w.run(&["dlq", "replay", "--destination", "a", "--since", "1h"]);
     assert!(out.contains("replayed 1 deliveries"), "{out}");
+    // The replayed record says where in the dead-letter topic it came from
+    // and keeps its history.
+    let flow = read_topic(&w.kafka, &w.topics.deliveries(), 3, Duration::from_secs(20)).await;
+    let from = |m| header(m, "auditstream-replayed-from");
+    let replayed = flow.iter().find(|m| from(m).is_some()).expect("the replayed record in the flow");
+    {
+        use rdkafka::Message as _;
+        assert_eq!(from(replayed), Some(format!("{}:{}", parked.partition(), parked.offset()).as_str()));
+    }
+    assert_eq!(tests::delivery_meta(replayed).unwrap().history.len(), 6);
     assert!(w.wait_received("/a", "e-exhausted", Duration::from_secs(30)).await);
     assert_eq!(w.received("/b", "e-other"), 0, "the filter left b's parked delivery alone");
 }
