@@ -58,7 +58,7 @@ impl Metrics {
         )?;
         let resent = IntCounter::new(
             "auditstream_deliverer_requests_resent_total",
-            "Requests sent again on another connection because theirs closed before writing them (a kept-alive connection the receiver closed as it was reused)",
+            "Requests sent again on another connection because theirs closed before writing them (a kept-alive connection the receiver closed as it was reused, or a new one it reset at once)",
         )?;
         registry.register(Box::new(opened.clone()))?;
         registry.register(Box::new(open.clone()))?;

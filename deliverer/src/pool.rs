@@ -19,7 +19,8 @@
 //!
 //! A request handed to a connection that closed before writing it (a
 //! kept-alive connection the receiver closed just as it was taken: its
-//! close arrived after the checkout found it open) comes back unsent, and
+//! close arrived after the checkout found it open; or a new one the
+//! receiver reset before the request was on it) comes back unsent, and
 //! [`Pool::send`] sends it again on another connection, up to
 //! [`RESENDS`] times: it never reached the receiver, so this cannot
 //! deliver it twice, and the attempt does not fail for a race of the

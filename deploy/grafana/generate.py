@@ -295,7 +295,7 @@ def build() -> dict:
         "short", w=12,
     )
     d.panel(
-        "timeseries", "Connections opened to destinations", "New connections to destinations per second, by protocol. Kept-alive connections are reused, so a steady rate near the delivery rate means destinations close them after every response (or idle ones time out: deliverer.idle_connection_timeout). \"resent\": requests sent again on another connection because the kept-alive one they were given closed as it was reused (not duplicates; a rate above zero usually means a destination closes idle connections sooner than deliverer.idle_connection_timeout).",
+        "timeseries", "Connections opened to destinations", "New connections to destinations per second, by protocol. Kept-alive connections are reused, so a steady rate near the delivery rate means destinations close them after every response (or idle ones time out: deliverer.idle_connection_timeout). \"resent\": requests sent again on another connection because the one they were given closed before writing them, a kept-alive one as it was reused or a new one reset at once (not duplicates; a rate above zero usually means a destination closes idle connections sooner than deliverer.idle_connection_timeout).",
         [
             (f"sum by (protocol) ({rate('auditstream_deliverer_connections_opened_total')})", "{{protocol}}"),
             (f"sum ({rate('auditstream_deliverer_requests_resent_total')})", "resent"),
