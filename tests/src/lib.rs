@@ -5,7 +5,7 @@
 
 use std::{
     net::{SocketAddr, TcpListener},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
@@ -104,12 +104,68 @@ pub fn free_addr() -> SocketAddr {
 }
 
 /// The `auditstream` binary, built beside the test binaries.
+///
+/// `cargo test -p tests` does not build it (it is another package's
+/// binary), so a binary older than a source it was built from would test
+/// yesterday's code and pass: this refuses it, naming the newer source.
 pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join("auditstream");
     assert!(bin.exists(), "{} is missing: run `cargo build -p auditstream` first (scripts/test does)", bin.display());
+    if let Some(source) = newer_source(&bin) {
+        panic!(
+            "{} is older than {}, one of the sources it is built from: run `cargo build -p auditstream` first (scripts/test does)",
+            bin.display(),
+            source.display()
+        );
+    }
     bin
+}
+
+/// The first source listed in `bin`'s dep-info (`<bin>.d`, written by
+/// cargo beside it: every file of the workspace's crates the binary was
+/// built from) that was modified after `bin`. None when there is no
+/// dep-info to read, or when the binary is newer than all of it.
+pub fn newer_source(bin: &Path) -> Option<PathBuf> {
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok()?;
+    let dep_info = std::fs::read_to_string(bin.with_extension("d")).ok()?;
+    dep_info_sources(&dep_info).into_iter().find(|source| {
+        // A source gone since the build is cargo's to notice, not ours.
+        std::fs::metadata(source).and_then(|m| m.modified()).is_ok_and(|modified| modified > built)
+    })
+}
+
+/// The prerequisites of a Makefile-style dep-info line (`target: a b`),
+/// with `\ ` as an escaped space in a path.
+fn dep_info_sources(dep_info: &str) -> Vec<PathBuf> {
+    let Some(line) = dep_info.lines().next() else { return Vec::new() };
+    let Some((_, deps)) = line.split_once(": ") else { return Vec::new() };
+    let mut sources = Vec::new();
+    let mut current = String::new();
+    let mut chars = deps.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(' ') => current.push(' '),
+                Some(other) => {
+                    current.push('\\');
+                    current.push(other);
+                }
+                None => current.push('\\'),
+            },
+            ' ' => {
+                if !current.is_empty() {
+                    sources.push(PathBuf::from(std::mem::take(&mut current)));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        sources.push(PathBuf::from(current));
+    }
+    sources
 }
 
 /// A child process, killed when dropped.
@@ -412,5 +468,63 @@ pub async fn produce_many(kafka: &KafkaConfig, topic: &str, events: &[(String, V
     }
     for delivery in pending {
         delivery.await.expect("not cancelled").expect("event written");
+    }
+}
+
+#[cfg(test)]
+mod stale_binary {
+    use std::{
+        fs::{self, File},
+        path::PathBuf,
+        time::{Duration, SystemTime},
+    };
+
+    use super::{dep_info_sources, newer_source, unique};
+
+    /// A scratch directory with a "binary", its dep-info naming two
+    /// sources (one with a space in its name), and the three files' times.
+    fn built(binary_at: SystemTime, sources_at: [SystemTime; 2]) -> (PathBuf, PathBuf, [PathBuf; 2]) {
+        let dir = std::env::temp_dir().join(unique("stale-binary"));
+        fs::create_dir_all(&dir).expect("scratch dir");
+        let bin = dir.join("auditstream");
+        let sources = [dir.join("main.rs"), dir.join("with space.rs")];
+        for (source, at) in sources.iter().zip(sources_at) {
+            File::create(source).and_then(|f| f.set_modified(at)).expect("source");
+        }
+        File::create(&bin).and_then(|f| f.set_modified(binary_at)).expect("binary");
+        let escaped: Vec<String> = sources.iter().map(|s| s.display().to_string().replace(' ', "\\ ")).collect();
+        fs::write(bin.with_extension("d"), format!("{}: {}\n", bin.display(), escaped.join(" "))).expect("dep-info");
+        (dir, bin, sources)
+    }
+
+    #[test]
+    fn dep_info_paths_keep_their_escaped_spaces() {
+        let sources = dep_info_sources("/t/auditstream: /w/a.rs /w/with\\ space.rs  /w/b.json\n/w/a.rs:\n");
+        assert_eq!(sources, [PathBuf::from("/w/a.rs"), PathBuf::from("/w/with space.rs"), PathBuf::from("/w/b.json")]);
+        assert!(dep_info_sources("").is_empty());
+        assert!(dep_info_sources("no prerequisites here").is_empty());
+    }
+
+    #[test]
+    fn a_binary_older_than_a_source_is_refused_and_a_newer_one_is_not() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+
+        let (dir, bin, _) = built(now, [now - hour, now - hour]);
+        assert_eq!(newer_source(&bin), None);
+        fs::remove_dir_all(dir).ok();
+
+        let (dir, bin, sources) = built(now - hour, [now - 2 * hour, now]);
+        assert_eq!(newer_source(&bin), Some(sources[1].clone()));
+        fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn without_dep_info_the_binary_is_taken_as_it_is() {
+        let now = SystemTime::now();
+        let (dir, bin, _) = built(now - Duration::from_secs(3600), [now, now]);
+        fs::remove_file(bin.with_extension("d")).expect("remove dep-info");
+        assert_eq!(newer_source(&bin), None);
+        fs::remove_dir_all(dir).ok();
     }
 }
