@@ -249,6 +249,11 @@ def build() -> dict:
         [(f"sum({rate('auditstream_router_rewrites_total')})", "rewrites")],
         "ops",
     )
+    d.panel(
+        "timeseries", "Events completed by the router", "Events a service wrote to Kafka itself without some fields of the schema, or with created_at in another RFC 3339 form: the router completed them (null fields, created_at in UTC with milliseconds) before delivery. Harmless; names publishers that skip the client library.",
+        [(f"sum({rate('auditstream_router_events_completed_total')})", "completed")],
+        "ops",
+    )
 
     d.row("Deliverer")
     d.panel(

@@ -762,9 +762,96 @@ fn write_timestamp(out: &mut Vec<u8>, at: OffsetDateTime) {
     );
 }
 
-/// Validates an event and completes it: a UUIDv7 `id` when absent,
-/// `created_at` = `now` when absent, `null` for every other absent field.
-/// The publisher's bytes are kept; completions are inserted after `{`.
+/// Whether `created_at` already reads as SPEC §1 writes it:
+/// `2022-02-23T06:21:05.283Z` (UTC, milliseconds). Checked on text that
+/// parsed as RFC 3339.
+pub fn is_canonical_timestamp(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.len() == 24
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            10 => *c == b'T',
+            13 | 16 => *c == b':',
+            19 => *c == b'.',
+            23 => *c == b'Z',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+/// Completes an event that [`EventView::parse`] read from `text` so that
+/// it carries every field of SPEC §1 as SPEC §1 writes it: `id` as given
+/// (the caller mints one when absent), `created_at` = `now` when absent,
+/// `null` for every other absent field, and a `created_at` given in
+/// another RFC 3339 form (an offset, more or fewer fraction digits)
+/// rewritten in UTC with milliseconds: the same instant, sub-millisecond
+/// digits dropped. The publisher's other bytes are kept; completions are
+/// inserted after `{`. `None` when the event is complete as it is.
+pub fn complete(text: &str, view: &EventView<'_>, id: &EventId, now: OffsetDateTime) -> Option<Vec<u8>> {
+    let text = text.trim();
+    // The value's place in `text`, when it has to be rewritten.
+    let rewrite = view
+        .created_at
+        .as_deref()
+        .filter(|at| !is_canonical_timestamp(at))
+        .and_then(|at| Some((OffsetDateTime::parse(at, &Rfc3339).ok()?, created_at_span(text)?)));
+    if view.missing.is_empty() && rewrite.is_none() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len() + 64 + 24 * FIELDS.len());
+    out.push(b'{');
+    for (n, field) in view.missing.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(field.as_bytes());
+        out.extend_from_slice(b"\":");
+        match field {
+            "id" => {
+                out.push(b'"');
+                out.extend_from_slice(id.text(&mut itoa::Buffer::new()).as_bytes());
+                out.push(b'"');
+            }
+            "created_at" => {
+                out.push(b'"');
+                write_timestamp(&mut out, now);
+                out.push(b'"');
+            }
+            _ => out.extend_from_slice(b"null"),
+        }
+    }
+    // `{`, the completions, then the publisher's text after its `{`.
+    let rest = &text[1..];
+    // Required fields are present, so the object is never empty here.
+    if !view.missing.is_empty() && !rest.trim_start().starts_with('}') {
+        out.push(b',');
+    }
+    match rewrite {
+        Some((at, span)) => {
+            // `span` is the value's place in `text`; `rest` starts one later.
+            out.extend_from_slice(&rest.as_bytes()[..span.start - 1]);
+            out.push(b'"');
+            write_timestamp(&mut out, at);
+            out.push(b'"');
+            out.extend_from_slice(&rest.as_bytes()[span.end - 1..]);
+        }
+        None => out.extend_from_slice(rest.as_bytes()),
+    }
+    Some(out)
+}
+
+/// Where the `created_at` value (its quotes included) lies in `text`, an
+/// object [`EventView::parse`] accepted.
+fn created_at_span(text: &str) -> Option<std::ops::Range<usize>> {
+    let raw: RawFields<'_> = serde_json::from_str(text).ok()?;
+    let value = raw.created_at?.get();
+    // The raw value borrows from `text`: its offset is the distance between them.
+    let start = (value.as_ptr() as usize).checked_sub(text.as_ptr() as usize)?;
+    (start + value.len() <= text.len()).then(|| start..start + value.len())
+}
+
+/// Validates an event and completes it ([`complete`]), minting a UUIDv7
+/// `id` when absent.
 pub fn prepare(
     bytes: &[u8],
     registry: &Registry,
@@ -778,50 +865,16 @@ pub fn prepare(
             limits.max_event_bytes
         ))]);
     }
-    let view = EventView::parse(bytes)?;
+    let mut view = EventView::parse(bytes)?;
     view.check_type(registry, limits.accept_unknown_types).map_err(|e| vec![e])?;
 
     // parse() checked the document is UTF-8 and an object.
     let text = std::str::from_utf8(bytes).unwrap_or_default().trim();
-    let id = match view.id {
+    let id = match view.id.take() {
         Some(id) => id,
         None => EventId::Str(uuid::Uuid::now_v7().to_string()),
     };
-    let out = if view.missing.is_empty() {
-        text.as_bytes().to_vec()
-    } else {
-        // `{`, the completions, then the publisher's text after its `{`.
-        let rest = &text[1..];
-        let mut out = Vec::with_capacity(text.len() + 64 + 24 * FIELDS.len());
-        out.push(b'{');
-        for (n, field) in view.missing.iter().enumerate() {
-            if n > 0 {
-                out.push(b',');
-            }
-            out.push(b'"');
-            out.extend_from_slice(field.as_bytes());
-            out.extend_from_slice(b"\":");
-            match field {
-                "id" => {
-                    out.push(b'"');
-                    out.extend_from_slice(id.text(&mut itoa::Buffer::new()).as_bytes());
-                    out.push(b'"');
-                }
-                "created_at" => {
-                    out.push(b'"');
-                    write_timestamp(&mut out, now);
-                    out.push(b'"');
-                }
-                _ => out.extend_from_slice(b"null"),
-            }
-        }
-        // Required fields are present, so the object is never empty here.
-        if !rest.trim_start().starts_with('}') {
-            out.push(b',');
-        }
-        out.extend_from_slice(rest.as_bytes());
-        out
-    };
+    let out = complete(text, &view, &id, now).unwrap_or_else(|| text.as_bytes().to_vec());
     Ok(PreparedEvent {
         bytes: out,
         id,
@@ -878,6 +931,55 @@ mod tests {
         let uuid = uuid::Uuid::parse_str(id).unwrap();
         assert_eq!(uuid.get_version_num(), 7);
         assert_eq!(v["id"], id.as_str());
+    }
+
+    #[test]
+    fn created_at_in_another_rfc3339_form_is_rewritten_in_utc_milliseconds() {
+        let complete = r#"{"id":7,"author_id":1,"author_name":"a","entity_id":6,"entity_type":"Project","entity_path":"g/p","target_id":1,"target_type":"X","target_details":"d","event_type":"audit_operation","ip_address":"","created_at":"AT","details":{},"extra":true}"#;
+        for (given, delivered) in [
+            ("2022-02-23T08:21:05.283456+02:00", "2022-02-23T06:21:05.283Z"),
+            ("2022-02-23T06:21:05Z", "2022-02-23T06:21:05.000Z"),
+            ("2022-02-23t06:21:05.2z", "2022-02-23T06:21:05.200Z"),
+            ("2022-02-22T23:51:05.283-06:30", "2022-02-23T06:21:05.283Z"),
+        ] {
+            let body = complete.replace("AT", given);
+            let p = prepare(body.as_bytes(), &registry(), &EventLimits::default(), NOW).unwrap();
+            assert_eq!(String::from_utf8(p.bytes).unwrap(), complete.replace("AT", delivered), "{given}");
+        }
+        // With fields to fill in as well: both at once, the value in place.
+        let body = r#"{"event_type":"audit_operation","created_at":"2022-02-23T06:21:05+00:00","entity_type":"Project","entity_id":6}"#;
+        let p = prepare(body.as_bytes(), &registry(), &EventLimits::default(), NOW).unwrap();
+        let text = String::from_utf8(p.bytes).unwrap();
+        assert!(
+            text.ends_with(r#""event_type":"audit_operation","created_at":"2022-02-23T06:21:05.000Z","entity_type":"Project","entity_id":6}"#),
+            "{text}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["author_name"], serde_json::Value::Null);
+        assert_eq!(text.matches("created_at").count(), 1);
+    }
+
+    #[test]
+    fn only_the_spec_form_of_a_timestamp_is_canonical() {
+        assert!(is_canonical_timestamp("2022-02-23T06:21:05.283Z"));
+        assert_eq!(format_timestamp(datetime!(2022-02-23 06:21:05.283 UTC)), "2022-02-23T06:21:05.283Z");
+        for other in [
+            "2022-02-23T06:21:05Z",
+            "2022-02-23T06:21:05.2831Z",
+            "2022-02-23t06:21:05.283Z",
+            "2022-02-23T06:21:05.283z",
+            "2022-02-23T06:21:05.283+00:00",
+            "2022-02-23 06:21:05.283Z",
+        ] {
+            assert!(!is_canonical_timestamp(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_complete_event_in_the_spec_form_needs_no_completing() {
+        let body = r#"{"id":7,"author_id":1,"author_name":"a","entity_id":6,"entity_type":"Project","entity_path":"g/p","target_id":1,"target_type":"X","target_details":"d","event_type":"audit_operation","ip_address":"","created_at":"2022-03-09T06:53:11.181Z","details":{}}"#;
+        let view = EventView::parse(body.as_bytes()).unwrap();
+        assert_eq!(complete(body, &view, &EventId::Int(7), NOW), None);
     }
 
     #[test]

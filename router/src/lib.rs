@@ -279,15 +279,19 @@ fn write(
 
 /// Where one event goes, decided while holding the table read locks.
 enum Plan {
-    /// To the destinations `plan` left in its `out` (perhaps none).
-    Deliver,
+    /// To the destinations `plan` left in its `out` (perhaps none): the
+    /// event's bytes, or these when the event had to be completed
+    /// ([`proto::event::complete`]).
+    Deliver(Option<Vec<u8>>),
     Nothing,
     Poison(String),
 }
 
 /// Decides where the event in `payload` goes; its destinations are left in
 /// `out` (cleared first), a buffer the router reuses from event to event.
-fn plan(ctx: &Context, payload: &[u8], out: &mut Vec<Arc<Destination>>) -> Plan {
+/// `published` (Unix ms, the record's timestamp) is the `created_at` of an
+/// event written to Kafka without one.
+fn plan(ctx: &Context, payload: &[u8], published: Option<i64>, out: &mut Vec<Arc<Destination>>) -> Plan {
     out.clear();
     let view = match EventView::parse(payload) {
         Ok(v) => v,
@@ -324,18 +328,37 @@ fn plan(ctx: &Context, payload: &[u8], out: &mut Vec<Arc<Destination>>) -> Plan 
             } else {
                 ctx.metrics.resolution.with_label_values(&[via]).inc();
             }
-            Plan::Deliver
+            if out.is_empty() {
+                return Plan::Deliver(None);
+            }
+            drop((tree, destinations));
+            // An event the producer's API or client took is complete; one
+            // written to Kafka directly may not be (docs/PUBLISHING.md).
+            // `route` refused one without an id, and `parse` checked the
+            // bytes are UTF-8.
+            let text = std::str::from_utf8(payload).unwrap_or_default();
+            let completed = view.id.as_ref().and_then(|id| {
+                let at = published
+                    .and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
+                    .unwrap_or_else(time::OffsetDateTime::now_utc);
+                proto::event::complete(text, &view, id, at)
+            });
+            if completed.is_some() {
+                ctx.metrics.completed.inc();
+            }
+            Plan::Deliver(completed)
         }
     }
 }
 
 fn handle(ctx: &Context, m: &BorrowedMessage<'_>, done: consume::Done, targets: &mut Vec<Arc<Destination>>) {
-    if let Some(at) = m.timestamp().to_millis() {
+    let published = m.timestamp().to_millis();
+    if let Some(at) = published {
         let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
         ctx.metrics.lag.observe(((now as i64 - at).max(0) as f64) / 1000.0);
     }
     let payload = m.payload().unwrap_or_default();
-    match plan(ctx, payload, targets) {
+    match plan(ctx, payload, published, targets) {
         Plan::Nothing => done.finish(),
         Plan::Poison(reason) => {
             tracing::warn!(partition = m.partition(), offset = m.offset(), %reason, "dead-lettering event");
@@ -347,14 +370,16 @@ fn handle(ctx: &Context, m: &BorrowedMessage<'_>, done: consume::Done, targets: 
             write(ctx, &ctx.topics.events_dlq(), key, payload, Some(kafka::headers(headers)), &pending);
             ctx.metrics.events.with_label_values(&["dead_lettered"]).inc();
         }
-        Plan::Deliver if targets.is_empty() => {
+        Plan::Deliver(_) if targets.is_empty() => {
             ctx.metrics.hot.unrouted.inc();
             done.finish();
         }
-        Plan::Deliver => {
+        Plan::Deliver(completed) => {
             // A fresh delivery is the event's bytes keyed by the destination,
             // with no headers: the deliverer reads the event's id, type and
-            // `created_at` from the bytes (`DeliveryMeta::read`).
+            // `created_at` from the bytes (`DeliveryMeta::read`). Every
+            // destination gets the same bytes, completed once.
+            let payload = completed.as_deref().unwrap_or(payload);
             let pending = Pending::new(done, targets.len());
             for dest in targets.iter() {
                 write(ctx, &ctx.deliveries_topic, dest.id.as_bytes(), payload, None, &pending);

@@ -20,6 +20,9 @@ pub struct Metrics {
     /// Records written again: Kafka refused them, or the producer's queue
     /// had no room.
     pub rewrites: IntCounter,
+    /// Events completed before delivery: written to Kafka without some
+    /// fields of SPEC §1, or with `created_at` in another RFC 3339 form.
+    pub completed: IntCounter,
     /// The per-event series, looked up once (a label lookup hashes the
     /// labels on every call).
     pub hot: Hot,
@@ -89,6 +92,10 @@ impl Metrics {
                 "auditstream_router_rewrites_total",
                 "Records written again after Kafka refused them or the producer had no room",
             )?,
+            completed: IntCounter::new(
+                "auditstream_router_events_completed_total",
+                "Events written to Kafka without some SPEC fields, or with created_at in another RFC 3339 form, completed before delivery",
+            )?,
             hot,
         };
         registry.register(Box::new(m.lag.clone()))?;
@@ -97,6 +104,7 @@ impl Metrics {
         registry.register(Box::new(m.resolution.clone()))?;
         registry.register(Box::new(m.table_size.clone()))?;
         registry.register(Box::new(m.rewrites.clone()))?;
+        registry.register(Box::new(m.completed.clone()))?;
         Ok(m)
     }
 }

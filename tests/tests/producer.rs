@@ -481,15 +481,19 @@ async fn a_stock_python_kafka_client_can_publish_and_the_router_routes_it() {
     assert!(wait_ready(router.admin, Duration::from_secs(60)).await);
 
     // The topic contract (docs/PUBLISHING.md): topic, key entity_type:entity_id,
-    // value the event JSON with an id.
+    // value the event JSON with an id. Neither event carries every field of
+    // SPEC §1; the second has no created_at, so the record's timestamp is it.
     let script = r#"
 import json, sys
 from confluent_kafka import Producer
 brokers, topic = sys.argv[1], sys.argv[2]
 p = Producer({"bootstrap.servers": brokers, "acks": "all", "enable.idempotence": True})
-event = {"id": "from-python-1", "event_type": "project_fork_operation", "entity_type": "Project", "entity_id": 42,
-         "entity_path": "py/tool", "author_id": 1, "author_name": "py", "created_at": "2026-01-01T00:00:00.000Z", "details": {}}
-p.produce(topic, key="Project:42", value=json.dumps(event).encode())
+first = {"id": "from-python-1", "event_type": "project_fork_operation", "entity_type": "Project", "entity_id": 42,
+         "entity_path": "py/tool", "author_id": 1, "author_name": "py", "created_at": "2026-01-01T02:00:00+02:00",
+         "details": {}, "extra": [1]}
+second = {"id": 77, "event_type": "project_fork_operation", "entity_type": "Project", "entity_id": 42}
+p.produce(topic, key="Project:42", value=json.dumps(first).encode())
+p.produce(topic, key="Project:42", value=json.dumps(second).encode(), timestamp=1767225600123)
 if p.flush(30) != 0:
     sys.exit("not delivered")
 "#;
@@ -498,10 +502,31 @@ if p.flush(30) != 0:
         .output()
         .expect("python3 runs");
     assert!(out.status.success(), "python publisher failed: {}", String::from_utf8_lossy(&out.stderr));
-    let deliveries = read_topic(&kafka, &Topics::new(&prefix).deliveries(), 1, Duration::from_secs(30)).await;
-    assert_eq!(deliveries.len(), 1);
+    let deliveries = read_topic(&kafka, &Topics::new(&prefix).deliveries(), 2, Duration::from_secs(30)).await;
+    assert_eq!(deliveries.len(), 2);
     assert_eq!(tests::delivery_event_id(&deliveries[0]).as_deref(), Some("from-python-1"));
     assert_eq!(tests::key(&deliveries[0]), Some("inst"));
+
+    // Delivered complete (SPEC §1): every field present, null where unknown,
+    // created_at in UTC with milliseconds; the publisher's extra field kept.
+    let payloads: Vec<serde_json::Value> = deliveries
+        .iter()
+        .map(|m| serde_json::from_slice(rdkafka::Message::payload(m).unwrap_or_default()).expect("a JSON event"))
+        .collect();
+    for p in &payloads {
+        for field in proto::event::FIELDS {
+            assert!(p.get(field).is_some(), "{field} missing from {p}");
+        }
+        assert_eq!(p["target_details"], serde_json::Value::Null, "{p}");
+    }
+    assert_eq!(payloads[0]["created_at"], "2026-01-01T00:00:00.000Z");
+    assert_eq!(payloads[0]["author_name"], "py");
+    assert_eq!(payloads[0]["extra"], serde_json::json!([1]));
+    assert_eq!(payloads[1]["id"], 77);
+    assert_eq!(payloads[1]["created_at"], "2026-01-01T00:00:00.123Z");
+    assert_eq!(payloads[1]["entity_path"], serde_json::Value::Null);
+    let completed = tests::metric(router.admin, "auditstream_router_events_completed_total").await;
+    assert_eq!(completed, 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,10 +29,18 @@ async fn setup(broker: &TestBroker) -> (String, service::config::KafkaConfig) {
     (prefix, kafka)
 }
 
+/// A complete event (every field of SPEC §1, `created_at` in its form), so
+/// the router delivers its bytes unchanged.
 fn event(id: &str, entity: i64) -> Vec<u8> {
-    format!(r#"{{"id":"{id}","event_type":"audit_operation","entity_type":"Project","entity_id":{entity},"entity_path":"acme/p{entity}"}}"#)
-        .into_bytes()
+    format!(
+        r#"{{"id":"{id}","author_id":1,"author_name":"a","entity_id":{entity},"entity_type":"Project","entity_path":"acme/p{entity}","target_id":1,"target_type":"X","target_details":null,"event_type":"audit_operation","ip_address":"","created_at":"{CREATED_AT}","details":{{}}}}"#
+    )
+    .into_bytes()
 }
+
+/// The `created_at` of [`event`], and as Unix milliseconds.
+const CREATED_AT: &str = "2026-11-21T10:00:00.000Z";
+const CREATED_AT_MS: i64 = 1_795_255_200_000;
 
 /// `n` events with ids `{id}0..`, keyed and spread over `projects` projects.
 fn events(n: usize, id: &str, projects: usize) -> Vec<(String, Vec<u8>)> {
@@ -122,7 +130,12 @@ async fn poison_events_are_dead_lettered_and_consumption_continues() {
     // from the fresh delivery's event.
     let created_at = |id: &str| tests::delivery_meta(by_id(id)).unwrap().created_at_ms;
     assert_eq!(created_at("timed"), Some(1_795_255_200_123));
-    assert_eq!(created_at("good-after-poison"), None, "no created_at, none read");
+    assert_eq!(created_at("good-after-poison"), Some(CREATED_AT_MS));
+    // "timed" was written without most fields: delivered with them, null.
+    let timed: serde_json::Value =
+        serde_json::from_slice(rdkafka::Message::payload(by_id("timed")).unwrap_or_default()).unwrap();
+    assert_eq!(timed["author_name"], serde_json::Value::Null, "{timed}");
+    assert_eq!(timed["created_at"], "2026-11-21T10:00:00.123Z");
     assert!(
         wait_until(Duration::from_secs(10), || async {
             metric(router.admin, "auditstream_router_events_total{outcome=\"dead_lettered\"}").await >= 5.0
