@@ -786,14 +786,15 @@ pub fn is_canonical_timestamp(text: &str) -> bool {
 /// rewritten in UTC with milliseconds: the same instant, sub-millisecond
 /// digits dropped. The publisher's other bytes are kept; completions are
 /// inserted after `{`. `None` when the event is complete as it is.
-pub fn complete(text: &str, view: &EventView<'_>, id: &EventId, now: OffsetDateTime) -> Option<Vec<u8>> {
-    let text = text.trim();
+pub fn complete(bytes: &[u8], view: &EventView<'_>, id: &EventId, now: OffsetDateTime) -> Option<Vec<u8>> {
+    let other_form = view.created_at.as_deref().filter(|at| !is_canonical_timestamp(at));
+    if view.missing.is_empty() && other_form.is_none() {
+        return None;
+    }
+    // parse() checked the document is UTF-8 and an object.
+    let text = std::str::from_utf8(bytes).ok()?.trim();
     // The value's place in `text`, when it has to be rewritten.
-    let rewrite = view
-        .created_at
-        .as_deref()
-        .filter(|at| !is_canonical_timestamp(at))
-        .and_then(|at| Some((OffsetDateTime::parse(at, &Rfc3339).ok()?, created_at_span(text)?)));
+    let rewrite = other_form.and_then(|at| Some((OffsetDateTime::parse(at, &Rfc3339).ok()?, created_at_span(text)?)));
     if view.missing.is_empty() && rewrite.is_none() {
         return None;
     }
@@ -868,13 +869,13 @@ pub fn prepare(
     let mut view = EventView::parse(bytes)?;
     view.check_type(registry, limits.accept_unknown_types).map_err(|e| vec![e])?;
 
-    // parse() checked the document is UTF-8 and an object.
-    let text = std::str::from_utf8(bytes).unwrap_or_default().trim();
     let id = match view.id.take() {
         Some(id) => id,
         None => EventId::Str(uuid::Uuid::now_v7().to_string()),
     };
-    let out = complete(text, &view, &id, now).unwrap_or_else(|| text.as_bytes().to_vec());
+    // parse() checked the document is UTF-8 and an object.
+    let out = complete(bytes, &view, &id, now)
+        .unwrap_or_else(|| std::str::from_utf8(bytes).unwrap_or_default().trim().as_bytes().to_vec());
     Ok(PreparedEvent {
         bytes: out,
         id,
@@ -979,7 +980,7 @@ mod tests {
     fn a_complete_event_in_the_spec_form_needs_no_completing() {
         let body = r#"{"id":7,"author_id":1,"author_name":"a","entity_id":6,"entity_type":"Project","entity_path":"g/p","target_id":1,"target_type":"X","target_details":"d","event_type":"audit_operation","ip_address":"","created_at":"2022-03-09T06:53:11.181Z","details":{}}"#;
         let view = EventView::parse(body.as_bytes()).unwrap();
-        assert_eq!(complete(body, &view, &EventId::Int(7), NOW), None);
+        assert_eq!(complete(body.as_bytes(), &view, &EventId::Int(7), NOW), None);
     }
 
     #[test]

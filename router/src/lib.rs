@@ -334,14 +334,12 @@ fn plan(ctx: &Context, payload: &[u8], published: Option<i64>, out: &mut Vec<Arc
             drop((tree, destinations));
             // An event the producer's API or client took is complete; one
             // written to Kafka directly may not be (docs/PUBLISHING.md).
-            // `route` refused one without an id, and `parse` checked the
-            // bytes are UTF-8.
-            let text = std::str::from_utf8(payload).unwrap_or_default();
+            // `route` refused one without an id.
             let completed = view.id.as_ref().and_then(|id| {
                 let at = published
                     .and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
                     .unwrap_or_else(time::OffsetDateTime::now_utc);
-                proto::event::complete(text, &view, id, at)
+                proto::event::complete(payload, &view, id, at)
             });
             if completed.is_some() {
                 ctx.metrics.completed.inc();
