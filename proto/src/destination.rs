@@ -123,6 +123,7 @@ fn check_name(v: &str) -> Result<(), String> {
 }
 
 fn check_token(v: &str) -> Result<(), String> {
+    // Only ASCII passes, so counting bytes is counting characters.
     if !(16..=24).contains(&v.len()) || !v.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("must be 16 to 24 visible ASCII characters".into());
     }
@@ -135,8 +136,12 @@ fn check_url(v: &str) -> Result<(), String> {
     if v.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err("must not contain spaces or control characters".into());
     }
-    if v.len() > MAX_URL_LEN {
-        return Err(format!("is {} characters, more than {MAX_URL_LEN}", v.len()));
+    // Characters as typed (SPEC §5), not bytes: the parser percent-encodes
+    // a non-ASCII path or host for the wire, but the owner's limit is on
+    // what they wrote.
+    let length = v.chars().count();
+    if length > MAX_URL_LEN {
+        return Err(format!("is {length} characters, more than {MAX_URL_LEN}"));
     }
     let url = url::Url::parse(v).map_err(|e| format!("is not a URL: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -163,7 +168,7 @@ fn check_header_name(v: &str) -> Result<(), String> {
 }
 
 fn check_header_value(v: &str) -> Result<(), String> {
-    if v.len() > MAX_HEADER_VALUE_LEN {
+    if v.chars().count() > MAX_HEADER_VALUE_LEN {
         return Err(format!("is longer than {MAX_HEADER_VALUE_LEN} characters"));
     }
     if v.chars().any(|c| c.is_control()) {
@@ -569,6 +574,26 @@ mod tests {
         assert!(SigningSecret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_ok());
         assert!(SigningSecret::new("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
         assert!(SigningSecret::new("whsec_c2hvcnQ=").is_err());
+    }
+
+    /// SPEC §5 sets its limits in characters: "é" is one character of two
+    /// bytes, so 200 of them fit in 255 and 256 of them do not.
+    #[test]
+    fn limits_count_characters_not_bytes() {
+        assert!(HeaderValue::new("é".repeat(200)).is_ok(), "400 bytes, 200 characters");
+        assert!(HeaderValue::new("é".repeat(255)).is_ok());
+        let refused = HeaderValue::new("é".repeat(256)).unwrap_err();
+        assert!(refused.contains("255 characters"), "{refused}");
+
+        let url = |n: usize| format!("https://x/{}", "é".repeat(n));
+        assert!(DestinationUrl::new(url(200)).is_ok(), "210 characters, 410 bytes");
+        assert!(DestinationUrl::new(url(245)).is_ok());
+        let refused = DestinationUrl::new(url(246)).unwrap_err();
+        assert!(refused.contains("is 256 characters"), "{refused}");
+
+        assert!(DestinationName::new("é".repeat(72)).is_ok());
+        assert!(DestinationName::new("é".repeat(73)).unwrap_err().contains("72 characters"));
+        assert!(VerificationToken::new("é".repeat(10)).is_err(), "20 bytes, but not ASCII");
     }
 
     #[test]

@@ -1053,12 +1053,14 @@ fn destination_config_corpus() {
         ("a tab in a value".into(), "headers", header("X-A", "a\tb"), Unreadable("control characters")),
         ("a value of 256 characters".into(), "headers", header("X-A", &"v".repeat(256)), Unreadable("longer than 255")),
         ("a value of 255 characters".into(), "headers", header("X-A", &"v".repeat(255)), Valid),
+        // SPEC §5 counts characters, not bytes.
         (
-            "a value of 128 two-byte characters (256 bytes)".into(),
+            "a value of 256 two-byte characters".into(),
             "headers",
-            header("X-A", &"é".repeat(128)),
+            header("X-A", &"é".repeat(256)),
             Unreadable("longer than 255"),
         ),
+        ("a value of 255 two-byte characters (510 bytes)".into(), "headers", header("X-A", &"é".repeat(255)), Valid),
         (
             "CRLF header injection in a name".into(),
             "headers",

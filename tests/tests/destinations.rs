@@ -176,6 +176,11 @@ async fn every_rule_names_its_field() {
             "headers[0].value",
         ),
         (
+            "header value of 256 characters, non-ASCII",
+            with("headers", json!([{ "name": "X-Ok", "value": "é".repeat(256) }])),
+            "headers[0].value",
+        ),
+        (
             "duplicate header",
             with("headers", json!([{ "name": "X-A", "value": "1" }, { "name": "x-a", "value": "2" }])),
             "headers[1].name",
@@ -227,6 +232,10 @@ async fn every_rule_names_its_field() {
     // A category entry and an in-group filter are fine.
     let ok = json!({ "name": "ok", "url": "http://127.0.0.1:9/x", "event_type_filters": { "allow": ["category:compliance_management", "audit_operation"] }, "namespace_filters": [{ "kind": "project", "id": 102 }, group(101)] });
     let (status, answer) = api.create("/groups/100/destinations", ACME_OWNER, ok).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    // Limits count characters, not bytes: 200 "é" are 400 bytes.
+    let wide = json!({ "name": "é".repeat(72), "url": format!("http://127.0.0.1:9/{}", "é".repeat(200)), "headers": [{ "name": "X-Ok", "value": "é".repeat(200) }] });
+    let (status, answer) = api.create("/groups/100/destinations", ACME_OWNER, wide).await;
     assert_eq!(status, StatusCode::CREATED, "{answer}");
 }
 
