@@ -9,7 +9,7 @@ use std::{
 
 use proto::{
     delivery::{DeliveryMeta, H_REASON},
-    destination::{Destination, Owner, RetiringSecret, SigningSecret},
+    destination::{CustomHeader, Destination, HeaderName, HeaderValue, Owner, RetiringSecret, SigningSecret},
     topics::Topics,
 };
 use receiver::{Expected, Faults, Receiver, ReceiverConfig};
@@ -575,6 +575,29 @@ async fn signatures_verify_with_an_independent_implementation_during_rotation() 
     }
     let stranger = standardwebhooks::Webhook::new("whsec_c3RyYW5nZXItc2VjcmV0LXRoYXQtaXMtbG9uZw==").unwrap();
     assert!(stranger.verify(&got.body, &headers).is_err(), "a wrong secret does not verify");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_content_type_replaces_the_default_on_the_wire() {
+    let w = world().await;
+    let mut typed = destination("a", Owner::Instance, &format!("http://{}/a", w.addr), TOKEN_A);
+    typed.headers = vec![CustomHeader {
+        name: HeaderName::new("Content-Type").unwrap(),
+        value: HeaderValue::new("application/vnd.siem+json").unwrap(),
+        active: true,
+    }];
+    w.seed.put_destination(&typed).await.unwrap();
+    let _d = w.ready_deliverer(&[]).await;
+    w.enqueue("a", "e-typed").await;
+    w.enqueue("b", "e-plain").await;
+    assert!(w.wait_received("/a", "e-typed", Duration::from_secs(30)).await);
+    assert!(w.wait_received("/b", "e-plain", Duration::from_secs(30)).await);
+    let content_types = |path: &str| {
+        let got = w.receiver.received().into_iter().find(|r| r.path == path).unwrap();
+        got.headers.into_iter().filter(|(k, _)| k == "content-type").map(|(_, v)| v).collect::<Vec<_>>()
+    };
+    assert_eq!(content_types("/a"), ["application/vnd.siem+json"], "the destination's header replaces the default");
+    assert_eq!(content_types("/b"), ["application/json"], "the default without one");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

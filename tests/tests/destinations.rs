@@ -508,6 +508,155 @@ async fn changes_are_audited_and_reach_routing_within_seconds() {
         .unwrap();
     let body: Value = serde_json::from_slice(&update.body).unwrap();
     assert!(body["details"]["custom_message"].as_str().unwrap().contains("changed active"), "{body}");
+
+    // Deleting it is audited on the same entity and target.
+    let (status, _) = api.call(Method::DELETE, &format!("/groups/100/destinations/{id}"), Some(ACME_OWNER), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let body = audit_event(&receiver, "destroy_group_event_streaming_destination", &id).await;
+    assert_eq!(
+        (&body["entity_type"], &body["entity_id"], &body["entity_path"]),
+        (&json!("Group"), &json!(100), &json!("acme")),
+        "{body}"
+    );
+    assert_eq!(body["author_name"], "acme-owner");
+    assert!(body["details"]["custom_message"].as_str().unwrap().starts_with("Deleted event streaming destination"));
+
+    // Every change of an instance destination is audited on the instance.
+    let archive = json!({ "name": "archive", "url": receiver_url(addr, "archive"), "active": false });
+    let (status, created) = api.create("/instance/destinations", ADMIN, archive).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let archive_id = created["id"].as_str().unwrap().to_owned();
+    let one = format!("/instance/destinations/{archive_id}");
+    let (status, _) = api.call(Method::PATCH, &one, Some(ADMIN), Some(json!({ "name": "archive 2" }))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(api.call(Method::DELETE, &one, Some(ADMIN), None).await.0, StatusCode::NO_CONTENT);
+    for (event_type, message) in [
+        ("create_instance_event_streaming_destination", "Created event streaming destination \"archive\""),
+        ("update_instance_event_streaming_destination", "changed name"),
+        ("destroy_instance_event_streaming_destination", "Deleted event streaming destination \"archive 2\""),
+    ] {
+        let body = audit_event(&receiver, event_type, &archive_id).await;
+        assert_eq!((&body["entity_type"], &body["entity_id"]), (&json!("Instance"), &json!(1)), "{body}");
+        assert_eq!((&body["author_id"], &body["author_name"]), (&json!(7), &json!("admin")), "{body}");
+        assert!(body["details"]["custom_message"].as_str().unwrap().contains(message), "{body}");
+    }
+}
+
+/// Waits for the audit event of `event_type` about destination `target` to
+/// reach `receiver`, and returns its body.
+async fn audit_event(receiver: &receiver::Receiver, event_type: &str, target: &str) -> Value {
+    let find = || {
+        receiver
+            .received()
+            .into_iter()
+            .filter(|d| d.header("x-gitlab-audit-event-type") == Some(event_type))
+            .filter_map(|d| serde_json::from_slice::<Value>(&d.body).ok())
+            .find(|body| body["target_id"] == target)
+    };
+    wait_until(Duration::from_secs(30), || {
+        let found = find().is_some();
+        async move { found }
+    })
+    .await;
+    find().unwrap_or_else(|| {
+        let seen: Vec<_> = receiver
+            .received()
+            .iter()
+            .filter_map(|d| d.header("x-gitlab-audit-event-type").map(str::to_owned))
+            .collect();
+        panic!("no {event_type} about {target} arrived; saw {seen:?}")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_signing_secret_stops_signing_deliveries() {
+    let api = start(&[]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = "signed-dest-token-00001";
+    let receiver = receiver::Receiver::new(receiver::ReceiverConfig {
+        expected: vec![receiver::Expected { name: "signed".into(), token: token.into(), secret: None }],
+        log_file: None,
+        print: false,
+        faults: Default::default(),
+    })
+    .unwrap();
+    tokio::spawn(receiver.clone().serve(listener, std::future::pending()));
+
+    // Signed, then rotated, so a retiring secret signs beside the current one.
+    let body = json!({ "name": "signed", "url": receiver_url(addr, "signed"), "verification_token": token, "signing_secret": SECRET });
+    let (status, created) = api.create("/instance/destinations", ADMIN, body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let path = format!("/instance/destinations/{}", created["id"].as_str().unwrap());
+    let (status, rotated) =
+        api.call(Method::PATCH, &path, Some(ADMIN), Some(json!({ "signing_secret": NEXT_SECRET }))).await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    assert!(rotated["previous_signing_secret_until"].is_string(), "{rotated}");
+
+    // Started after the destination exists: their readiness waits until
+    // they have read it.
+    let router = spawn_role("router", &api.broker, &api.prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", unique("r"))]);
+    let deliverer = spawn_role(
+        "deliverer",
+        &api.broker,
+        &api.prefix,
+        &[
+            ("AUDITSTREAM_DELIVERER__GROUP_ID", unique("d")),
+            ("AUDITSTREAM_DELIVERER__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#.into()),
+        ],
+    );
+    assert!(
+        wait_ready(router.admin, Duration::from_secs(60)).await
+            && wait_ready(deliverer.admin, Duration::from_secs(60)).await
+    );
+    // Publishes an event and waits for its delivery.
+    let deliver = |id: String| {
+        let (client, url, r) = (api.client.clone(), format!("{}/events", api.base), receiver.clone());
+        async move {
+            let body = json!({ "id": id, "event_type": "audit_operation", "entity_type": "Instance", "entity_id": 1 });
+            let status = client.post(url).bearer_auth(ADMIN).body(body.to_string()).send().await.unwrap().status();
+            assert_eq!(status, StatusCode::ACCEPTED);
+            let quoted = format!("\"{id}\"");
+            let find = || {
+                r.received()
+                    .into_iter()
+                    .find(|d| d.path == "/signed" && String::from_utf8_lossy(&d.body).contains(&quoted))
+            };
+            wait_until(Duration::from_secs(20), || {
+                let found = find().is_some();
+                async move { found }
+            })
+            .await;
+            find()
+        }
+    };
+    let signed = deliver("signed-1".into()).await.expect("the signed delivery arrived");
+    assert_eq!(signed.header("webhook-id"), Some("signed-1"));
+    assert_eq!(signed.header("webhook-signature").map(|s| s.split(' ').count()), Some(2), "both secrets sign");
+
+    let (status, removed) = api.call(Method::PATCH, &path, Some(ADMIN), Some(json!({ "signing_secret": null }))).await;
+    assert_eq!(status, StatusCode::OK, "{removed}");
+    assert_eq!(removed["signing_secret"], Value::Null);
+    // The deliverer follows within moments; deliveries made before it
+    // learns of the change may still be signed.
+    let signature_headers = |d: &receiver::Received| {
+        ["webhook-id", "webhook-timestamp", "webhook-signature"]
+            .into_iter()
+            .filter(|h| d.header(h).is_some())
+            .collect::<Vec<_>>()
+    };
+    let mut n = 0;
+    let unsigned = wait_until(Duration::from_secs(30), || {
+        n += 1;
+        let delivered = deliver(format!("unsigned-{n}"));
+        async move { delivered.await.is_some_and(|d| signature_headers(&d).is_empty()) }
+    })
+    .await;
+    assert!(unsigned, "deliveries are still signed after the secret was removed");
+    let last = deliver("unsigned-last".into()).await.expect("delivered");
+    assert_eq!(signature_headers(&last), Vec::<&str>::new(), "and they stay unsigned");
+    let (_, read) = api.call(Method::GET, &path, Some(ADMIN), None).await;
+    assert_eq!((&read["signing_secret"], &read["previous_signing_secret_until"]), (&Value::Null, &Value::Null));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
