@@ -1,15 +1,22 @@
-//! `auditstream dlq list|replay`: the dead-letter topic of deliveries.
+//! `auditstream dlq list|replay`: the dead-letter topic of deliveries, or
+//! with `--events` that of events the router could not route.
 
 use std::process::ExitCode;
 
 use deliverer::dlq::{self, Filter, Parked};
+use router::dlq::{self as events_dlq, ParkedEvent, Window};
 use serde_json::json;
 
 use crate::roles::{EXIT_CONFIG, RoleArgs};
 
-/// Which parked deliveries.
+/// Which parked deliveries (or events).
 #[derive(clap::Args)]
 pub struct Select {
+    /// Events the router parked (audit.events.dlq: unregistered type, no
+    /// id, not an event) instead of deliveries; a replay writes them back
+    /// to audit.events.
+    #[arg(long, conflicts_with = "destination")]
+    events: bool,
     /// Only this destination id.
     #[arg(long)]
     destination: Option<String>,
@@ -34,8 +41,9 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Write parked deliveries back into audit.deliveries (event id
-    /// unchanged). Replaying twice delivers twice; receivers dedupe on id.
+    /// Write parked deliveries back into audit.deliveries (with --events:
+    /// parked events into audit.events), event id unchanged. Replaying
+    /// twice delivers twice; receivers dedupe on id.
     Replay {
         #[command(flatten)]
         select: Select,
@@ -64,13 +72,14 @@ fn filter(select: &Select) -> Result<Filter, String> {
     })
 }
 
+fn parked_at(ms: Option<i64>) -> Option<String> {
+    ms.and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
+        .map(proto::event::format_timestamp)
+}
+
 fn row(p: &Parked) -> serde_json::Value {
-    let at = p
-        .parked_at_ms
-        .and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
-        .map(proto::event::format_timestamp);
     json!({
-        "parked_at": at,
+        "parked_at": parked_at(p.parked_at_ms),
         "partition": p.partition,
         "offset": p.offset,
         "destination": p.meta.as_ref().map(|m| m.destination_id.clone()),
@@ -79,6 +88,28 @@ fn row(p: &Parked) -> serde_json::Value {
         "attempts": p.meta.as_ref().map(|m| m.attempt),
         "reason": p.reason,
     })
+}
+
+fn event_row(p: &ParkedEvent) -> serde_json::Value {
+    json!({
+        "parked_at": parked_at(p.parked_at_ms),
+        "partition": p.partition,
+        "offset": p.offset,
+        "key": p.key.as_deref().map(String::from_utf8_lossy),
+        "event_id": p.event_id,
+        "event_type": p.event_type,
+        "reason": p.reason,
+    })
+}
+
+fn print_event_table(parked: &[ParkedEvent]) {
+    println!("{:<25} {:<24} {:<38} {:<34}  REASON", "PARKED AT", "KEY", "EVENT ID", "TYPE");
+    for p in parked {
+        let r = event_row(p);
+        let s = |k: &str| r[k].as_str().unwrap_or("?").to_owned();
+        println!("{:<25} {:<24} {:<38} {:<34}  {}", s("parked_at"), s("key"), s("event_id"), s("event_type"), p.reason);
+    }
+    println!("{} parked events", parked.len());
 }
 
 fn print_table(parked: &[Parked]) {
@@ -115,6 +146,10 @@ pub async fn run(command: DlqCommand) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if select.events {
+        let window = Window { since_ms: filter.since_ms, until_ms: filter.until_ms };
+        return run_events(&config.kafka, window, action).await;
+    }
     let parked = match dlq::read(&config.kafka, &filter).await {
         Ok(p) => p,
         Err(e) => {
@@ -140,6 +175,42 @@ pub async fn run(command: DlqCommand) -> ExitCode {
                     println!(
                         "skipped {skipped} records whose delivery (destination, event id and type) cannot be read"
                     );
+                }
+            }
+            Err(e) => {
+                eprintln!("error: replaying: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    }
+    ExitCode::SUCCESS
+}
+
+/// Runs a `dlq` command over the events' dead-letter topic.
+async fn run_events(kafka: &service::config::KafkaConfig, window: Window, action: &DlqCommand) -> ExitCode {
+    let parked = match events_dlq::read(kafka, window).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: reading the events' dead-letter topic: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match action {
+        DlqCommand::List { json: true, .. } => {
+            for p in &parked {
+                println!("{}", event_row(p));
+            }
+        }
+        DlqCommand::List { .. } => print_event_table(&parked),
+        DlqCommand::Replay { dry_run: true, .. } => {
+            print_event_table(&parked);
+            println!("dry run: nothing replayed");
+        }
+        DlqCommand::Replay { .. } => match events_dlq::replay(kafka, &parked).await {
+            Ok((replayed, skipped)) => {
+                println!("replayed {replayed} events into audit.events");
+                if skipped > 0 {
+                    println!("skipped {skipped} tombstones (records without an event)");
                 }
             }
             Err(e) => {

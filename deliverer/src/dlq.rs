@@ -11,20 +11,13 @@ use proto::{
     delivery::{DeliveryMeta, H_REASON},
     topics::Topics,
 };
-use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{Consumer, StreamConsumer},
-    error::KafkaError,
-    message::Header,
-};
+use rdkafka::{Message, error::KafkaError, message::Header};
 use service::{config::KafkaConfig, kafka};
 
 /// How long the topic must stay quiet before the read counts as complete.
 const IDLE: Duration = Duration::from_secs(2);
 
-/// Header on a replayed delivery: where in the dead-letter topic it came
-/// from (`partition:offset`).
-pub const H_REPLAYED_FROM: &str = "auditstream-replayed-from";
+pub use proto::delivery::H_REPLAYED_FROM;
 
 /// Which dead-lettered deliveries to select.
 #[derive(Debug, Clone, Default)]
@@ -69,18 +62,8 @@ pub struct Parked {
 /// `filter` selects.
 pub async fn read(config: &KafkaConfig, filter: &Filter) -> Result<Vec<Parked>, KafkaError> {
     let topic = Topics::new(config.topic_prefix.clone()).deliveries_dlq();
-    let consumer: StreamConsumer = kafka::reader(config)?;
-    let count = kafka::partitions(&consumer, &topic, Duration::from_secs(30)).await?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..count {
-        tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    // Read until nothing more arrives for a moment. End offsets alone are
-    // not trusted: some brokers under-report them (docs/ARCHITECTURE.md).
     let mut out = Vec::new();
-    while let Ok(received) = tokio::time::timeout(IDLE, consumer.recv()).await {
-        let m = received?;
+    for m in kafka::read_all(config, &topic, IDLE).await? {
         let headers = kafka::header_pairs(&m);
         let reason = headers
             .iter()

@@ -39,6 +39,9 @@ pub const H_CREATED_AT: &str = "auditstream-created-at";
 pub const H_HISTORY: &str = "auditstream-history";
 /// Header: why a record was dead-lettered.
 pub const H_REASON: &str = "auditstream-reason";
+/// Header on a record replayed from a dead-letter topic: where in it the
+/// record came from (`partition:offset`).
+pub const H_REPLAYED_FROM: &str = "auditstream-replayed-from";
 
 /// Most attempts kept in a record's history (the oldest are dropped first,
 /// the count in [`DeliveryMeta::attempt`] stays exact).

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`] — the role's typed configuration.
+//! - [`dlq`] — the events' dead-letter topic: list and replay.
 //! - [`route`] — the per-event decision (SPEC §4).
 //! - [`metrics`] — `auditstream_router_*`.
 //!
@@ -17,6 +18,7 @@
 //! is written again by one background task until it is taken.
 
 pub mod config;
+pub mod dlq;
 pub mod metrics;
 pub mod route;
 

@@ -149,6 +149,30 @@ pub async fn partitions(consumer: &StreamConsumer, topic: &str, deadline: Durati
     }
 }
 
+/// Reads every partition of `topic` from its beginning until nothing more
+/// arrives for `idle`, for the operator's commands over a dead-letter
+/// topic. End offsets alone are not trusted: some brokers under-report
+/// them (docs/ARCHITECTURE.md).
+pub async fn read_all(
+    config: &KafkaConfig,
+    topic: &str,
+    idle: Duration,
+) -> Result<Vec<rdkafka::message::OwnedMessage>, KafkaError> {
+    use rdkafka::{Offset, TopicPartitionList, consumer::Consumer as _};
+    let consumer: StreamConsumer = reader(config)?;
+    let count = partitions(&consumer, topic, Duration::from_secs(30)).await?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..count {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    while let Ok(received) = tokio::time::timeout(idle, consumer.recv()).await {
+        out.push(received?.detach());
+    }
+    Ok(out)
+}
+
 /// Kafka record headers from name/value pairs.
 pub fn headers<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> rdkafka::message::OwnedHeaders {
     pairs.into_iter().fold(rdkafka::message::OwnedHeaders::new(), |h, (key, value)| {

@@ -374,3 +374,82 @@ async fn writes_the_producer_has_no_room_for_wait_for_room() {
         "not every offset was committed"
     );
 }
+
+/// Runs an `auditstream` command against the test's topics; its status and
+/// output (stdout, then stderr).
+fn run_cli(broker: &TestBroker, prefix: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(tests::binary())
+        .args(args)
+        .env("AUDITSTREAM_KAFKA__BROKERS", broker.brokers())
+        .env("AUDITSTREAM_KAFKA__TOPIC_PREFIX", prefix)
+        .output()
+        .expect("auditstream runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_events_are_listed_and_replayed_once_their_cause_is_fixed() {
+    let broker = TestBroker::start();
+    let (prefix, kafka) = setup(&broker).await;
+    let topics = Topics::new(&prefix);
+    let custom = br#"{"id":"custom-1","event_type":"custom_thing","entity_type":"Project","entity_id":1}"#;
+    produce_raw(&kafka, &topics.events(), "Project:1", custom, &[("origin", b"test")]).await;
+    let producer = service::kafka::producer(&kafka, Duration::from_secs(30)).unwrap();
+    service::kafka::produce_durably(&producer, &topics.events(), b"Project:1", None, &[]).await;
+
+    let group = unique("g");
+    let mut router = spawn_role("router", &broker, &prefix, &[("AUDITSTREAM_ROUTER__GROUP_ID", group.clone())]);
+    let parked = read_topic(&kafka, &topics.events_dlq(), 2, Duration::from_secs(30)).await;
+    assert_eq!(parked.len(), 2);
+    let parked_custom =
+        parked.iter().find(|m| !rdkafka::Message::payload(*m).unwrap_or_default().is_empty()).expect("the event");
+    // Stopped cleanly, so its successor starts after both records.
+    assert!(router.process.terminate(Duration::from_secs(25)).is_some_and(|s| s.success()));
+
+    // The operator's view: the event by id, type, entity and reason.
+    let (ok, listed, err) = run_cli(&broker, &prefix, &["dlq", "list", "--events", "--json"]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = listed.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2, "{listed}");
+    let row = rows.iter().find(|r| r["event_id"] == "custom-1").expect("the event listed");
+    assert_eq!(
+        (&row["event_type"], &row["key"]),
+        (&serde_json::json!("custom_thing"), &serde_json::json!("Project:1"))
+    );
+    assert!(row["reason"].as_str().unwrap().contains("not registered"), "{row}");
+    let (ok, _, err) = run_cli(&broker, &prefix, &["dlq", "list", "--events", "--destination", "inst"]);
+    assert!(!ok && err.contains("--destination"), "deliveries' filter refused for events: {err}");
+
+    // The cause fixed (unknown types accepted), the replay routes it; the
+    // tombstone has nothing to route.
+    let router = spawn_role(
+        "router",
+        &broker,
+        &prefix,
+        &[("AUDITSTREAM_ROUTER__GROUP_ID", group), ("AUDITSTREAM_ROUTER__ACCEPT_UNKNOWN_TYPES", "true".into())],
+    );
+    assert!(wait_ready(router.admin, Duration::from_secs(60)).await);
+    let (ok, out, err) = run_cli(&broker, &prefix, &["dlq", "replay", "--events", "--since", "1h"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("replayed 1 events") && out.contains("skipped 1 tombstones"), "{out}");
+    let deliveries = read_topic(&kafka, &topics.deliveries(), 1, Duration::from_secs(30)).await;
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(tests::delivery_event_id(&deliveries[0]).as_deref(), Some("custom-1"));
+
+    // Back in audit.events as written, saying where it was parked.
+    let events = read_topic(&kafka, &topics.events(), 3, Duration::from_secs(10)).await;
+    let replayed = events.iter().find(|m| header(m, "auditstream-replayed-from").is_some()).expect("replayed record");
+    let at = {
+        use rdkafka::Message as _;
+        format!("{}:{}", parked_custom.partition(), parked_custom.offset())
+    };
+    assert_eq!(header(replayed, "auditstream-replayed-from"), Some(at.as_str()));
+    assert_eq!(header(replayed, "origin"), Some("test"));
+    assert_eq!(header(replayed, H_REASON), None);
+    assert_eq!(rdkafka::Message::payload(replayed), Some(&custom[..]));
+    assert_eq!(tests::key(replayed), Some("Project:1"));
+}
