@@ -258,6 +258,62 @@ async fn kafka_down_gives_503_with_retry_after_never_202() {
     assert!(accepted, "the producer recovers when Kafka is back");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_writes_kafka_does_not_take_are_503_and_change_nothing() {
+    let f = front_on(
+        TestBroker::mock_cluster(),
+        &[
+            ("AUDITSTREAM_API__PUBLISH_TIMEOUT", "2s".into()),
+            ("AUDITSTREAM_API__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#.into()),
+        ],
+    )
+    .await;
+    let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let req = http().request(method, format!("{}{path}", f.url)).bearer_auth(ADMIN);
+        let req = match body {
+            Some(b) => req.header("content-type", "application/json").body(b.to_string()),
+            None => req,
+        };
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            let retry_after = r.headers().contains_key("retry-after");
+            (status, serde_json::from_str(&r.text().await.unwrap()).unwrap_or(Value::Null), retry_after)
+        }
+    };
+    let destination = |name: &str| json!({ "name": name, "url": "http://127.0.0.1:9/x" });
+    let (status, answer, _) = call(reqwest::Method::POST, "/instance/destinations", Some(destination("before"))).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(
+        call(reqwest::Method::PUT, "/namespaces/group/5", Some(json!({ "parent": null, "full_path": "five" }))).await.0,
+        200
+    );
+
+    f.broker.mock().unwrap().broker_down(1).unwrap();
+    let (status, answer, retry_after) =
+        call(reqwest::Method::POST, "/instance/destinations", Some(destination("while-down"))).await;
+    assert_eq!((status, &answer["error"]["code"]), (503, &json!("unavailable")), "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("nothing changed"), "{answer}");
+    assert!(retry_after, "Retry-After sent");
+    let (status, answer, _) =
+        call(reqwest::Method::PUT, "/namespaces/group/6", Some(json!({ "parent": null, "full_path": "six" }))).await;
+    assert_eq!((status, &answer["error"]["code"]), (503, &json!("unavailable")), "{answer}");
+    let (status, answer, _) = call(reqwest::Method::DELETE, "/namespaces/group/5", None).await;
+    assert_eq!((status, &answer["error"]["code"]), (503, &json!("unavailable")), "{answer}");
+    let import = format!("{}/namespaces/import", f.url);
+    let lines = b"{\"kind\":\"group\",\"id\":7,\"parent\":null,\"full_path\":\"seven\"}\n".to_vec();
+    let (status, answer, _) = post(&import, Some(ADMIN), "application/x-ndjson", lines).await;
+    assert_eq!((status.as_u16(), &answer["error"]["written"]), (503, &json!(0)), "{answer}");
+
+    // Nothing the producer answered 503 for was applied.
+    f.broker.mock().unwrap().broker_up(1).unwrap();
+    let (status, listed, _) = call(reqwest::Method::GET, "/instance/destinations", None).await;
+    assert_eq!(status, 200, "{listed}");
+    let names: Vec<&str> =
+        listed["destinations"].as_array().unwrap().iter().filter_map(|d| d["name"].as_str()).collect();
+    assert_eq!(names, ["before"], "{listed}");
+}
+
 /// Clients publishing concurrently until the producer stops answering,
 /// recording the ids it answered 202 for.
 struct Publishing {
