@@ -65,7 +65,27 @@ fn check(data: &[u8], accept_unknown_types: bool) {
         assert_eq!(object["entity_id"].as_i64(), Some(prepared.entity_id));
     }
 
-    if view.missing.is_empty() {
+    let rewritten = view.created_at.as_deref().is_some_and(|at| !proto::event::is_canonical_timestamp(at));
+    if rewritten {
+        // created_at in another RFC 3339 form: rewritten in place in SPEC
+        // §1's form, the same instant to the millisecond; all else as sent.
+        if let (Ok(Value::Object(mut before)), Ok(Value::Object(mut after))) =
+            (serde_json::from_slice::<Value>(input), serde_json::from_slice::<Value>(&prepared.bytes))
+        {
+            let (Some(Value::String(was)), Some(Value::String(now))) =
+                (before.remove("created_at"), after.remove("created_at"))
+            else {
+                panic!("created_at lost in the rewrite: {text:?}")
+            };
+            assert!(proto::event::is_canonical_timestamp(&now), "rewritten as {now:?}");
+            let (was, now) = (proto::event::timestamp_ms(&was), proto::event::timestamp_ms(&now));
+            assert!(was.zip(now).is_some_and(|(a, b)| (a - b).abs() <= 1), "{was:?} became {now:?}");
+            for field in view.missing.iter() {
+                after.remove(field);
+            }
+            assert_eq!(before, after, "a field other than created_at changed");
+        }
+    } else if view.missing.is_empty() {
         assert_eq!(prepared.bytes, input, "a complete event must be stored exactly as received");
     } else {
         // `{` + completions + `,`? + the publisher's text after its `{`.
