@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use deliverer::dlq::{self, Filter, Parked};
+use rdkafka::error::KafkaError;
 use router::dlq::{self as events_dlq, ParkedEvent, Window};
 use serde_json::json;
 
@@ -67,8 +68,10 @@ fn parse_time(text: &str) -> Result<i64, String> {
 fn filter(select: &Select) -> Result<Filter, String> {
     Ok(Filter {
         destination: select.destination.clone(),
-        since_ms: select.since.as_deref().map(parse_time).transpose()?,
-        until_ms: select.until.as_deref().map(parse_time).transpose()?,
+        window: Window {
+            since_ms: select.since.as_deref().map(parse_time).transpose()?,
+            until_ms: select.until.as_deref().map(parse_time).transpose()?,
+        },
     })
 }
 
@@ -146,73 +149,70 @@ pub async fn run(command: DlqCommand) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let kafka = &config.kafka;
     if select.events {
-        let window = Window { since_ms: filter.since_ms, until_ms: filter.until_ms };
-        return run_events(&config.kafka, window, action).await;
+        let parked = match events_dlq::read(kafka, filter.window).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: reading the events' dead-letter topic: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let replay = || async {
+            let (replayed, skipped) = events_dlq::replay(kafka, &parked).await?;
+            let mut said = vec![format!("replayed {replayed} events into audit.events")];
+            if skipped > 0 {
+                said.push(format!("skipped {skipped} tombstones (records without an event)"));
+            }
+            Ok(said)
+        };
+        return act(action, &parked, event_row, print_event_table, replay).await;
     }
-    let parked = match dlq::read(&config.kafka, &filter).await {
+    let parked = match dlq::read(kafka, &filter).await {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: reading the dead-letter topic: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let replay = || async {
+        let (replayed, skipped) = dlq::replay(kafka, &parked).await?;
+        let mut said = vec![format!("replayed {replayed} deliveries into the flow")];
+        if skipped > 0 {
+            said.push(format!(
+                "skipped {skipped} records whose delivery (destination, event id and type) cannot be read"
+            ));
+        }
+        Ok(said)
+    };
+    act(action, &parked, row, print_table, replay).await
+}
+
+/// Does what `action` asks with the records read, from either topic: rows
+/// (`--json`), a table, a dry run, or `replay`, whose lines it prints.
+async fn act<P, F>(
+    action: &DlqCommand,
+    parked: &[P],
+    row: fn(&P) -> serde_json::Value,
+    table: fn(&[P]),
+    replay: impl FnOnce() -> F,
+) -> ExitCode
+where
+    F: Future<Output = Result<Vec<String>, KafkaError>>,
+{
     match action {
         DlqCommand::List { json: true, .. } => {
-            for p in &parked {
+            for p in parked {
                 println!("{}", row(p));
             }
         }
-        DlqCommand::List { .. } => print_table(&parked),
+        DlqCommand::List { .. } => table(parked),
         DlqCommand::Replay { dry_run: true, .. } => {
-            print_table(&parked);
+            table(parked);
             println!("dry run: nothing replayed");
         }
-        DlqCommand::Replay { .. } => match dlq::replay(&config.kafka, &parked).await {
-            Ok((replayed, skipped)) => {
-                println!("replayed {replayed} deliveries into the flow");
-                if skipped > 0 {
-                    println!(
-                        "skipped {skipped} records whose delivery (destination, event id and type) cannot be read"
-                    );
-                }
-            }
-            Err(e) => {
-                eprintln!("error: replaying: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-    }
-    ExitCode::SUCCESS
-}
-
-/// Runs a `dlq` command over the events' dead-letter topic.
-async fn run_events(kafka: &service::config::KafkaConfig, window: Window, action: &DlqCommand) -> ExitCode {
-    let parked = match events_dlq::read(kafka, window).await {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: reading the events' dead-letter topic: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match action {
-        DlqCommand::List { json: true, .. } => {
-            for p in &parked {
-                println!("{}", event_row(p));
-            }
-        }
-        DlqCommand::List { .. } => print_event_table(&parked),
-        DlqCommand::Replay { dry_run: true, .. } => {
-            print_event_table(&parked);
-            println!("dry run: nothing replayed");
-        }
-        DlqCommand::Replay { .. } => match events_dlq::replay(kafka, &parked).await {
-            Ok((replayed, skipped)) => {
-                println!("replayed {replayed} events into audit.events");
-                if skipped > 0 {
-                    println!("skipped {skipped} tombstones (records without an event)");
-                }
-            }
+        DlqCommand::Replay { .. } => match replay().await {
+            Ok(said) => said.iter().for_each(|line| println!("{line}")),
             Err(e) => {
                 eprintln!("error: replaying: {e}");
                 return ExitCode::FAILURE;

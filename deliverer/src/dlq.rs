@@ -12,7 +12,10 @@ use proto::{
     topics::Topics,
 };
 use rdkafka::{Message, error::KafkaError, message::Header};
-use service::{config::KafkaConfig, kafka};
+use service::{
+    config::KafkaConfig,
+    kafka::{self, Window},
+};
 
 /// How long the topic must stay quiet before the read counts as complete.
 const IDLE: Duration = Duration::from_secs(2);
@@ -24,18 +27,14 @@ pub use proto::delivery::H_REPLAYED_FROM;
 pub struct Filter {
     /// Only this destination.
     pub destination: Option<String>,
-    /// Parked at or after (Unix ms).
-    pub since_ms: Option<i64>,
-    /// Parked before (Unix ms).
-    pub until_ms: Option<i64>,
+    /// Parked within this window.
+    pub window: Window,
 }
 
 impl Filter {
     fn admits(&self, p: &Parked) -> bool {
-        let at = p.parked_at_ms.unwrap_or(0);
         self.destination.as_ref().is_none_or(|d| p.meta.as_ref().is_some_and(|m| &m.destination_id == d))
-            && self.since_ms.is_none_or(|s| at >= s)
-            && self.until_ms.is_none_or(|u| at < u)
+            && self.window.admits(p.parked_at_ms)
     }
 }
 
@@ -137,7 +136,7 @@ mod tests {
 
     #[test]
     fn filters_select_by_destination_and_time() {
-        let f = Filter { destination: Some("a".into()), since_ms: Some(10), until_ms: Some(20) };
+        let f = Filter { destination: Some("a".into()), window: Window { since_ms: Some(10), until_ms: Some(20) } };
         assert!(f.admits(&parked("a", 10)));
         assert!(!f.admits(&parked("a", 20)));
         assert!(!f.admits(&parked("a", 9)));

@@ -16,28 +16,11 @@ use proto::{
     topics::Topics,
 };
 use rdkafka::{Message, error::KafkaError, message::Header};
+pub use service::kafka::Window;
 use service::{config::KafkaConfig, kafka};
 
 /// How long the topic must stay quiet before the read counts as complete.
 const IDLE: Duration = Duration::from_secs(2);
-
-/// Which dead-lettered events to select: parked at or after `since_ms`,
-/// before `until_ms` (Unix ms).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Window {
-    /// Parked at or after.
-    pub since_ms: Option<i64>,
-    /// Parked before.
-    pub until_ms: Option<i64>,
-}
-
-impl Window {
-    /// Whether a record parked at `at` falls in the window.
-    pub fn admits(&self, at: Option<i64>) -> bool {
-        let at = at.unwrap_or(0);
-        self.since_ms.is_none_or(|s| at >= s) && self.until_ms.is_none_or(|u| at < u)
-    }
-}
 
 /// One dead-lettered event.
 #[derive(Debug, Clone)]
@@ -78,8 +61,8 @@ fn identify(payload: &[u8]) -> (Option<String>, Option<String>) {
     (text("id"), text("event_type"))
 }
 
-/// Reads the events' dead-letter topic to its current end and returns what
-/// `window` selects.
+/// Reads the events' dead-letter topic to its current end and returns the
+/// events parked within `window`.
 pub async fn read(config: &KafkaConfig, window: Window) -> Result<Vec<ParkedEvent>, KafkaError> {
     let topic = Topics::new(config.topic_prefix.clone()).events_dlq();
     let mut out = Vec::new();
@@ -147,17 +130,6 @@ pub async fn replay(config: &KafkaConfig, parked: &[ParkedEvent]) -> Result<(usi
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_window_admits_from_its_start_up_to_its_end() {
-        let w = Window { since_ms: Some(10), until_ms: Some(20) };
-        assert!(w.admits(Some(10)));
-        assert!(w.admits(Some(19)));
-        assert!(!w.admits(Some(20)));
-        assert!(!w.admits(Some(9)));
-        assert!(!w.admits(None));
-        assert!(Window::default().admits(None));
-    }
 
     #[test]
     fn a_parked_event_is_identified_when_it_can_be() {

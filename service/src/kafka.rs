@@ -149,6 +149,26 @@ pub async fn partitions(consumer: &StreamConsumer, topic: &str, deadline: Durati
     }
 }
 
+/// A span of record timestamps for the operator's commands over a
+/// dead-letter topic: at or after `since_ms`, before `until_ms` (Unix ms;
+/// either open).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Window {
+    /// At or after.
+    pub since_ms: Option<i64>,
+    /// Before.
+    pub until_ms: Option<i64>,
+}
+
+impl Window {
+    /// Whether a record stamped `at` falls in the window (one without a
+    /// timestamp counts as the epoch).
+    pub fn admits(&self, at: Option<i64>) -> bool {
+        let at = at.unwrap_or(0);
+        self.since_ms.is_none_or(|s| at >= s) && self.until_ms.is_none_or(|u| at < u)
+    }
+}
+
 /// Reads every partition of `topic` from its beginning until nothing more
 /// arrives for `idle`, for the operator's commands over a dead-letter
 /// topic. End offsets alone are not trusted: some brokers under-report
@@ -238,6 +258,17 @@ pub async fn produce_durably_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_admits_from_its_start_up_to_its_end() {
+        let w = Window { since_ms: Some(10), until_ms: Some(20) };
+        assert!(w.admits(Some(10)));
+        assert!(w.admits(Some(19)));
+        assert!(!w.admits(Some(20)));
+        assert!(!w.admits(Some(9)));
+        assert!(!w.admits(None));
+        assert!(Window::default().admits(None));
+    }
 
     #[test]
     fn batching_is_tunable_but_guarantees_are_not() {
