@@ -780,13 +780,14 @@ pub fn is_canonical_timestamp(text: &str) -> bool {
 
 /// Completes an event that [`EventView::parse`] read from `text` so that
 /// it carries every field of SPEC §1 as SPEC §1 writes it: `id` as given
-/// (the caller mints one when absent), `created_at` = `now` when absent,
+/// (the caller mints one when absent), `created_at` = `now()` when absent
+/// (asked only then),
 /// `null` for every other absent field, and a `created_at` given in
 /// another RFC 3339 form (an offset, more or fewer fraction digits)
 /// rewritten in UTC with milliseconds: the same instant, sub-millisecond
 /// digits dropped. The publisher's other bytes are kept; completions are
 /// inserted after `{`. `None` when the event is complete as it is.
-pub fn complete(bytes: &[u8], view: &EventView<'_>, id: &EventId, now: OffsetDateTime) -> Option<Vec<u8>> {
+pub fn complete(bytes: &[u8], view: &EventView<'_>, id: &EventId, now: impl Fn() -> OffsetDateTime) -> Option<Vec<u8>> {
     let other_form = view.created_at.as_deref().filter(|at| !is_canonical_timestamp(at));
     if view.missing.is_empty() && other_form.is_none() {
         return None;
@@ -815,7 +816,7 @@ pub fn complete(bytes: &[u8], view: &EventView<'_>, id: &EventId, now: OffsetDat
             }
             "created_at" => {
                 out.push(b'"');
-                write_timestamp(&mut out, now);
+                write_timestamp(&mut out, now());
                 out.push(b'"');
             }
             _ => out.extend_from_slice(b"null"),
@@ -874,7 +875,7 @@ pub fn prepare(
         None => EventId::Str(uuid::Uuid::now_v7().to_string()),
     };
     // parse() checked the document is UTF-8 and an object.
-    let out = complete(bytes, &view, &id, now)
+    let out = complete(bytes, &view, &id, || now)
         .unwrap_or_else(|| std::str::from_utf8(bytes).unwrap_or_default().trim().as_bytes().to_vec());
     Ok(PreparedEvent {
         bytes: out,
@@ -980,7 +981,7 @@ mod tests {
     fn a_complete_event_in_the_spec_form_needs_no_completing() {
         let body = r#"{"id":7,"author_id":1,"author_name":"a","entity_id":6,"entity_type":"Project","entity_path":"g/p","target_id":1,"target_type":"X","target_details":"d","event_type":"audit_operation","ip_address":"","created_at":"2022-03-09T06:53:11.181Z","details":{}}"#;
         let view = EventView::parse(body.as_bytes()).unwrap();
-        assert_eq!(complete(body.as_bytes(), &view, &EventId::Int(7), NOW), None);
+        assert_eq!(complete(body.as_bytes(), &view, &EventId::Int(7), || NOW), None);
     }
 
     #[test]

@@ -337,12 +337,12 @@ fn plan(ctx: &Context, payload: &[u8], published: Option<i64>, out: &mut Vec<Arc
             // An event the producer's API or client took is complete; one
             // written to Kafka directly may not be (docs/PUBLISHING.md).
             // `route` refused one without an id.
-            let completed = view.id.as_ref().and_then(|id| {
-                let at = published
+            let published = || {
+                published
                     .and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
-                    .unwrap_or_else(time::OffsetDateTime::now_utc);
-                proto::event::complete(payload, &view, id, at)
-            });
+                    .unwrap_or_else(time::OffsetDateTime::now_utc)
+            };
+            let completed = view.id.as_ref().and_then(|id| proto::event::complete(payload, &view, id, published));
             if completed.is_some() {
                 ctx.metrics.completed.inc();
             }
