@@ -254,6 +254,21 @@ impl Drop for Process {
     }
 }
 
+/// Waits until `find` finds something, polling every 100 ms, up to
+/// `deadline`; what it found.
+pub async fn wait_for<T>(deadline: Duration, mut find: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(found) = find() {
+            return Some(found);
+        }
+        if start.elapsed() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until `check` is true, polling, up to `deadline`.
 pub async fn wait_until<F, Fut>(deadline: Duration, mut check: F) -> bool
 where

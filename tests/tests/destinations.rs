@@ -553,12 +553,7 @@ async fn audit_event(receiver: &receiver::Receiver, event_type: &str, target: &s
             .filter_map(|d| serde_json::from_slice::<Value>(&d.body).ok())
             .find(|body| body["target_id"] == target)
     };
-    wait_until(Duration::from_secs(30), || {
-        let found = find().is_some();
-        async move { found }
-    })
-    .await;
-    find().unwrap_or_else(|| {
+    tests::wait_for(Duration::from_secs(30), find).await.unwrap_or_else(|| {
         let seen: Vec<_> = receiver
             .received()
             .iter()
@@ -622,12 +617,7 @@ async fn removing_the_signing_secret_stops_signing_deliveries() {
                     .into_iter()
                     .find(|d| d.path == "/signed" && String::from_utf8_lossy(&d.body).contains(&quoted))
             };
-            wait_until(Duration::from_secs(20), || {
-                let found = find().is_some();
-                async move { found }
-            })
-            .await;
-            find()
+            tests::wait_for(Duration::from_secs(20), find).await
         }
     };
     let signed = deliver("signed-1".into()).await.expect("the signed delivery arrived");
