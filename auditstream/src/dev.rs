@@ -195,6 +195,7 @@ async fn start(args: DevArgs) -> anyhow::Result<()> {
     }];
     producer_cfg.api.allowed_networks = loopback()?;
     producer_cfg.api.listen = api_addr;
+    producer_cfg.relay.session_timeout = Duration::from_secs(6);
     let mut router_cfg =
         router::RouterConfig { kafka: kafka.clone(), telemetry: dev_telemetry.clone(), ..Default::default() };
     router_cfg.router.session_timeout = Duration::from_secs(6);

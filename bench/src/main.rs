@@ -1216,7 +1216,11 @@ async fn run_scenario(
         broker,
         &prefix,
         "producer",
-        &[("AUDITSTREAM_API__LISTEN", api.to_string()), ("AUDITSTREAM_AUTH__REQUIRED", "false".into())],
+        &[
+            ("AUDITSTREAM_API__LISTEN", api.to_string()),
+            ("AUDITSTREAM_AUTH__REQUIRED", "false".into()),
+            ("AUDITSTREAM_RELAY__GROUP_ID", group("relay")),
+        ],
     )?;
     let mut router = spawn_role(
         args,

@@ -23,7 +23,7 @@ use std::{
 
 use proto::{
     EventId, EventLimits, FieldError, PreparedEvent, Registry,
-    delivery::{H_EVENT_ID, H_EVENT_TYPE},
+    delivery::{H_AUDIT_EVENT, H_EVENT_ID, H_EVENT_TYPE, H_REASON},
     namespace::{NamespaceRecord, NamespaceRef},
     topics::Topics,
 };
@@ -284,33 +284,71 @@ impl Publisher {
         self.write(&topic, key.as_bytes(), payload.as_deref()).await
     }
 
-    /// Writes a destination record (validated by the caller).
+    /// Writes a destination record (validated by the caller) with no audit
+    /// event: for seeding and tools. The API writes every change with its
+    /// audit event ([`Self::change_destination`]).
     pub async fn put_destination(&self, destination: &proto::destination::Destination) -> Result<(), PublishError> {
-        let invalid =
-            |e: serde_json::Error| PublishError::Invalid(vec![FieldError::new("(destination)", e.to_string())]);
-        let mut value = serde_json::to_value(destination).map_err(invalid)?;
-        if let Some(keyring) = &self.keyring {
-            proto::seal::seal_destination(&mut value, keyring);
-        }
-        let payload = serde_json::to_vec(&value).map_err(invalid)?;
-        let topic = self.topics.destinations();
-        self.write(&topic, destination.id.as_bytes(), Some(&payload)).await
+        self.change_destination(&destination.id, Some(destination), None).await
     }
 
-    /// Deletes a destination: a tombstone for its id.
+    /// Deletes a destination, with no audit event: a tombstone for its id.
     pub async fn delete_destination(&self, id: &str) -> Result<(), PublishError> {
+        self.change_destination(id, None, None).await
+    }
+
+    /// Writes destination `id`'s new record (`None`: its tombstone) and, as
+    /// the same record's [`H_AUDIT_EVENT`] header, the audit event of the
+    /// change: once this resolves, Kafka holds both or neither, and the
+    /// relay ([`crate::relay`]) publishes the event to `audit.events`.
+    pub async fn change_destination(
+        &self,
+        id: &str,
+        destination: Option<&proto::destination::Destination>,
+        audit: Option<&PreparedEvent>,
+    ) -> Result<(), PublishError> {
+        let payload = match destination {
+            Some(d) => {
+                let invalid =
+                    |e: serde_json::Error| PublishError::Invalid(vec![FieldError::new("(destination)", e.to_string())]);
+                let mut value = serde_json::to_value(d).map_err(invalid)?;
+                if let Some(keyring) = &self.keyring {
+                    proto::seal::seal_destination(&mut value, keyring);
+                }
+                Some(serde_json::to_vec(&value).map_err(invalid)?)
+            }
+            None => None,
+        };
+        let headers = audit.map(|event| service::kafka::headers([(H_AUDIT_EVENT, &event.bytes[..])]));
         let topic = self.topics.destinations();
-        self.write(&topic, id.as_bytes(), None).await
+        self.write_with(&topic, id.as_bytes(), payload.as_deref(), headers).await
+    }
+
+    /// Parks `payload` in `audit.events.dlq` under `key`, with `reason`.
+    pub(crate) async fn park(&self, key: &[u8], payload: &[u8], reason: &str) -> Result<(), PublishError> {
+        let headers = service::kafka::headers([(H_REASON, reason.as_bytes())]);
+        self.write_with(&self.topics.events_dlq(), key, Some(payload), Some(headers)).await
     }
 
     /// Writes one record (`None`: a tombstone) and waits for its
     /// acknowledgement.
     async fn write(&self, topic: &str, key: &[u8], payload: Option<&[u8]>) -> Result<(), PublishError> {
+        self.write_with(topic, key, payload, None).await
+    }
+
+    /// [`Self::write`], with headers.
+    async fn write_with(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: Option<&[u8]>,
+        headers: Option<rdkafka::message::OwnedHeaders>,
+    ) -> Result<(), PublishError> {
         let writes = Writes::new(1);
         let mut record =
             BaseRecord::<[u8], [u8], _>::with_opaque_to(topic, Box::new(Ack { writes: writes.clone(), index: 0 }))
                 .key(key);
         record.payload = payload;
+        record.headers = headers;
         let queue_deadline = tokio::time::Instant::now() + self.timeout;
         self.enqueue(record, queue_deadline).await;
         self.acknowledged(&writes, queue_deadline).await.pop().unwrap_or_else(|| Err(timed_out()))

@@ -23,6 +23,28 @@ pub struct ProducerConfig {
     pub api: ApiConfig,
     /// Who may call the API.
     pub auth: AuthConfig,
+    /// The relay that publishes destination changes' audit events.
+    pub relay: RelayConfig,
+}
+
+/// The relay ([`crate::relay`]): a consumer group over
+/// `audit.destinations` that publishes each change's audit event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Consumer group; the producer replicas in one group split the
+    /// partitions, and each change's audit event is published by one.
+    pub group_id: String,
+    /// How long the group waits for a silent member before moving its
+    /// partitions.
+    #[serde(with = "duration")]
+    pub session_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self { group_id: "auditstream-destination-audits".into(), session_timeout: Duration::from_secs(10) }
+    }
 }
 
 /// The public HTTP API.
@@ -135,6 +157,9 @@ impl ProducerConfig {
         if a.max_events == 0 || a.max_event_bytes == 0 || a.max_request_bytes == 0 || a.max_in_flight == 0 {
             return Err(ConfigError::Invalid("api limits must be above zero".into()));
         }
+        if self.relay.group_id.is_empty() {
+            return Err(ConfigError::Invalid("relay.group_id must be set".into()));
+        }
         if a.publish_timeout.is_zero() {
             return Err(ConfigError::Invalid("api.publish_timeout must be above zero".into()));
         }
@@ -152,5 +177,43 @@ impl ProducerConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> ProducerConfig {
+        let mut c = ProducerConfig::default();
+        c.auth.required = false;
+        c
+    }
+
+    #[test]
+    fn each_unusable_setting_is_refused_by_name() {
+        assert!(valid().validate().is_ok());
+        let refused = |change: fn(&mut ProducerConfig), name: &str| {
+            let mut c = valid();
+            change(&mut c);
+            let e = c.validate().expect_err(name).to_string();
+            assert!(e.contains(name), "{e}");
+        };
+        refused(|c| c.relay.group_id.clear(), "relay.group_id");
+        refused(|c| c.api.publish_timeout = Duration::ZERO, "api.publish_timeout");
+        refused(|c| c.api.max_events = 0, "api limits");
+        refused(|c| c.auth.required = true, "auth.tokens is empty");
+        refused(
+            |c| {
+                c.auth.tokens.push(TokenConfig {
+                    name: "t".into(),
+                    sha256: "x".into(),
+                    rights: vec![],
+                    owner_of: vec![],
+                    user_id: None,
+                })
+            },
+            "sha256 must be 64 hex",
+        );
     }
 }

@@ -7,8 +7,9 @@
 //!   404, so their existence does not leak.
 //! - Every rule is checked before anything is written; a refusal is a 422
 //!   listing each field and its problem.
-//! - Every create, update and delete publishes an audit event naming what
-//!   changed, never a secret value.
+//! - Every create, update and delete is written together with its audit
+//!   event, one record in `audit.destinations` ([`crate::relay`] publishes
+//!   the event): the event names what changed, never a secret value.
 //! - The verification token is shown to those who may manage the
 //!   destination; signing secrets and header values only in the answer to
 //!   the request that set them, masked afterwards.
@@ -392,6 +393,34 @@ async fn check_url_safety(state: &AppState, url: &DestinationUrl, errors: &mut V
     }
 }
 
+/// The event types of destination changes.
+const CHANGE_TYPES: [proto::EventTypeName; 6] = [
+    types::CREATE_GROUP_EVENT_STREAMING_DESTINATION,
+    types::UPDATE_GROUP_EVENT_STREAMING_DESTINATION,
+    types::DESTROY_GROUP_EVENT_STREAMING_DESTINATION,
+    types::CREATE_INSTANCE_EVENT_STREAMING_DESTINATION,
+    types::UPDATE_INSTANCE_EVENT_STREAMING_DESTINATION,
+    types::DESTROY_INSTANCE_EVENT_STREAMING_DESTINATION,
+];
+
+/// Checks at start that every destination change can be audited: its event
+/// type registered and streamed (an operator's definitions may replace the
+/// shipped ones).
+pub fn check_audit_types(registry: &proto::Registry) -> Result<(), String> {
+    let refused: Vec<String> = CHANGE_TYPES
+        .iter()
+        .filter(|t| !registry.get(t.as_str()).is_some_and(|d| d.streamed))
+        .map(|t| t.as_str().to_owned())
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "destination changes are audit events (SPEC §5), but these types are not registered with streamed: true: {}",
+        refused.join(", ")
+    ))
+}
+
 fn change_event(principal: &Principal, state: &AppState, d: &Destination, verb: &str, message: String) -> AuditContext {
     let name = match (d.owner, verb) {
         (Owner::Group { .. }, "create") => types::CREATE_GROUP_EVENT_STREAMING_DESTINATION,
@@ -419,15 +448,23 @@ fn change_event(principal: &Principal, state: &AppState, d: &Destination, verb: 
     ))
 }
 
-/// Writes the destination (or its tombstone), applies it locally, then
-/// publishes the change's audit event.
+/// Writes the destination (or its tombstone) together with the change's
+/// audit event, as one record ([`crate::relay`] publishes the event), and
+/// applies it locally once Kafka acknowledged it.
 async fn commit(state: &AppState, d: &Destination, deleted: bool, audit: AuditContext) -> Result<(), ApiError> {
-    let written = if deleted {
-        state.publisher.delete_destination(&d.id).await
-    } else {
-        state.publisher.put_destination(d).await
-    };
-    written.map_err(|e| {
+    let event = state.publisher.prepare(&audit.to_event()).map_err(|errors| {
+        // The event types are checked at start (crate::check_audit_types);
+        // a refusal here is a bug, and nothing is written.
+        tracing::error!(errors = %FieldError::join(&errors), destination = %d.id, "the change's audit event is invalid");
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the change's audit event could not be built; nothing changed",
+            Value::Null,
+        )
+    })?;
+    let destination = if deleted { None } else { Some(d) };
+    state.publisher.change_destination(&d.id, destination, Some(&event)).await.map_err(|e| {
         tracing::warn!(error = %e, destination = %d.id, "destination write not acknowledged");
         error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -437,25 +474,6 @@ async fn commit(state: &AppState, d: &Destination, deleted: bool, audit: AuditCo
         )
     })?;
     state.destinations.destinations.update(|dir| if deleted { dir.remove(&d.id) } else { dir.upsert(d.clone()) });
-    if let Err(e) = state.publisher.audit(&audit).await {
-        // The change is made: its audit event must follow, however long
-        // Kafka takes. Keep trying in the background.
-        tracing::warn!(error = %e, destination = %d.id, "audit event of a destination change not yet acknowledged; retrying");
-        let publisher = state.publisher.clone();
-        tokio::spawn(async move {
-            let mut pause = std::time::Duration::from_millis(500);
-            while publisher.audit(&audit).await.is_err() {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(10));
-            }
-        });
-        return Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "audit_pending",
-            "the change was applied; its audit event is not yet acknowledged and is being retried",
-            Value::Null,
-        ));
-    }
     Ok(())
 }
 
@@ -592,4 +610,18 @@ async fn delete_instance(
     h: HeaderMap,
 ) -> Result<Response, ApiError> {
     delete(s, h, Owner::Instance, id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_definitions_audit_every_destination_change() {
+        assert_eq!(check_audit_types(&proto::Registry::embedded()), Ok(()));
+        let e = check_audit_types(&proto::Registry::default()).unwrap_err();
+        for t in CHANGE_TYPES {
+            assert!(e.contains(t.as_str()), "{e}");
+        }
+    }
 }

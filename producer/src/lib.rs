@@ -7,6 +7,7 @@
 //! - [`client`] — validation, id minting, partitioning, the Kafka write.
 //! - [`audit`] — instrumentation: audit contexts and scoped recording.
 //! - [`destinations`] — the owners' destination API, every change audited.
+//! - [`relay`] — publishes each destination change's audit event.
 //! - [`api`] — the HTTP API.
 //! - [`auth`] — bearer tokens, hashed, compared in constant time.
 //! - [`metrics`] — `auditstream_producer_*`.
@@ -18,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod destinations;
 pub mod metrics;
+pub mod relay;
 
 pub use client::{PublishError, Publisher};
 pub use config::ProducerConfig;
@@ -83,6 +85,7 @@ async fn run_registered(
     ready: ReadyFlag,
 ) -> Result<(), ProducerError> {
     let registry = load_registry(config.api.types_dir.as_deref()).map_err(ProducerError::Types)?;
+    destinations::check_audit_types(&registry).map_err(ProducerError::Types)?;
     if config.kafka.create_topics {
         service::kafka::ensure_topics(&config.kafka, &Topics::new(config.kafka.topic_prefix.clone()).all(0)).await?;
     }
@@ -112,6 +115,15 @@ async fn run_registered(
         shutdown.clone(),
     )
     .await?;
+    let relay = relay::start(
+        &config.kafka,
+        &config.relay,
+        config.shutdown.grace,
+        publisher.clone(),
+        metrics.clone(),
+        &admin,
+        shutdown.clone(),
+    )?;
     let store = destinations::Store { destinations: destination_table, tree };
     let state = api::AppState::new(publisher.clone(), auth, config.api.clone(), metrics, store);
     tracing::info!(addr = %listener.local_addr()?, "producer API listening");
@@ -119,6 +131,8 @@ async fn run_registered(
     let mut stop = shutdown.clone();
     axum::serve(listener, api::router(state)).with_graceful_shutdown(async move { stop.wait().await }).await?;
     ready.set(false);
+    // The relay stops with the shutdown, committing what it published.
+    let _ = relay.await;
     publisher.flush(config.shutdown.grace);
     tracing::info!("producer stopped");
     Ok(())

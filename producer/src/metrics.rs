@@ -14,6 +14,9 @@ pub struct Metrics {
     produce_seconds: Histogram,
     rejected: IntCounterVec,
     in_flight: IntGauge,
+    /// Destination changes' audit events the relay took on, by outcome:
+    /// `published`, or `dead_lettered` (not a valid event).
+    pub relayed: IntCounterVec,
 }
 
 /// Decrements the in-flight gauge when dropped.
@@ -63,13 +66,26 @@ impl Metrics {
             &["reason"],
         )?;
         let in_flight = IntGauge::new("auditstream_producer_requests_in_flight", "Event requests being handled")?;
+        let relayed = IntCounterVec::new(
+            Opts::new(
+                "auditstream_producer_destination_audits_total",
+                "Audit events of destination changes relayed to audit.events, by outcome: published, dead_lettered",
+            ),
+            &["outcome"],
+        )?;
+        // Both series from the start at 0, so that rate() and increase()
+        // see the first event.
+        for outcome in ["published", "dead_lettered"] {
+            relayed.with_label_values(&[outcome]);
+        }
+        registry.register(Box::new(relayed.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(produce_seconds.clone()))?;
-        Ok(Self { events, requests, request_seconds, produce_seconds, rejected, in_flight })
+        Ok(Self { events, requests, request_seconds, produce_seconds, rejected, in_flight, relayed })
     }
 
     /// Counts `n` events with `outcome`.

@@ -42,6 +42,11 @@ pub const H_REASON: &str = "auditstream-reason";
 /// Header on a record replayed from a dead-letter topic: where in it the
 /// record came from (`partition:offset`).
 pub const H_REPLAYED_FROM: &str = "auditstream-replayed-from";
+/// Header on a destination record (or tombstone): the audit event of the
+/// change that wrote it, complete and with its id, which the producer's
+/// relay publishes to `audit.events` (SPEC §5). The change and its audit
+/// event are one write.
+pub const H_AUDIT_EVENT: &str = "auditstream-audit-event";
 
 /// Most attempts kept in a record's history (the oldest are dropped first,
 /// the count in [`DeliveryMeta::attempt`] stays exact).

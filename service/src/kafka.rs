@@ -104,15 +104,24 @@ pub fn reader_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// How long a compacted topic keeps every record before compaction may
+/// drop a superseded one: the producer's relay publishes the audit event a
+/// destination record carries, and must read it first (one day).
+pub const MIN_COMPACTION_LAG_MS: &str = "86400000";
+
 /// Creates the topics that do not exist yet. Compacted topics get
-/// `cleanup.policy=compact`.
+/// `cleanup.policy=compact` and [`MIN_COMPACTION_LAG_MS`].
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[(String, bool)]) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = base(config).create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, compacted)| {
             let t = NewTopic::new(name, config.partitions, TopicReplication::Fixed(config.replication_factor));
-            if *compacted { t.set("cleanup.policy", "compact") } else { t }
+            if *compacted {
+                t.set("cleanup.policy", "compact").set("min.compaction.lag.ms", MIN_COMPACTION_LAG_MS)
+            } else {
+                t
+            }
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

@@ -232,6 +232,11 @@ impl Process {
     /// SIGTERM, then wait up to `deadline` for exit; returns the status.
     pub fn terminate(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.wait_exit(deadline)
+    }
+
+    /// Waits up to `deadline` for it to exit; returns the status.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
         let start = std::time::Instant::now();
         while start.elapsed() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -435,6 +440,11 @@ pub fn spawn_role(role: &str, broker: &TestBroker, prefix: &str, extra: &[(&str,
     match role {
         "router" => env.push(("AUDITSTREAM_ROUTER__SESSION_TIMEOUT", "6s".into())),
         "deliverer" => env.push(("AUDITSTREAM_DELIVERER__SESSION_TIMEOUT", "6s".into())),
+        // The relay's group, one per installation: tests share the broker.
+        "producer" => env.extend([
+            ("AUDITSTREAM_RELAY__GROUP_ID", format!("{prefix}relay")),
+            ("AUDITSTREAM_RELAY__SESSION_TIMEOUT", "6s".into()),
+        ]),
         _ => {}
     }
     env.extend(extra.iter().cloned());

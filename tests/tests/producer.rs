@@ -5,9 +5,11 @@
 use std::{collections::HashSet, time::Duration};
 
 use proto::{
+    delivery::{H_AUDIT_EVENT, H_EVENT_ID, H_REASON},
     namespace::{NamespaceRecord, NamespaceRef},
     topics::Topics,
 };
+use rdkafka::Message as _;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tests::{Role, TestBroker, free_addr, http, metric, read_topic, spawn_role, unique, wait_ready};
@@ -312,6 +314,121 @@ async fn management_writes_kafka_does_not_take_are_503_and_change_nothing() {
     let names: Vec<&str> =
         listed["destinations"].as_array().unwrap().iter().filter_map(|d| d["name"].as_str()).collect();
     assert_eq!(names, ["before"], "{listed}");
+}
+
+/// A destination change and its audit event are one record: the change's
+/// record in `audit.destinations` carries the event, and the relay
+/// publishes it, so a producer killed the moment Kafka took a change still
+/// leaves its audit event to be published, with the id it was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_change_and_its_audit_event_are_one_write() {
+    let mut f = front(&[("AUDITSTREAM_API__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#.into())]).await;
+    let kafka = f.broker.kafka(&f.prefix);
+    let topics = Topics::new(f.prefix.clone());
+    let body = json!({ "name": "siem", "url": "http://127.0.0.1:9/x" }).to_string().into_bytes();
+    let (status, created, _) =
+        post(&format!("{}/instance/destinations", f.url), Some(ADMIN), "application/json", body).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    // The change's record carries its audit event ...
+    let records = read_topic(&kafka, &topics.destinations(), 1, Duration::from_secs(30)).await;
+    let carried =
+        tests::header(&records[0], H_AUDIT_EVENT).expect("the destination record carries its audit event").as_bytes();
+    let event: Value = serde_json::from_slice(carried).unwrap();
+    assert_eq!(event["event_type"], "create_instance_event_streaming_destination", "{event}");
+    assert_eq!(event["target_id"], id.as_str(), "{event}");
+    // ... which the relay publishes, byte for byte, and only it: the API
+    // does not publish it a second time.
+    let published = read_topic(&kafka, &topics.events(), 1, Duration::from_secs(30)).await;
+    assert_eq!(published.len(), 1, "the relay published the change's audit event");
+    assert_eq!(published[0].payload(), Some(carried));
+    assert_eq!(read_topic(&kafka, &topics.events(), 2, Duration::from_secs(3)).await.len(), 1, "published once");
+
+    // A producer killed as Kafka acknowledged its next change: the record,
+    // with its event, is all there is. Then a record whose audit header is
+    // not an event (no writer of ours makes one).
+    f.role.process.kill9();
+    let seed =
+        producer::Publisher::new(&kafka, proto::Registry::embedded(), Default::default(), Duration::from_secs(10))
+            .unwrap();
+    let context = producer::audit::AuditContext::new(
+        proto::types::DESTROY_INSTANCE_EVENT_STREAMING_DESTINATION,
+        producer::audit::Author::user(7, "admin"),
+        producer::audit::Scope::instance(),
+        "Deleted event streaming destination \"siem\" (127.0.0.1)",
+    );
+    let orphan = seed.prepare(&context.to_event()).unwrap();
+    seed.change_destination(&id, None, Some(&orphan)).await.unwrap();
+    let garbage = br#"{"event_type":"destroy_instance_event_streaming_destination"}"#;
+    let raw = service::kafka::producer(&kafka, Duration::from_secs(10)).unwrap();
+    let destinations = topics.destinations();
+    let record = rdkafka::producer::FutureRecord::<str, [u8]>::to(&destinations)
+        .key("other")
+        .headers(service::kafka::headers([(H_AUDIT_EVENT, &garbage[..])]));
+    raw.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+
+    // A producer started again publishes the orphaned audit event with its
+    // id, and parks the unreadable one with the reason.
+    let again = spawn_role(
+        "producer",
+        &f.broker,
+        &f.prefix,
+        &[("AUDITSTREAM_API__LISTEN", free_addr().to_string()), ("AUDITSTREAM_AUTH__REQUIRED", "false".into())],
+    );
+    assert!(wait_ready(again.admin, Duration::from_secs(60)).await, "producer not ready");
+    let orphan_id = orphan.id.to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let relayed = loop {
+        let events = read_topic(&kafka, &topics.events(), usize::MAX, Duration::from_secs(2)).await;
+        if let Some(m) = events.into_iter().find(|m| tests::header(m, H_EVENT_ID) == Some(orphan_id.as_str())) {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "the orphaned audit event was never published");
+    };
+    assert_eq!(relayed.payload(), Some(&orphan.bytes[..]), "the orphaned audit event, as the API prepared it");
+    let parked = read_topic(&kafka, &topics.events_dlq(), 1, Duration::from_secs(30)).await;
+    assert_eq!(parked.len(), 1, "the unreadable audit event is parked");
+    assert_eq!(parked[0].payload(), Some(&garbage[..]));
+    let reason = tests::header(&parked[0], H_REASON).unwrap_or_default();
+    assert!(
+        reason.contains("the audit event carried by destination record") && reason.contains("entity_type"),
+        "{reason}"
+    );
+    assert_eq!(
+        metric(again.admin, "auditstream_producer_destination_audits_total{outcome=\"dead_lettered\"}").await,
+        1.0
+    );
+    assert!(metric(again.admin, "auditstream_producer_destination_audits_total{outcome=\"published\"}").await >= 1.0);
+}
+
+/// An operator's definitions that would leave destination changes
+/// unaudited (a change type replaced with `streamed: false`) stop the
+/// producer at start, naming the type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_could_not_audit_destination_changes_does_not_start() {
+    let dir = std::env::temp_dir().join(unique("types"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let shipped = include_str!("../../proto/event_types/update_group_event_streaming_destination.yml");
+    let unstreamed = shipped.replace("streamed: true", "streamed: false");
+    assert_ne!(shipped, unstreamed);
+    std::fs::write(dir.join("update_group_event_streaming_destination.yml"), unstreamed).unwrap();
+    let broker = TestBroker::start();
+    let mut role = spawn_role(
+        "producer",
+        &broker,
+        &format!("{}.", unique("types")),
+        &[
+            ("AUDITSTREAM_API__LISTEN", free_addr().to_string()),
+            ("AUDITSTREAM_AUTH__REQUIRED", "false".into()),
+            ("AUDITSTREAM_API__TYPES_DIR", dir.display().to_string()),
+        ],
+    );
+    let status = role.process.wait_exit(Duration::from_secs(30)).expect("the producer stops by itself");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!status.success());
+    let logs = role.process.stderr().join("\n");
+    assert!(logs.contains("update_group_event_streaming_destination") && logs.contains("streamed: true"), "{logs}");
 }
 
 /// Clients publishing concurrently until the producer stops answering,

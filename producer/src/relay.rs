@@ -1,0 +1,107 @@
+//! The relay: publishes the audit event of every destination change
+//! (SPEC §5).
+//!
+//! The destination API writes a change and its audit event as one record:
+//! the destination record (or tombstone) in `audit.destinations`, carrying
+//! the complete event, id included, in its [`H_AUDIT_EVENT`] header
+//! ([`crate::Publisher::change_destination`]). The API answers once Kafka
+//! acknowledged that record, so no change stands without its audit event,
+//! whenever the producer stops.
+//!
+//! This consumer group reads `audit.destinations` and publishes each
+//! header's event to `audit.events`. A record's offset is committed only
+//! once Kafka acknowledged the event (or, for a header that is not a valid
+//! event, its parking in `audit.events.dlq` with the reason). A producer
+//! that stops in between leaves the record to the partition's next owner,
+//! which publishes the event again with the same id: receivers deduplicate
+//! on it. Records without the header (seeded, or written by earlier
+//! releases) are passed over.
+//!
+//! Compaction must not remove a record before the relay read it: the
+//! destinations topic keeps every record for `min.compaction.lag.ms`
+//! (docs/OPERATIONS.md), and the group's lag is exported as
+//! `auditstream_consumer_lag{group="auditstream-destination-audits"}`.
+
+use std::{future::Future, time::Duration};
+
+use proto::delivery::H_AUDIT_EVENT;
+use rdkafka::{Message, consumer::Consumer, message::BorrowedMessage};
+use service::{Admin, Shutdown, config::KafkaConfig, consume, kafka};
+
+use crate::{ProducerError, PublishError, Publisher, config::RelayConfig, metrics::Metrics};
+
+/// Most destination records being relayed at once.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// Longest pause between two tries of a write Kafka did not take.
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// Starts the relay; it runs until `shutdown`.
+pub fn start(
+    kafka_config: &KafkaConfig,
+    config: &RelayConfig,
+    grace: Duration,
+    publisher: Publisher,
+    metrics: Metrics,
+    admin: &Admin,
+    shutdown: Shutdown,
+) -> Result<tokio::task::JoinHandle<()>, ProducerError> {
+    let limits = consume::LoopLimits { max_in_flight: MAX_IN_FLIGHT, grace };
+    let settings = kafka::consumer_config(kafka_config, &config.group_id, config.session_timeout);
+    // Not a readiness check: the API's writes do not wait for the relay
+    // (the events wait in their records); its lag is watched instead.
+    let joined = service::admin::Readiness::default().register("relay.group");
+    let (consumer, tracker) = consume::consumer(&settings, limits, joined, &admin.consumer_lag()?)?;
+    consumer.subscribe(&[&publisher.topics().destinations()])?;
+    tracing::info!(group = %config.group_id, "relaying destination changes' audit events");
+    Ok(tokio::spawn(async move {
+        consume::run_inline(consumer, tracker, limits, shutdown, |m, done| relay(&publisher, &metrics, m, done)).await;
+    }))
+}
+
+/// Takes on one destination record: one without an audit event is done at
+/// once; one with is done when its event is in Kafka.
+fn relay(publisher: &Publisher, metrics: &Metrics, m: &BorrowedMessage<'_>, done: consume::Done) {
+    let Some(event) = kafka::header_iter(m).find(|(k, _)| *k == H_AUDIT_EVENT).and_then(|(_, v)| v) else {
+        return done.finish();
+    };
+    let (publisher, metrics) = (publisher.clone(), metrics.clone());
+    let at = format!("{}:{}:{}", m.topic(), m.partition(), m.offset());
+    let key = m.key().unwrap_or_default().to_vec();
+    let event = event.to_vec();
+    tokio::spawn(async move {
+        match publisher.prepare(&event) {
+            Ok(prepared) => {
+                durably(&at, || publisher.send(&prepared)).await;
+                metrics.relayed.with_label_values(&["published"]).inc();
+            }
+            Err(errors) => {
+                let reason = format!(
+                    "the audit event carried by destination record {at} is invalid: {}",
+                    proto::FieldError::join(&errors)
+                );
+                tracing::error!(record = %at, %reason, "parking a destination change's audit event");
+                durably(&at, || publisher.park(&key, &event, &reason)).await;
+                metrics.relayed.with_label_values(&["dead_lettered"]).inc();
+            }
+        }
+        done.finish();
+    });
+}
+
+/// Runs `write` until Kafka acknowledges it, pausing longer after each
+/// refusal: the record's offset must not pass an event Kafka did not take.
+/// A refusal cannot be for good: Kafka took the destination record, which
+/// holds the event and more.
+async fn durably<F, Fut>(at: &str, write: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), PublishError>>,
+{
+    let mut pause = Duration::from_millis(100);
+    while let Err(e) = write().await {
+        tracing::warn!(record = %at, error = %e, retry_in_ms = pause.as_millis() as u64, "audit event not acknowledged; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
