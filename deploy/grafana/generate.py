@@ -40,7 +40,11 @@ DELIVERED = 'outcome="delivered"'
 FAILED = 'outcome="failed"'
 NOT_ACCEPTED = 'outcome!="accepted"'
 RETRIED = 'outcome="retried"'
-GROUPS = {"router": "auditstream-router", "deliverer": "auditstream-deliverer"}
+GROUPS = {
+    "router": "auditstream-router",
+    "deliverer": "auditstream-deliverer",
+    "relay": "auditstream-destination-audits",
+}
 # One consumer group per retry rung: auditstream-deliverer-retry-<n>.
 RETRY_GROUPS = 'group=~"auditstream-deliverer-retry-[0-9]+"'
 LAG_GROUPS = f'group=~"{GROUPS["router"]}|{GROUPS["deliverer"]}"'
@@ -215,6 +219,18 @@ def build() -> dict:
     d.panel(
         "timeseries", "Kafka produce latency", "Time from handing a record to librdkafka until Kafka acknowledged it (acks=all).",
         quantiles("auditstream_producer_kafka_produce_seconds"), "s", w=12,
+    )
+    d.panel(
+        "timeseries", "Destination changes' audit events",
+        "The relay publishes the audit event each destination change carries in its audit.destinations record. published: in audit.events; dead_lettered: not a valid event, parked in audit.events.dlq.",
+        [(f"sum by (outcome) ({rate('auditstream_producer_destination_audits_total')})", "{{outcome}}")],
+        "ops", w=12,
+    )
+    d.panel(
+        "timeseries", "Destination audit relay lag",
+        "Destination records whose audit event is not yet published (auditstream_consumer_lag of the relay's group). Above zero for minutes: audit events are withheld.",
+        [(lag("relay"), "{{topic}}")],
+        "short", w=12,
     )
 
     d.row("Router")

@@ -519,6 +519,8 @@ def check_topics(topics: list[dict], deliverer_cfg: dict) -> None:
         policy = conf.get("cleanup.policy")
         if compacted and policy != "compact":
             fail(f"{where}: a table topic needs cleanup.policy compact (has {policy!r})")
+        if compacted and conf.get("min.compaction.lag.ms", 0) < day * 1000:
+            fail(f"{where}: a table topic needs min.compaction.lag.ms of at least a day, so the relay reads each destination record's audit event before compaction")
         if compacted is False and policy not in ("delete", None):
             fail(f"{where}: cleanup.policy {policy!r}; only table topics are compacted")
         if compacted is False and "retention.ms" not in conf:
@@ -539,7 +541,7 @@ def check_topics(topics: list[dict], deliverer_cfg: dict) -> None:
             fail(f"{where}: a dead-letter topic should keep at least 14 days (has {retention_s / day:g})")
         if name in ("audit.events", "audit.deliveries") and retention_s < 3 * day:
             fail(f"{where}: keep at least 3 days, to replay after an outage")
-    ok(f"{len(found)} KafkaTopics: names from the code, {len(delays)} retry rungs, compaction, retention against delays, ISR")
+    ok(f"{len(found)} KafkaTopics: names from the code, {len(delays)} retry rungs, compaction and its lag, retention against delays, ISR")
 
 
 # --- metric names of alerts and dashboard ------------------------------------------
@@ -796,6 +798,9 @@ def cmd_compose(out_dir: str) -> int:
         delays = tomllib.loads("v = " + role_env["deliverer"]["AUDITSTREAM_DELIVERER__RETRY_DELAYS"])["v"]
     expected = dict(code_topics())
     expected.update({f"audit.deliveries.retry.{n}": False for n in range(len(delays))})
+    table_def = re.search(r"^table\(\) \{.*\}$", script, re.M)
+    if not table_def or "min.compaction.lag.ms=$day" not in table_def.group(0):
+        fail("topic-init.sh: table() should set min.compaction.lag.ms=$day (the relay reads every destination record)")
     if created != expected:
         fail(f"topic-init creates {sorted(created.items())}, the code needs {sorted(expected.items())} (name, compacted)")
     else:
