@@ -222,7 +222,7 @@ def build() -> dict:
     )
     d.panel(
         "timeseries", "Destination changes' audit events",
-        "The relay publishes the audit event each destination change carries in its audit.destinations record. published: in audit.events; dead_lettered: not a valid event, parked in audit.events.dlq.",
+        "The relay publishes the audit event each destination change carries in its audit.destinations record. published: in audit.events; dead_lettered: not a valid event of a change of that destination, parked in audit.events.dlq.",
         [(f"sum by (outcome) ({rate('auditstream_producer_destination_audits_total')})", "{{outcome}}")],
         "ops", w=12,
     )

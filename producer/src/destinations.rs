@@ -403,6 +403,11 @@ const CHANGE_TYPES: [proto::EventTypeName; 6] = [
     types::DESTROY_INSTANCE_EVENT_STREAMING_DESTINATION,
 ];
 
+/// Whether `event_type` is one of a destination change.
+pub fn is_change_type(event_type: &str) -> bool {
+    CHANGE_TYPES.iter().any(|t| t.as_str() == event_type)
+}
+
 /// Checks at start that every destination change can be audited: its event
 /// type registered and streamed (an operator's definitions may replace the
 /// shipped ones).
@@ -453,7 +458,7 @@ fn change_event(principal: &Principal, state: &AppState, d: &Destination, verb: 
 /// applies it locally once Kafka acknowledged it.
 async fn commit(state: &AppState, d: &Destination, deleted: bool, audit: AuditContext) -> Result<(), ApiError> {
     let event = state.publisher.prepare(&audit.to_event()).map_err(|errors| {
-        // The event types are checked at start (crate::check_audit_types);
+        // The event types are checked at start (check_audit_types);
         // a refusal here is a bug, and nothing is written.
         tracing::error!(errors = %FieldError::join(&errors), destination = %d.id, "the change's audit event is invalid");
         error(

@@ -15,7 +15,8 @@ pub struct Metrics {
     rejected: IntCounterVec,
     in_flight: IntGauge,
     /// Destination changes' audit events the relay took on, by outcome:
-    /// `published`, or `dead_lettered` (not a valid event).
+    /// `published`, or `dead_lettered` (not a valid event of a change of
+    /// the record's destination).
     pub relayed: IntCounterVec,
 }
 

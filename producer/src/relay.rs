@@ -70,16 +70,13 @@ fn relay(publisher: &Publisher, metrics: &Metrics, m: &BorrowedMessage<'_>, done
     let key = m.key().unwrap_or_default().to_vec();
     let event = event.to_vec();
     tokio::spawn(async move {
-        match publisher.prepare(&event) {
+        match carried(&publisher, &key, &event) {
             Ok(prepared) => {
                 durably(&at, || publisher.send(&prepared)).await;
                 metrics.relayed.with_label_values(&["published"]).inc();
             }
-            Err(errors) => {
-                let reason = format!(
-                    "the audit event carried by destination record {at} is invalid: {}",
-                    proto::FieldError::join(&errors)
-                );
+            Err(problem) => {
+                let reason = format!("the audit event carried by destination record {at} {problem}");
                 tracing::error!(record = %at, %reason, "parking a destination change's audit event");
                 durably(&at, || publisher.park(&key, &event, &reason)).await;
                 metrics.relayed.with_label_values(&["dead_lettered"]).inc();
@@ -87,6 +84,26 @@ fn relay(publisher: &Publisher, metrics: &Metrics, m: &BorrowedMessage<'_>, done
         }
         done.finish();
     });
+}
+
+/// The event a destination record carries, checked: a valid event, of a
+/// destination change's type, about the destination the record is keyed
+/// by. Anything else is not relayed.
+fn carried(publisher: &Publisher, key: &[u8], event: &[u8]) -> Result<proto::PreparedEvent, String> {
+    let prepared =
+        publisher.prepare(event).map_err(|errors| format!("is invalid: {}", proto::FieldError::join(&errors)))?;
+    if !crate::destinations::is_change_type(&prepared.event_type) {
+        return Err(format!("is of type {:?}, not a destination change's", prepared.event_type));
+    }
+    let target =
+        serde_json::from_slice::<serde_json::Value>(&prepared.bytes).ok().and_then(|v| match v.get("target_id") {
+            Some(serde_json::Value::String(id)) => Some(id.clone()),
+            _ => None,
+        });
+    if target.as_deref().map(str::as_bytes) != Some(key) {
+        return Err(format!("is about destination {target:?}, not the record's {:?}", String::from_utf8_lossy(key)));
+    }
+    Ok(prepared)
 }
 
 /// Runs `write` until Kafka acknowledges it, pausing longer after each
