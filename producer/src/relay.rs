@@ -22,19 +22,16 @@
 //! (docs/OPERATIONS.md), and the group's lag is exported as
 //! `auditstream_consumer_lag{group="auditstream-destination-audits"}`.
 
-use std::{future::Future, time::Duration};
+use std::time::Duration;
 
 use proto::delivery::H_AUDIT_EVENT;
 use rdkafka::{Message, consumer::Consumer, message::BorrowedMessage};
 use service::{Admin, Shutdown, config::KafkaConfig, consume, kafka};
 
-use crate::{ProducerError, PublishError, Publisher, config::RelayConfig, metrics::Metrics};
+use crate::{ProducerError, Publisher, config::RelayConfig, metrics::Metrics};
 
 /// Most destination records being relayed at once.
 const MAX_IN_FLIGHT: usize = 64;
-
-/// Longest pause between two tries of a write Kafka did not take.
-const MAX_PAUSE: Duration = Duration::from_secs(5);
 
 /// Starts the relay; it runs until `shutdown`.
 pub fn start(
@@ -72,13 +69,15 @@ fn relay(publisher: &Publisher, metrics: &Metrics, m: &BorrowedMessage<'_>, done
     tokio::spawn(async move {
         match carried(&publisher, &key, &event) {
             Ok(prepared) => {
-                durably(&at, || publisher.send(&prepared)).await;
+                // A refusal cannot be for good: Kafka took the destination
+                // record, which holds the event and more.
+                kafka::until_acknowledged(&at, || publisher.send(&prepared)).await;
                 metrics.relayed.with_label_values(&["published"]).inc();
             }
             Err(problem) => {
                 let reason = format!("the audit event carried by destination record {at} {problem}");
                 tracing::error!(record = %at, %reason, "parking a destination change's audit event");
-                durably(&at, || publisher.park(&key, &event, &reason)).await;
+                kafka::until_acknowledged(&at, || publisher.park(&key, &event, &reason)).await;
                 metrics.relayed.with_label_values(&["dead_lettered"]).inc();
             }
         }
@@ -104,21 +103,4 @@ fn carried(publisher: &Publisher, key: &[u8], event: &[u8]) -> Result<proto::Pre
         return Err(format!("is about destination {target:?}, not the record's {:?}", String::from_utf8_lossy(key)));
     }
     Ok(prepared)
-}
-
-/// Runs `write` until Kafka acknowledges it, pausing longer after each
-/// refusal: the record's offset must not pass an event Kafka did not take.
-/// A refusal cannot be for good: Kafka took the destination record, which
-/// holds the event and more.
-async fn durably<F, Fut>(at: &str, write: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Result<(), PublishError>>,
-{
-    let mut pause = Duration::from_millis(100);
-    while let Err(e) = write().await {
-        tracing::warn!(record = %at, error = %e, retry_in_ms = pause.as_millis() as u64, "audit event not acknowledged; retrying");
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(MAX_PAUSE);
-    }
 }

@@ -247,20 +247,30 @@ pub async fn produce_durably_with(
     payload: Option<&[u8]>,
     headers: impl Fn() -> rdkafka::message::OwnedHeaders,
 ) {
-    let mut pause = Duration::from_millis(100);
-    loop {
+    until_acknowledged(topic, || async {
         let mut record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).key(key).headers(headers());
         if let Some(p) = payload {
             record = record.payload(p);
         }
-        match producer.send(record, Duration::from_secs(5)).await {
-            Ok(_) => return,
-            Err((e, _)) => {
-                tracing::warn!(%topic, error = %e, retry_in_ms = pause.as_millis() as u64, "write not acknowledged; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
-        }
+        producer.send(record, Duration::from_secs(5)).await.map(|_| ()).map_err(|(e, _)| e)
+    })
+    .await;
+}
+
+/// Runs `write` (to `to`, named in the log) until it succeeds, pausing
+/// longer after each refusal (100 ms, doubling up to 5 s): for writes an
+/// offset must not pass.
+pub async fn until_acknowledged<F, Fut, E>(to: &str, write: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut pause = Duration::from_millis(100);
+    while let Err(e) = write().await {
+        tracing::warn!(%to, error = %e, retry_in_ms = pause.as_millis() as u64, "write not acknowledged; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 
