@@ -334,6 +334,17 @@ pub async fn produce_raw(kafka: &KafkaConfig, topic: &str, key: &str, payload: &
 /// Reads `topic` from the beginning until `want` records arrived or
 /// `deadline` passed; returns what was read.
 pub async fn read_topic(kafka: &KafkaConfig, topic: &str, want: usize, deadline: Duration) -> Vec<OwnedMessage> {
+    read_until(kafka, topic, deadline, |read| read.len() >= want).await
+}
+
+/// Reads `topic` from the beginning until `enough` says so of what was
+/// read, or `deadline` passed; returns what was read.
+pub async fn read_until(
+    kafka: &KafkaConfig,
+    topic: &str,
+    deadline: Duration,
+    mut enough: impl FnMut(&[OwnedMessage]) -> bool,
+) -> Vec<OwnedMessage> {
     use rdkafka::{
         Offset, TopicPartitionList,
         consumer::{Consumer as _, StreamConsumer},
@@ -347,7 +358,7 @@ pub async fn read_topic(kafka: &KafkaConfig, topic: &str, want: usize, deadline:
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
     let end = tokio::time::Instant::now() + deadline;
-    while out.len() < want {
+    while !enough(&out) {
         match tokio::time::timeout_at(end, consumer.recv()).await {
             Ok(Ok(m)) => out.push(m.detach()),
             Ok(Err(e)) => panic!("reading {topic}: {e}"),

@@ -12,7 +12,9 @@ use proto::{
 use rdkafka::Message as _;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tests::{Role, TestBroker, free_addr, http, metric, read_topic, spawn_role, unique, wait_ready};
+use tests::{
+    Role, TestBroker, free_addr, http, metric, read_topic, read_until, spawn_role, unique, wait_ready, wait_until,
+};
 
 const TOKEN: &str = "producer-test-publisher";
 const NS_ONLY: &str = "producer-test-namespaces";
@@ -339,11 +341,29 @@ async fn a_destination_change_and_its_audit_event_are_one_write() {
     assert_eq!(event["event_type"], "create_instance_event_streaming_destination", "{event}");
     assert_eq!(event["target_id"], id.as_str(), "{event}");
     // ... which the relay publishes, byte for byte, and only it: the API
-    // does not publish it a second time.
-    let published = read_topic(&kafka, &topics.events(), 1, Duration::from_secs(30)).await;
-    assert_eq!(published.len(), 1, "the relay published the change's audit event");
-    assert_eq!(published[0].payload(), Some(carried));
-    assert_eq!(read_topic(&kafka, &topics.events(), 2, Duration::from_secs(3)).await.len(), 1, "published once");
+    // does not publish it a second time. Once the relay committed the
+    // record, an event published after it on the same entity (so the same
+    // partition) closes what either could have written.
+    let relay = format!("{}relay", f.prefix);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let (kafka, relay, topic) = (kafka.clone(), relay.clone(), topics.destinations());
+            async move { tests::committed(&kafka, &relay, &topic).await >= 1 }
+        })
+        .await,
+        "the relay never committed the change's record"
+    );
+    let sentinel =
+        br#"{"id":"after-the-change","event_type":"audit_operation","entity_type":"Instance","entity_id":1}"#;
+    let (status, answer, _) =
+        post(&format!("{}/events", f.url), Some(ADMIN), "application/json", sentinel.to_vec()).await;
+    assert_eq!(status, 202, "{answer}");
+    let is_sentinel = |m: &rdkafka::message::OwnedMessage| tests::header(m, H_EVENT_ID) == Some("after-the-change");
+    let published =
+        read_until(&kafka, &topics.events(), Duration::from_secs(30), |read| read.iter().any(is_sentinel)).await;
+    let audits: Vec<_> = published.iter().filter(|m| !is_sentinel(m)).collect();
+    assert_eq!(audits.len(), 1, "the change's audit event, published once");
+    assert_eq!(audits[0].payload(), Some(carried));
 
     // A producer killed as Kafka acknowledged its next change: the record,
     // with its event, is all there is. Then a record whose audit header is
@@ -396,14 +416,9 @@ async fn a_destination_change_and_its_audit_event_are_one_write() {
     );
     assert!(wait_ready(again.admin, Duration::from_secs(60)).await, "producer not ready");
     let orphan_id = orphan.id.to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let relayed = loop {
-        let events = read_topic(&kafka, &topics.events(), usize::MAX, Duration::from_secs(2)).await;
-        if let Some(m) = events.into_iter().find(|m| tests::header(m, H_EVENT_ID) == Some(orphan_id.as_str())) {
-            break m;
-        }
-        assert!(std::time::Instant::now() < deadline, "the orphaned audit event was never published");
-    };
+    let is_orphan = |m: &rdkafka::message::OwnedMessage| tests::header(m, H_EVENT_ID) == Some(orphan_id.as_str());
+    let events = read_until(&kafka, &topics.events(), Duration::from_secs(30), |read| read.iter().any(is_orphan)).await;
+    let relayed = events.into_iter().find(is_orphan).expect("the orphaned audit event was never published");
     assert_eq!(relayed.payload(), Some(&orphan.bytes[..]), "the orphaned audit event, as the API prepared it");
     let parked = read_topic(&kafka, &topics.events_dlq(), 3, Duration::from_secs(30)).await;
     assert_eq!(parked.len(), 3, "every audit header not relayed is parked");
