@@ -331,6 +331,17 @@ pub async fn produce_raw(kafka: &KafkaConfig, topic: &str, key: &str, payload: &
     service::kafka::produce_durably(&producer, topic, key.as_bytes(), Some(payload), headers).await;
 }
 
+/// Starts the reference receiver on a free loopback port, expecting
+/// `expected`; returns it and its address. It serves until the test ends.
+pub async fn serve_receiver(expected: Vec<receiver::Expected>) -> (receiver::Receiver, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("receiver port");
+    let addr = listener.local_addr().expect("receiver address");
+    let receiver =
+        receiver::Receiver::new(receiver::ReceiverConfig { expected, ..Default::default() }).expect("receiver");
+    tokio::spawn(receiver.clone().serve(listener, std::future::pending()));
+    (receiver, addr)
+}
+
 /// Reads `topic` from the beginning until `want` records arrived or
 /// `deadline` passed; returns what was read.
 pub async fn read_topic(kafka: &KafkaConfig, topic: &str, want: usize, deadline: Duration) -> Vec<OwnedMessage> {

@@ -1366,14 +1366,10 @@ async fn the_deliverer_dead_letters_ssrf_destinations_without_a_request() {
     broker.create_topics(&prefix, 2).await;
     let kafka = broker.kafka(&prefix);
     let topics = Topics::new(&prefix);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let receiver = receiver::Receiver::new(receiver::ReceiverConfig {
-        expected: vec![receiver::Expected { name: "any".into(), token: DEST_TOKEN.into(), secret: None }],
-        ..Default::default()
-    })
-    .unwrap();
-    tokio::spawn(receiver.clone().serve(listener, std::future::pending()));
+    let (receiver, addr) =
+        tests::serve_receiver(vec![receiver::Expected { name: "any".into(), token: DEST_TOKEN.into(), secret: None }])
+            .await;
+    let port = addr.port();
     let seed =
         producer::Publisher::new(&kafka, Registry::embedded(), Default::default(), Duration::from_secs(10)).unwrap();
     let targets: Vec<(&str, String)> = vec![

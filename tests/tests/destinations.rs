@@ -372,21 +372,13 @@ async fn secrets_are_masked_after_create_rotated_and_never_logged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_are_audited_and_reach_routing_within_seconds() {
     let api = start(&[]).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let sink_token = "audit-sink-token-00001";
     let group_token = "group-dest-token-00001";
-    let receiver = receiver::Receiver::new(receiver::ReceiverConfig {
-        expected: vec![
-            receiver::Expected { name: "sink".into(), token: sink_token.into(), secret: None },
-            receiver::Expected { name: "group".into(), token: group_token.into(), secret: None },
-        ],
-        log_file: None,
-        print: false,
-        faults: Default::default(),
-    })
-    .unwrap();
-    tokio::spawn(receiver.clone().serve(listener, std::future::pending()));
+    let (receiver, addr) = tests::serve_receiver(vec![
+        receiver::Expected { name: "sink".into(), token: sink_token.into(), secret: None },
+        receiver::Expected { name: "group".into(), token: group_token.into(), secret: None },
+    ])
+    .await;
     let roles_env = |role: &str| {
         vec![(
             if role == "router" { "AUDITSTREAM_ROUTER__GROUP_ID" } else { "AUDITSTREAM_DELIVERER__GROUP_ID" },
@@ -566,17 +558,10 @@ async fn audit_event(receiver: &receiver::Receiver, event_type: &str, target: &s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_the_signing_secret_stops_signing_deliveries() {
     let api = start(&[]).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let token = "signed-dest-token-00001";
-    let receiver = receiver::Receiver::new(receiver::ReceiverConfig {
-        expected: vec![receiver::Expected { name: "signed".into(), token: token.into(), secret: None }],
-        log_file: None,
-        print: false,
-        faults: Default::default(),
-    })
-    .unwrap();
-    tokio::spawn(receiver.clone().serve(listener, std::future::pending()));
+    let (receiver, addr) =
+        tests::serve_receiver(vec![receiver::Expected { name: "signed".into(), token: token.into(), secret: None }])
+            .await;
 
     // Signed, then rotated, so a retiring secret signs beside the current one.
     let body = json!({ "name": "signed", "url": receiver_url(addr, "signed"), "verification_token": token, "signing_secret": SECRET });
@@ -660,17 +645,10 @@ async fn secrets_are_sealed_at_rest_and_keys_rotate() {
         )
     };
     let api = start(&[("AUDITSTREAM_SECRETS__KEYS", keys(&[("k1", K1)]))]).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let token = "sealed-token-000000001";
-    let receiver = receiver::Receiver::new(receiver::ReceiverConfig {
-        expected: vec![receiver::Expected { name: "sink".into(), token: token.into(), secret: None }],
-        log_file: None,
-        print: false,
-        faults: Default::default(),
-    })
-    .unwrap();
-    tokio::spawn(receiver.clone().serve(listener, std::future::pending()));
+    let (receiver, addr) =
+        tests::serve_receiver(vec![receiver::Expected { name: "sink".into(), token: token.into(), secret: None }])
+            .await;
     let header_value = "sealed-header-value";
     let body = json!({
         "name": "sealed", "url": receiver_url(addr, "in"), "verification_token": token, "signing_secret": SECRET,

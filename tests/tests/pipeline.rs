@@ -22,23 +22,15 @@ async fn three_processes_deliver_exact_body_and_headers() {
     let kafka = broker.kafka(&prefix);
 
     // The receiver: a real HTTP server on loopback.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let receiver_addr = listener.local_addr().unwrap();
-    let receiver = receiver::Receiver::new(receiver::ReceiverConfig {
-        expected: vec![
-            receiver::Expected {
-                name: "group".into(),
-                token: GROUP_TOKEN.into(),
-                secret: Some(SigningSecret::new(SECRET).unwrap()),
-            },
-            receiver::Expected { name: "instance".into(), token: INSTANCE_TOKEN.into(), secret: None },
-        ],
-        log_file: None,
-        print: false,
-        faults: Default::default(),
-    })
-    .unwrap();
-    tokio::spawn(receiver.clone().serve(listener, std::future::pending()));
+    let (receiver, receiver_addr) = tests::serve_receiver(vec![
+        receiver::Expected {
+            name: "group".into(),
+            token: GROUP_TOKEN.into(),
+            secret: Some(SigningSecret::new(SECRET).unwrap()),
+        },
+        receiver::Expected { name: "instance".into(), token: INSTANCE_TOKEN.into(), secret: None },
+    ])
+    .await;
 
     // The tree and two destinations.
     let seed =
