@@ -20,9 +20,10 @@
 //! A request handed to a connection that closed before writing it (a
 //! kept-alive connection the receiver closed just as it was taken: its
 //! close arrived after the checkout found it open; or a new one the
-//! receiver reset before the request was on it) comes back unsent, and
-//! [`Pool::send`] sends it again on another connection, up to
-//! [`RESENDS`] times: it never reached the receiver, so this cannot
+//! receiver reset before the request was on it; over HTTP/2, a shared
+//! connection that ended before its task took the request) comes back
+//! unsent, and [`Pool::send`] sends it again on another connection, up
+//! to [`RESENDS`] times: it never reached the receiver, so this cannot
 //! deliver it twice, and the attempt does not fail for a race of the
 //! connection's. A request the connection wrote and got no answer to is
 //! not sent again here (the receiver may have acted on it); the
@@ -436,6 +437,9 @@ mod tests {
     //! to happen on demand with a bare socket, so the connections here wrap
     //! real TCP streams in one that can be told to read the receiver's
     //! close (end of stream) from a given moment: the only part not real.
+    //! For HTTP/2 the streams say so as TLS's ALPN would, and the receiver
+    //! takes HTTP/2 with prior knowledge; the TLS itself is the end-to-end
+    //! tests' (`tests/tests/deliverer.rs`).
 
     use std::{
         io,
@@ -451,10 +455,12 @@ mod tests {
 
     use super::*;
 
-    /// A TCP stream that reads end of stream once `closed` is set.
+    /// A TCP stream that reads end of stream once `closed` is set, and
+    /// says it negotiated HTTP/2 when `h2`.
     struct Closable {
         io: TokioIo<TcpStream>,
         closed: Arc<AtomicBool>,
+        h2: bool,
     }
 
     impl hyper::rt::Read for Closable {
@@ -487,16 +493,18 @@ mod tests {
 
     impl Connection for Closable {
         fn connected(&self) -> Connected {
-            Connected::new()
+            if self.h2 { Connected::new().negotiated_h2() } else { Connected::new() }
         }
     }
 
-    /// Connects to `to`; each connection's close switch is kept in
-    /// `switches`, in order, set from the start when `born_closed`.
+    /// Connects to `to` over `h2` or HTTP/1.1; each connection's close
+    /// switch is kept in `switches`, in order, set from the start for the
+    /// first `born_closed`.
     #[derive(Clone)]
     struct Connector {
         to: SocketAddr,
-        born_closed: bool,
+        h2: bool,
+        born_closed: usize,
         switches: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
     }
 
@@ -520,10 +528,11 @@ mod tests {
         }
 
         fn call(&mut self, _: Uri) -> Self::Future {
-            let closed = Arc::new(AtomicBool::new(self.born_closed));
-            self.switches.lock().unwrap().push(closed.clone());
-            let to = self.to;
-            Box::pin(async move { Ok(Closable { io: TokioIo::new(TcpStream::connect(to).await?), closed }) })
+            let mut switches = self.switches.lock().unwrap();
+            let closed = Arc::new(AtomicBool::new(switches.len() < self.born_closed));
+            switches.push(closed.clone());
+            let (to, h2) = (self.to, self.h2);
+            Box::pin(async move { Ok(Closable { io: TokioIo::new(TcpStream::connect(to).await?), closed, h2 }) })
         }
     }
 
@@ -561,9 +570,11 @@ mod tests {
         path: Uri,
     }
 
-    async fn world(born_closed: bool) -> World {
+    /// A pool connecting to the receiver over `h2` or HTTP/1.1, the first
+    /// `born_closed` connections closed from the start.
+    async fn world(h2: bool, born_closed: usize) -> World {
         let (receiver, to) = receiver().await;
-        let connector = Connector { to, born_closed, switches: Arc::default() };
+        let connector = Connector { to, h2, born_closed, switches: Arc::default() };
         let counters = counters();
         World {
             pool: Pool::new(connector.clone(), Duration::from_secs(60), Some(counters.clone())),
@@ -608,7 +619,7 @@ mod tests {
     // to it, as in the race.
     #[tokio::test(flavor = "current_thread")]
     async fn a_request_its_connection_closed_before_writing_is_sent_again_on_another() {
-        let w = world(false).await;
+        let w = world(false, 0).await;
         assert!(matches!(w.exchange().await, Ok(200)));
         assert_eq!(w.connector.connections(), 1);
         // The receiver closes the idle connection; its close is read only
@@ -624,15 +635,50 @@ mod tests {
         assert_eq!(w.counters.resent.get(), 1);
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_request_given_back_unsent_again_and_again_fails_after_the_resends() {
-        let w = world(true).await;
+    /// Every connection (over `h2` or HTTP/1.1) closed from the start: the
+    /// request fails once it came back unsent more than [`RESENDS`] allow.
+    async fn given_back_again_and_again_fails_after_the_resends(h2: bool) {
+        let w = world(h2, usize::MAX).await;
         let Err(Broken::Transport(e)) = w.exchange().await else {
-            panic!("a request no connection would write did not fail as a transport error");
+            panic!("a request no connection would take did not fail as a transport error");
         };
         assert!(e.is_canceled(), "{e}");
         assert_eq!(w.counters.resent.get(), u64::from(RESENDS));
         assert_eq!(w.connector.connections(), 1 + RESENDS as usize, "one connection per try");
+        let opened = if h2 { &w.counters.opened_http2 } else { &w.counters.opened_http1 };
+        assert_eq!(opened.get(), 1 + u64::from(RESENDS));
         assert_eq!(w.requests(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_given_back_unsent_again_and_again_fails_after_the_resends() {
+        given_back_again_and_again_fails_after_the_resends(false).await;
+    }
+
+    // A new HTTP/2 connection the receiver closed at once (as one at its
+    // connection limit would): the request handed to it comes back unsent
+    // when its connection task ends.
+    #[tokio::test(flavor = "current_thread")]
+    async fn over_http2_a_request_given_back_unsent_is_sent_again_on_a_new_shared_connection() {
+        let w = world(true, 1).await;
+        assert!(matches!(w.exchange().await, Ok(200)), "the request was not sent again");
+        assert_eq!(w.counters.resent.get(), 1);
+        assert_eq!(w.connector.connections(), 2, "sent again on a new connection");
+        assert_eq!(w.counters.opened_http2.get(), 2);
+        assert_eq!(w.requests(), 1, "the receiver got the request once");
+        let got = w.receiver.received();
+        assert_eq!(got[0].version, "HTTP/2.0");
+        // The new connection is the origin's shared one from now on.
+        for _ in 0..3 {
+            assert!(matches!(w.exchange().await, Ok(200)));
+        }
+        assert_eq!(w.connector.connections(), 2);
+        assert_eq!(w.counters.resent.get(), 1);
+        assert_eq!(w.counters.opened_http1.get(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn over_http2_a_request_given_back_unsent_again_and_again_fails_after_the_resends() {
+        given_back_again_and_again_fails_after_the_resends(true).await;
     }
 }
