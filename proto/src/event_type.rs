@@ -456,4 +456,44 @@ mod tests {
         assert!(errs.iter().any(|e| e.file.ends_with("bad_two.yml") && e.field.as_deref() == Some("scope")));
         assert!(!errs.iter().any(|e| e.file.ends_with("merge_request_create.yml")));
     }
+
+    /// The problems `load_dir` reports for `dir`, as "file: problem".
+    fn load_problems(dir: &Path) -> Vec<String> {
+        Registry::load_dir(dir).unwrap_err().into_iter().map(|e| format!("{}: {}", e.file, e.problem)).collect()
+    }
+
+    #[test]
+    fn load_dir_names_unusable_folders_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        assert!(load_problems(&missing)[0].contains("cannot read folder"), "{:?}", load_problems(&missing));
+        // Nothing to load is an error, not an empty registry: a wrong path
+        // would otherwise refuse every event.
+        std::fs::write(dir.path().join("README.md"), "definitions go here").unwrap();
+        let got = load_problems(dir.path());
+        assert!(got[0].contains("holds no .yml definition files"), "{got:?}");
+        // A `.yaml` file is read, so its mistake is named rather than the
+        // file passed over.
+        std::fs::write(dir.path().join("merge_request_create.yaml"), GOOD).unwrap();
+        let got = load_problems(dir.path());
+        assert!(got.iter().any(|p| p.contains(".yaml: file name must end in .yml")), "{got:?}");
+        std::fs::remove_file(dir.path().join("merge_request_create.yaml")).unwrap();
+        std::fs::write(dir.path().join("latin1.yml"), b"name: caf\xe9\n").unwrap();
+        let got = load_problems(dir.path());
+        assert!(got.iter().any(|p| p.contains("latin1.yml: cannot read file")), "{got:?}");
+    }
+
+    #[test]
+    fn scope_must_be_a_non_empty_list_and_keys_strings() {
+        for bad in ["scope: Project", "scope: []"] {
+            let yaml = GOOD.replace("scope: [Project]", bad);
+            let errs = EventTypeDefinition::parse("merge_request_create.yml", "f", &yaml).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.field.as_deref() == Some("scope") && e.problem.contains("non-empty list")),
+                "{bad}: {errs:?}"
+            );
+        }
+        let errs = EventTypeDefinition::parse("merge_request_create.yml", "f", &format!("{GOOD}1: one\n")).unwrap_err();
+        assert!(errs.iter().any(|e| e.field.is_none() && e.problem.contains("non-string key")), "{errs:?}");
+    }
 }
