@@ -174,4 +174,27 @@ mod tests {
             DelivererSettings { retry_delays: vec![Duration::from_millis(100)], ..DelivererSettings::default() };
         assert_eq!(quick.max_bounces(), 1, "a first rung shorter than the quick delay: one bounce");
     }
+
+    #[test]
+    fn each_unusable_setting_is_refused_by_name() {
+        assert!(DelivererConfig::default().validate().is_ok());
+        let refused = |change: fn(&mut DelivererSettings), name: &str| {
+            let mut c = DelivererConfig::default();
+            change(&mut c.deliverer);
+            let e = c.validate().expect_err(name).to_string();
+            assert!(e.contains(name), "{e}");
+        };
+        refused(|d| d.group_id.clear(), "deliverer.group_id must be set");
+        refused(|d| d.max_in_flight = 0, "deliverer.max_in_flight above zero");
+        refused(|d| d.connect_timeout = Duration::ZERO, "deliverer timeouts");
+        refused(|d| d.request_timeout = Duration::ZERO, "deliverer timeouts");
+        refused(|d| d.idle_connection_timeout = Duration::ZERO, "deliverer timeouts");
+        let isolation = "per_destination_concurrency, per_destination_max_wait, circuit_failures and circuit_open_for";
+        refused(|d| d.per_destination_concurrency = 0, isolation);
+        refused(|d| d.per_destination_max_wait = Duration::ZERO, isolation);
+        refused(|d| d.circuit_failures = 0, isolation);
+        refused(|d| d.circuit_open_for = Duration::ZERO, isolation);
+        refused(|d| d.retry_delays.clear(), "deliverer.retry_delays needs at least one delay");
+        refused(|d| d.retry_delays[0] = Duration::ZERO, "all above zero");
+    }
 }

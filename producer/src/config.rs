@@ -154,8 +154,17 @@ impl ProducerConfig {
         self.kafka.validate()?;
         self.secrets.keyring()?;
         let a = &self.api;
-        if a.max_events == 0 || a.max_event_bytes == 0 || a.max_request_bytes == 0 || a.max_in_flight == 0 {
-            return Err(ConfigError::Invalid("api limits must be above zero".into()));
+        if a.max_events == 0
+            || a.max_event_bytes == 0
+            || a.max_request_bytes == 0
+            || a.max_import_bytes == 0
+            || a.max_in_flight == 0
+        {
+            return Err(ConfigError::Invalid(
+                "api.max_events, max_event_bytes, max_request_bytes, max_import_bytes and max_in_flight must be \
+                 above zero"
+                    .into(),
+            ));
         }
         if self.relay.group_id.is_empty() {
             return Err(ConfigError::Invalid("relay.group_id must be set".into()));
@@ -201,7 +210,12 @@ mod tests {
         };
         refused(|c| c.relay.group_id.clear(), "relay.group_id");
         refused(|c| c.api.publish_timeout = Duration::ZERO, "api.publish_timeout");
-        refused(|c| c.api.max_events = 0, "api limits");
+        let limits = "api.max_events, max_event_bytes, max_request_bytes, max_import_bytes and max_in_flight";
+        refused(|c| c.api.max_events = 0, limits);
+        refused(|c| c.api.max_event_bytes = 0, limits);
+        refused(|c| c.api.max_request_bytes = 0, limits);
+        refused(|c| c.api.max_import_bytes = 0, limits);
+        refused(|c| c.api.max_in_flight = 0, limits);
         refused(|c| c.auth.required = true, "auth.tokens is empty");
         refused(
             |c| {

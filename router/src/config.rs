@@ -67,3 +67,19 @@ impl RouterConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_unusable_setting_is_refused_by_name() {
+        assert!(RouterConfig::default().validate().is_ok());
+        let mut c = RouterConfig::default();
+        c.router.group_id.clear();
+        assert!(c.validate().unwrap_err().to_string().contains("router.group_id must be set"));
+        let mut c = RouterConfig::default();
+        c.router.max_in_flight = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("router.max_in_flight above zero"));
+    }
+}

@@ -444,5 +444,11 @@ mod tests {
         let mut c = Common::default();
         c.shutdown.grace = Duration::ZERO;
         assert!(c.validate().is_err());
+        for (partitions, replication_factor) in [(0, 1), (1, 0)] {
+            let mut c = Common::default();
+            (c.kafka.partitions, c.kafka.replication_factor) = (partitions, replication_factor);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("kafka.partitions and kafka.replication_factor must be at least 1"), "{e}");
+        }
     }
 }
