@@ -79,29 +79,18 @@ impl Auth {
     }
 
     /// Checks an `Authorization` header value for `right`; returns the
-    /// token holder's name.
+    /// token holder's name. Without a token (when tokens are not required)
+    /// the rights are [`Auth::principal`]'s anonymous ones.
     pub fn check(&self, authorization: Option<&str>, right: Right) -> Result<String, AuthError> {
-        let presented = authorization.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
-        let Some(presented) = presented.filter(|p| !p.is_empty()) else {
-            return if self.required { Err(AuthError::Unauthenticated) } else { Ok("anonymous".into()) };
-        };
-        let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        // Compare against every token so timing does not tell which matched.
-        let mut found: Option<&Token> = None;
-        for t in &self.tokens {
-            if bool::from(t.hash.ct_eq(&hash)) {
-                found = Some(t);
-            }
+        let principal = self.principal(authorization)?;
+        if principal.rights.contains(&right) {
+            return Ok(principal.name);
         }
-        match found {
-            Some(t) if t.rights.contains(&right) => Ok(t.name.clone()),
-            Some(_) => Err(AuthError::Forbidden(match right {
-                Right::Publish => "publish events",
-                Right::Namespaces => "change namespaces",
-                Right::InstanceAdmin => "manage instance destinations",
-            })),
-            None => Err(AuthError::Unauthenticated),
-        }
+        Err(AuthError::Forbidden(match right {
+            Right::Publish => "publish events",
+            Right::Namespaces => "change namespaces",
+            Right::InstanceAdmin => "manage instance destinations",
+        }))
     }
 
     /// Identifies the caller. Without a token (when tokens are not
@@ -175,6 +164,11 @@ mod tests {
         let open = auth(false);
         assert_eq!(open.check(None, Right::Namespaces), Ok("anonymous".into()));
         assert_eq!(open.check(Some("Bearer wrong"), Right::Publish), Err(AuthError::Unauthenticated));
+        assert_eq!(
+            open.check(None, Right::InstanceAdmin),
+            Err(AuthError::Forbidden("manage instance destinations")),
+            "anonymous callers may publish and write namespaces, nothing more"
+        );
     }
 
     #[test]
