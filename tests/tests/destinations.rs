@@ -217,6 +217,7 @@ async fn every_rule_names_its_field() {
         ("name missing", json!({ "url": "http://127.0.0.1/x" }), "name"),
         ("url missing", json!({ "name": "d" }), "url"),
         ("category not yet supported", with("category", json!("amazon_s3")), "category"),
+        ("category that does not exist", with("category", json!("carrier_pigeon")), "category"),
         ("bad signing secret", with("signing_secret", json!("not-a-secret")), "signing_secret"),
         ("unknown field", with("colour", json!("red")), "(body)"),
         ("wrong type", with("active", json!("yes")), "(body)"),
@@ -233,10 +234,47 @@ async fn every_rule_names_its_field() {
     let ok = json!({ "name": "ok", "url": "http://127.0.0.1:9/x", "event_type_filters": { "allow": ["category:compliance_management", "audit_operation"] }, "namespace_filters": [{ "kind": "project", "id": 102 }, group(101)] });
     let (status, answer) = api.create("/groups/100/destinations", ACME_OWNER, ok).await;
     assert_eq!(status, StatusCode::CREATED, "{answer}");
+    // An update of the URL is checked as a create's is, and a refused one
+    // changes nothing.
+    let one = format!("/groups/100/destinations/{}", answer["id"].as_str().unwrap());
+    for private in ["http://10.0.0.1/in", "http://169.254.169.254/latest/meta-data"] {
+        let (status, refused) = api.call(Method::PATCH, &one, Some(ACME_OWNER), Some(json!({ "url": private }))).await;
+        assert_eq!((status, fields(&refused)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["url".to_owned()]), "{refused}");
+    }
+    let (_, kept) = api.call(Method::GET, &one, Some(ACME_OWNER), None).await;
+    assert_eq!(kept["url"], "http://127.0.0.1:9/x");
     // Limits count characters, not bytes: 200 "é" are 400 bytes.
     let wide = json!({ "name": "é".repeat(72), "url": format!("http://127.0.0.1:9/{}", "é".repeat(200)), "headers": [{ "name": "X-Ok", "value": "é".repeat(200) }] });
     let (status, answer) = api.create("/groups/100/destinations", ACME_OWNER, wide).await;
     assert_eq!(status, StatusCode::CREATED, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_names_are_resolved_and_every_address_checked() {
+    // No allowed networks: loopback is refused, as in production.
+    let api = start(&[("AUDITSTREAM_API__ALLOWED_NETWORKS", "[]".into())]).await;
+    let body = |url: &str| json!({ "name": "by-name", "url": url });
+    let url_problem = |answer: &Value| answer["error"]["errors"][0]["problem"].as_str().unwrap_or("").to_owned();
+    // "localhost" is a name, not an address: it is resolved, and its
+    // loopback address refused.
+    let (status, answer) = api.create("/instance/destinations", ADMIN, body("http://localhost:9/x")).await;
+    assert_eq!((status, fields(&answer)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["url".to_owned()]), "{answer}");
+    assert!(url_problem(&answer).contains("loopback"), "{answer}");
+    // A name that does not resolve (".invalid" never does, RFC 6761).
+    let (status, answer) = api.create("/instance/destinations", ADMIN, body("http://no-such-host.invalid/x")).await;
+    assert_eq!((status, fields(&answer)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["url".to_owned()]), "{answer}");
+    assert!(url_problem(&answer).contains("\"no-such-host.invalid\" does not resolve"), "{answer}");
+    // A public address is accepted (the API does not connect to it), and
+    // an update to a name resolving to loopback is refused like a create.
+    let (status, created) = api.create("/instance/destinations", ADMIN, body("http://93.184.216.34/x")).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let one = format!("/instance/destinations/{}", created["id"].as_str().unwrap());
+    let (status, answer) =
+        api.call(Method::PATCH, &one, Some(ADMIN), Some(json!({ "url": "https://localhost/x" }))).await;
+    assert_eq!((status, fields(&answer)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["url".to_owned()]), "{answer}");
+    assert!(url_problem(&answer).contains("loopback"), "{answer}");
+    let (_, kept) = api.call(Method::GET, &one, Some(ADMIN), None).await;
+    assert_eq!(kept["url"], "http://93.184.216.34/x");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,6 +341,11 @@ async fn authorization_paths() {
     ] {
         let (status, _) = api.call(method.clone(), &path, Some(ACME_OWNER), body).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
+    }
+    // A group path that is not a group id finds nothing.
+    for path in ["/groups/abc/destinations", "/groups/0/destinations", "/groups/-1/destinations"] {
+        let (status, answer) = api.call(Method::GET, path, Some(ADMIN), None).await;
+        assert_eq!((status, &answer["error"]["code"]), (StatusCode::NOT_FOUND, &json!("not_found")), "{path}");
     }
     // Looking up beta's destination through acme's path does not find it.
     let (status, _) =
