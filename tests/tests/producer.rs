@@ -80,6 +80,7 @@ async fn every_rejection_reason_is_answered_precisely() {
         ("AUDITSTREAM_API__MAX_EVENTS", "3".into()),
         ("AUDITSTREAM_API__MAX_REQUEST_BYTES", "4096".into()),
         ("AUDITSTREAM_API__MAX_EVENT_BYTES", "1024".into()),
+        ("AUDITSTREAM_API__MAX_IMPORT_BYTES", "65536".into()),
     ])
     .await;
     let events = format!("{}/events", f.url);
@@ -223,6 +224,37 @@ async fn every_rejection_reason_is_answered_precisely() {
     let (status, answer, _) = post(&import, Some(NS_ONLY), "application/x-ndjson", bad).await;
     assert_eq!(status, 422, "{answer}");
     assert_eq!(answer["error"]["lines"][0]["line"], 2);
+    // Every bad line is named with its problem, blank lines skipped and
+    // counted; a delete needs no path.
+    let bad = concat!(
+        "{\"kind\":\"group\",\"id\":7,\"delete\":true}\n",
+        "not json\n",
+        "\n",
+        "{\"kind\":\"group\",\"id\":8,\"parent\":null,\"full_path\":\"y\",\"colour\":1}\n",
+        "{\"kind\":\"group\",\"id\":9,\"parent\":null}\r\n",
+    );
+    let (status, answer, _) = post(&import, Some(NS_ONLY), "application/x-ndjson", bad.into()).await;
+    assert_eq!((status.as_u16(), &answer["error"]["code"]), (422, &json!("invalid_namespaces")), "{answer}");
+    let named: Vec<(u64, String, String)> = answer["error"]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let e = &l["errors"][0];
+            (l["line"].as_u64().unwrap(), e["field"].as_str().unwrap().into(), e["problem"].as_str().unwrap().into())
+        })
+        .collect();
+    assert_eq!(
+        named.iter().map(|(l, f, _)| (*l, f.as_str())).collect::<Vec<_>>(),
+        [(2, "(line)"), (4, "(line)"), (5, "full_path")]
+    );
+    assert!(named[0].2.contains("expected ident"), "{named:?}");
+    assert!(named[1].2.contains("unknown field `colour`"), "{named:?}");
+    assert_eq!(named[2].2, "is required");
+    // An import has its own size limit, above the events' one.
+    let (status, answer, _) = post(&import, Some(NS_ONLY), "application/x-ndjson", vec![b'\n'; 65537]).await;
+    assert_eq!((status.as_u16(), &answer["error"]["code"]), (413, &json!("request_too_large")), "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("65536 bytes"), "{answer}");
     let lines: String = (0..500).map(|i| format!("{{\"kind\":\"project\",\"id\":{i},\"parent\":{{\"kind\":\"group\",\"id\":1}},\"full_path\":\"a/p{i}\"}}\n")).collect();
     let (status, answer, _) = post(&import, Some(NS_ONLY), "application/x-ndjson", lines.into_bytes()).await;
     assert_eq!((status.as_u16(), &answer["written"]), (200, &json!(500)), "{answer}");
