@@ -276,11 +276,17 @@ async fn via_api(args: &PublishArgs, events: &[&[u8]], progress: &mut Progress) 
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_secs(1 << tries)).await;
                 }
+                401 | 403 => {
+                    // Every later request would be refused the same way:
+                    // stop, and count what was not sent as not acknowledged.
+                    let why = answer["error"]["message"].as_str().map_or_else(|| answer.to_string(), str::to_owned);
+                    eprintln!("error: the API refused the token ({status}): {why}");
+                    let sent_before = chunk_no * args.batch + chunk.len();
+                    summary.failed += pending.len() + (events.len() - sent_before);
+                    return summary;
+                }
                 _ => {
                     let why = answer["error"]["message"].as_str().map_or_else(|| answer.to_string(), str::to_owned);
-                    if status == 401 || status == 403 {
-                        eprintln!("error: the API refused the token ({status}): {why}");
-                    }
                     summary.failed += pending.len();
                     if summary.failed == pending.len() {
                         eprintln!("warning: the API answered {status}: {why}");

@@ -803,6 +803,25 @@ async fn the_publish_command_reports_and_publishes_what_is_valid() {
     assert!(stdout.contains("2 rejected") && stdout.contains("event 10: event_type"), "{stdout}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("100%"), "progress shown on a large input");
 
+    // A token the API refuses stops the run at the first request.
+    let out = run(&["--api", &api_base, "--token", "not-a-token", "--batch", "300"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("published 0 of 1200 events") && stdout.contains("1200 not acknowledged"), "{stdout}");
+    assert_eq!(stderr.matches("error: the API refused the token (401)").count(), 1, "{stderr}");
+    let out = run(&["--api", &api_base, "--token", NS_ONLY, "--batch", "300"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the API refused the token (403): this token may not publish")
+    );
+    // Arguments it cannot use: exit 64 before sending anything.
+    let out = run(&["--api", &api_base, "--token", TOKEN, "--batch", "0"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batch must be at least 1"));
+    let out =
+        std::process::Command::new(tests::binary()).args(["publish", "/nonexistent/events.ndjson"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/events.ndjson"));
+
     let out = run(&["--kafka"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("published 1198 of 1200 events"), "{stdout}");
@@ -852,6 +871,21 @@ async fn the_destinations_command_manages_destinations() {
     let (code, _, err) = run(&["create", "--name", "bad", "--url", "http://10.0.0.1/"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("url:"), "field errors are printed: {err}");
+    // Flags it cannot turn into a request: exit 64, naming the flag.
+    let (code, _, err) = run(&["create", "--name", "h", "--url", "http://127.0.0.1:9/", "--header", "X-Team"]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("--header takes NAME=VALUE, got \"X-Team\""), "{err}");
+    let (code, _, err) = run(&["create", "--name", "n", "--url", "http://127.0.0.1:9/", "--namespace", "folder:1"]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("folder"), "{err}");
+    // An API that is not there.
+    let closed = tests::free_addr();
+    let out = std::process::Command::new(tests::binary())
+        .args(["destinations", "list", "--api", &format!("http://{closed}"), "--token", ADMIN])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cannot reach http://{closed}")));
     let (code, out, _) = run(&["delete", &id]);
     assert_eq!((code, out.trim()), (Some(0), format!("deleted {id}").as_str()));
 }
