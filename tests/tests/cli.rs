@@ -59,7 +59,7 @@ fn bad_configuration_exits_64_before_touching_the_network() {
     // A role with an invalid value stops at once, naming it.
     let (code, _, err) = run(&["producer"], &[("AUDITSTREAM_API__MAX_EVENTS", "0")]);
     assert_eq!(code, 64, "{err}");
-    assert!(err.contains("api limits"), "{err}");
+    assert!(err.contains("api.max_events"), "{err}");
     let (code, _, err) = run(&["deliverer"], &[("AUDITSTREAM_DELIVERER__RETRY_DELAYS", r#"["soon"]"#)]);
     assert_eq!(code, 64);
     assert!(err.contains("soon"), "{err}");
@@ -79,4 +79,38 @@ fn production_auth_needs_tokens() {
     let (code, _, err) = run(&["config", "check", "producer"], &[]);
     assert_eq!(code, 64);
     assert!(err.contains("auth.tokens is empty"), "{err}");
+}
+
+#[test]
+fn a_busy_port_is_named_with_what_chose_it() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    // Dev mode binds before it starts anything, and names the flag.
+    let (code, _, err) = run(&["dev", "--api", &addr], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("cannot listen for the producer API (--api) on {addr}")), "{err}");
+    let (code, _, err) = run(&["dev", "--api", "127.0.0.1:0", "--receiver", &addr], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("cannot listen for the receiver (--receiver) on {addr}")), "{err}");
+    // A role names the port it could not bind.
+    let (code, _, err) = run(&["router"], &[("AUDITSTREAM_ADMIN__LISTEN", &addr)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("binding the admin port {addr}")), "{err}");
+    let (code, _, err) = run(
+        &["producer"],
+        &[
+            ("AUDITSTREAM_AUTH__REQUIRED", "false"),
+            ("AUDITSTREAM_ADMIN__LISTEN", "127.0.0.1:0"),
+            ("AUDITSTREAM_API__LISTEN", &addr),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("binding the API port {addr}")), "{err}");
+}
+
+#[test]
+fn a_dead_letter_time_it_cannot_read_exits_64() {
+    let (code, _, err) = run(&["dlq", "list", "--since", "soon"], &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("\"soon\" is neither an RFC 3339 time nor a duration like 2h"), "{err}");
 }
