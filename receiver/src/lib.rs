@@ -550,3 +550,74 @@ fn take_delivery(
     }
     (status, Json(json!({ "status": verdict })))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The receiver on loopback, spoken to in plain HTTP/1.1.
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    const TOKEN: &str = "token-0123456789";
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    /// POSTs `body` with `headers` and returns the status code.
+    async fn post(to: std::net::SocketAddr, headers: &[(&str, String)], body: &str) -> u16 {
+        let mut request =
+            format!("POST /in HTTP/1.1\r\nhost: {to}\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
+        let mut stream = tokio::net::TcpStream::connect(to).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn unknown_tokens_and_bad_signatures_are_rejected_401_and_counted() {
+        let secret = SigningSecret::new(SECRET).unwrap();
+        let expected = vec![
+            Expected { name: "plain".into(), token: TOKEN.into(), secret: None },
+            Expected { name: "signed".into(), token: "token-signed-0123".into(), secret: Some(secret.clone()) },
+        ];
+        let r = Receiver::new(ReceiverConfig { expected, ..Default::default() }).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        tokio::spawn(r.clone().serve(listener, std::future::pending()));
+        let body = r#"{"id":"e-1","event_type":"audit_operation"}"#;
+        let token = |t: &str| ("x-gitlab-event-streaming-token", t.to_owned());
+
+        assert_eq!(post(to, &[token(TOKEN)], body).await, 200);
+        assert_eq!(post(to, &[token(TOKEN)], body).await, 200, "a duplicate is still a success");
+        assert_eq!(post(to, &[token("token-unknown-000")], body).await, 401);
+        assert_eq!(post(to, &[], body).await, 401, "no token");
+
+        let signed = |signature: String| {
+            vec![
+                token("token-signed-0123"),
+                ("webhook-id", "e-1".to_owned()),
+                ("webhook-timestamp", "1700000000".to_owned()),
+                ("webhook-signature", signature),
+            ]
+        };
+        let good = proto::signature::signature(&[&secret], "e-1", 1_700_000_000, body.as_bytes());
+        assert_eq!(post(to, &signed(good.clone()), body).await, 200);
+        let other = SigningSecret::new("whsec_QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB").unwrap();
+        let forged = proto::signature::signature(&[&other], "e-1", 1_700_000_000, body.as_bytes());
+        assert_eq!(post(to, &signed(forged), body).await, 401, "signed with another secret");
+        assert_eq!(post(to, &signed(good), r#"{"id":"e-1","event_type":"tampered"}"#).await, 401, "body changed");
+        assert_eq!(post(to, &[token("token-signed-0123")], body).await, 401, "a signed destination's unsigned request");
+
+        let stats = r.stats();
+        assert_eq!((stats.unique, stats.duplicates, stats.rejected), (2, 1, 5), "{stats:?}");
+        assert!(r.received().iter().all(|d| d.signature != "invalid"), "rejected requests are not kept");
+    }
+}
