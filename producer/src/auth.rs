@@ -111,6 +111,7 @@ impl Auth {
             };
         };
         let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        // Compare against every token so timing does not tell which matched.
         let mut found: Option<&Token> = None;
         for t in &self.tokens {
             if bool::from(t.hash.ct_eq(&hash)) {
