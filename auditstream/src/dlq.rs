@@ -151,68 +151,70 @@ pub async fn run(command: DlqCommand) -> ExitCode {
     };
     let kafka = &config.kafka;
     if select.events {
-        let parked = match events_dlq::read(kafka, filter.window).await {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("error: reading the events' dead-letter topic: {e}");
-                return ExitCode::FAILURE;
-            }
+        let parked = events_dlq::read(kafka, filter.window).await;
+        let topic = Topic {
+            name: "the events' dead-letter topic",
+            replayed: "events into audit.events",
+            skipped: "tombstones (records without an event)",
         };
-        let replay = || async {
-            let (replayed, skipped) = events_dlq::replay(kafka, &parked).await?;
-            let mut said = vec![format!("replayed {replayed} events into audit.events")];
-            if skipped > 0 {
-                said.push(format!("skipped {skipped} tombstones (records without an event)"));
-            }
-            Ok(said)
-        };
-        return act(action, &parked, event_row, print_event_table, replay).await;
+        return act(action, topic, parked, event_row, print_event_table, async |p| events_dlq::replay(kafka, p).await)
+            .await;
     }
-    let parked = match dlq::read(kafka, &filter).await {
+    let parked = dlq::read(kafka, &filter).await;
+    let topic = Topic {
+        name: "the dead-letter topic",
+        replayed: "deliveries into the flow",
+        skipped: "records whose delivery (destination, event id and type) cannot be read",
+    };
+    act(action, topic, parked, row, print_table, async |p| dlq::replay(kafka, p).await).await
+}
+
+/// How the command speaks of one dead-letter topic.
+struct Topic {
+    /// The topic, for an error reading it.
+    name: &'static str,
+    /// What a replay put back, and where, after its count.
+    replayed: &'static str,
+    /// What a replay passed over, after its count.
+    skipped: &'static str,
+}
+
+/// Does what `action` asks with the records read from `topic`: rows
+/// (`--json`), a table, a dry run, or `replay`, whose counts of replayed
+/// and skipped records it prints.
+async fn act<P>(
+    action: &DlqCommand,
+    topic: Topic,
+    parked: Result<Vec<P>, KafkaError>,
+    row: fn(&P) -> serde_json::Value,
+    table: fn(&[P]),
+    replay: impl AsyncFnOnce(&[P]) -> Result<(usize, usize), KafkaError>,
+) -> ExitCode {
+    let parked = match parked {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: reading the dead-letter topic: {e}");
+            eprintln!("error: reading {}: {e}", topic.name);
             return ExitCode::FAILURE;
         }
     };
-    let replay = || async {
-        let (replayed, skipped) = dlq::replay(kafka, &parked).await?;
-        let mut said = vec![format!("replayed {replayed} deliveries into the flow")];
-        if skipped > 0 {
-            said.push(format!(
-                "skipped {skipped} records whose delivery (destination, event id and type) cannot be read"
-            ));
-        }
-        Ok(said)
-    };
-    act(action, &parked, row, print_table, replay).await
-}
-
-/// Does what `action` asks with the records read, from either topic: rows
-/// (`--json`), a table, a dry run, or `replay`, whose lines it prints.
-async fn act<P, F>(
-    action: &DlqCommand,
-    parked: &[P],
-    row: fn(&P) -> serde_json::Value,
-    table: fn(&[P]),
-    replay: impl FnOnce() -> F,
-) -> ExitCode
-where
-    F: Future<Output = Result<Vec<String>, KafkaError>>,
-{
     match action {
         DlqCommand::List { json: true, .. } => {
-            for p in parked {
+            for p in &parked {
                 println!("{}", row(p));
             }
         }
-        DlqCommand::List { .. } => table(parked),
+        DlqCommand::List { .. } => table(&parked),
         DlqCommand::Replay { dry_run: true, .. } => {
-            table(parked);
+            table(&parked);
             println!("dry run: nothing replayed");
         }
-        DlqCommand::Replay { .. } => match replay().await {
-            Ok(said) => said.iter().for_each(|line| println!("{line}")),
+        DlqCommand::Replay { .. } => match replay(&parked).await {
+            Ok((replayed, skipped)) => {
+                println!("replayed {replayed} {}", topic.replayed);
+                if skipped > 0 {
+                    println!("skipped {skipped} {}", topic.skipped);
+                }
+            }
             Err(e) => {
                 eprintln!("error: replaying: {e}");
                 return ExitCode::FAILURE;
