@@ -49,6 +49,9 @@ impl Principal {
     }
 }
 
+/// What a caller without a token may do, where tokens are not required.
+const ANONYMOUS: [Right; 2] = [Right::Publish, Right::Namespaces];
+
 /// The configured tokens.
 pub struct Auth {
     required: bool,
@@ -80,11 +83,14 @@ impl Auth {
 
     /// Checks an `Authorization` header value for `right`; returns the
     /// token holder's name. Without a token (when tokens are not required)
-    /// the rights are [`Auth::principal`]'s anonymous ones.
+    /// the rights are the anonymous ones.
     pub fn check(&self, authorization: Option<&str>, right: Right) -> Result<String, AuthError> {
-        let principal = self.principal(authorization)?;
-        if principal.rights.contains(&right) {
-            return Ok(principal.name);
+        let (name, rights) = match self.presented(authorization)? {
+            Some(t) => (t.name.as_str(), t.rights.as_slice()),
+            None => ("anonymous", &ANONYMOUS[..]),
+        };
+        if rights.contains(&right) {
+            return Ok(name.to_owned());
         }
         Err(AuthError::Forbidden(match right {
             Right::Publish => "publish events",
@@ -97,18 +103,25 @@ impl Auth {
     /// required) the caller may publish and write namespaces, nothing more:
     /// managing destinations always takes a token.
     pub fn principal(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+        Ok(match self.presented(authorization)? {
+            Some(t) => Principal {
+                name: t.name.clone(),
+                rights: t.rights.clone(),
+                owner_of: t.owner_of.clone(),
+                user_id: t.user_id,
+            },
+            None => {
+                Principal { name: "anonymous".into(), rights: ANONYMOUS.to_vec(), owner_of: Vec::new(), user_id: None }
+            }
+        })
+    }
+
+    /// The configured token an `Authorization` header value presents;
+    /// `None` when it presents none and none is required.
+    fn presented(&self, authorization: Option<&str>) -> Result<Option<&Token>, AuthError> {
         let presented = authorization.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).filter(|p| !p.is_empty());
         let Some(presented) = presented else {
-            return if self.required {
-                Err(AuthError::Unauthenticated)
-            } else {
-                Ok(Principal {
-                    name: "anonymous".into(),
-                    rights: vec![Right::Publish, Right::Namespaces],
-                    owner_of: Vec::new(),
-                    user_id: None,
-                })
-            };
+            return if self.required { Err(AuthError::Unauthenticated) } else { Ok(None) };
         };
         let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         // Compare against every token so timing does not tell which matched.
@@ -118,13 +131,7 @@ impl Auth {
                 found = Some(t);
             }
         }
-        let t = found.ok_or(AuthError::Unauthenticated)?;
-        Ok(Principal {
-            name: t.name.clone(),
-            rights: t.rights.clone(),
-            owner_of: t.owner_of.clone(),
-            user_id: t.user_id,
-        })
+        found.map(Some).ok_or(AuthError::Unauthenticated)
     }
 }
 
