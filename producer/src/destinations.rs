@@ -369,27 +369,46 @@ fn check_against_tables(state: &AppState, d: &Destination, errors: &mut Vec<Fiel
     }
 }
 
+/// How long a destination's host name may take to resolve when it is
+/// checked. Without a bound, a slow DNS server holds the create or update
+/// until the system resolver gives up (glibc: 5 s a try, two tries).
+const RESOLVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Refuses URLs whose host is, or resolves to, a special-purpose address
 /// (loopback, private, link-local, metadata, …) unless allow-listed. The
 /// deliverer checks again at connect time, against DNS rebinding.
 async fn check_url_safety(state: &AppState, url: &DestinationUrl, errors: &mut Vec<FieldError>) {
-    let Ok(parsed) = url::Url::parse(url.expose()) else { return };
     let policy = Policy { allowed: state.config.allowed_networks.clone() };
+    let lookup = |host: String, port| async move {
+        tokio::net::lookup_host((host.as_str(), port)).await.map(|found| found.map(|a| a.ip()).collect())
+    };
+    if let Err(why) = url_safety(&policy, url.expose(), RESOLVE_WITHIN, lookup).await {
+        errors.push(FieldError::new("url", why));
+    }
+}
+
+/// [`check_url_safety`]'s rule, with the resolver given (`lookup`) and
+/// bounded by `within`.
+async fn url_safety<F, Fut>(policy: &Policy, url: &str, within: std::time::Duration, lookup: F) -> Result<(), String>
+where
+    F: FnOnce(String, u16) -> Fut,
+    Fut: Future<Output = std::io::Result<Vec<IpAddr>>>,
+{
+    let Ok(parsed) = url::Url::parse(url) else { return Ok(()) };
     let port = parsed.port_or_known_default().unwrap_or(443);
     let addresses: Vec<IpAddr> = match parsed.host() {
         Some(url::Host::Ipv4(a)) => vec![IpAddr::V4(a)],
         Some(url::Host::Ipv6(a)) => vec![IpAddr::V6(a)],
-        Some(url::Host::Domain(host)) => match tokio::net::lookup_host((host, port)).await {
-            Ok(found) => found.map(|a| a.ip()).collect(),
-            Err(e) => {
-                errors.push(FieldError::new("url", format!("host {host:?} does not resolve: {e}")));
-                return;
-            }
+        Some(url::Host::Domain(host)) => match tokio::time::timeout(within, lookup(host.to_owned(), port)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => return Err(format!("host {host:?} does not resolve: {e}")),
+            Err(_) => return Err(format!("host {host:?} does not resolve within {} s", within.as_secs_f64())),
         },
-        None => return,
+        None => return Ok(()),
     };
-    if let Some(why) = addresses.iter().find_map(|ip| policy.check(*ip).err()) {
-        errors.push(FieldError::new("url", why));
+    match addresses.iter().find_map(|ip| policy.check(*ip).err()) {
+        Some(why) => Err(why),
+        None => Ok(()),
     }
 }
 
@@ -628,5 +647,30 @@ mod tests {
         for t in CHANGE_TYPES {
             assert!(e.contains(t.as_str()), "{e}");
         }
+    }
+
+    /// A DNS server that never answers cannot be put behind the system
+    /// resolver in a test, so this one is a resolver that never answers.
+    #[tokio::test]
+    async fn a_host_name_that_does_not_resolve_in_time_is_refused() {
+        let policy = Policy { allowed: Vec::new() };
+        let within = std::time::Duration::from_millis(20);
+        let silent = |_: String, _: u16| std::future::pending::<std::io::Result<Vec<IpAddr>>>();
+        let check = url_safety(&policy, "https://siem.example.com/in", within, silent);
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(30), check)
+            .await
+            .expect("the check waited on the resolver without a bound");
+        assert_eq!(outcome, Err("host \"siem.example.com\" does not resolve within 0.02 s".to_owned()));
+
+        // The same resolver answering in time: its addresses are checked.
+        let public = |_: String, port: u16| async move {
+            assert_eq!(port, 443, "the scheme's port is looked up");
+            Ok(vec!["93.184.216.34".parse().unwrap()])
+        };
+        assert_eq!(url_safety(&policy, "https://siem.example.com/in", within, public).await, Ok(()));
+        let private =
+            |_: String, _: u16| async { Ok(vec!["93.184.216.34".parse().unwrap(), "10.1.2.3".parse().unwrap()]) };
+        let refused = url_safety(&policy, "https://siem.example.com/in", within, private).await.unwrap_err();
+        assert!(refused.contains("10.1.2.3"), "{refused}");
     }
 }
