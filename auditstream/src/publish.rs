@@ -26,6 +26,10 @@ pub struct PublishArgs {
     /// Events per API request.
     #[arg(long, default_value_t = 500)]
     batch: usize,
+    /// How many times to resend a request the API could not take (503, or
+    /// no answer), waiting 2, 4, 8, … s between; after the last, stop.
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
     #[command(flatten)]
     role: RoleArgs,
 }
@@ -221,7 +225,7 @@ async fn via_api(args: &PublishArgs, events: &[&[u8]], progress: &mut Progress) 
                         r.text().await.ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()).unwrap_or(Value::Null),
                     )
                 }
-                Err(e) => (0, Value::String(e.to_string())),
+                Err(e) => (0, Value::String(format!("cannot reach {url}: {e}"))),
             };
             match status {
                 202 => {
@@ -264,32 +268,45 @@ async fn via_api(args: &PublishArgs, events: &[&[u8]], progress: &mut Progress) 
                         summary.rejected.extend(bad);
                     }
                 }
-                503 | 0 if tries < 5 => {
-                    // Resend only what Kafka did not take.
+                503 | 0 => {
+                    // Resend only what Kafka did not take (all of it when
+                    // no answer came back).
                     if let Some(failed) = answer["error"]["failed_indexes"].as_array() {
-                        let accepted = pending.len() - failed.len();
-                        summary.published += accepted;
                         let keep: Vec<usize> =
                             failed.iter().filter_map(|f| pending.get(f.as_u64()? as usize).copied()).collect();
+                        summary.published += pending.len() - keep.len();
                         pending = keep;
                     }
+                    let why = match answer.as_str() {
+                        Some(unreachable) => unreachable.to_owned(),
+                        None => format!("the API answered {status}: {}", message(&answer)),
+                    };
+                    if tries == args.retries {
+                        // The next request would most likely fare the same:
+                        // stop, and count what was not sent as not
+                        // acknowledged.
+                        eprintln!("error: {why}; gave up after {tries} retries");
+                        let sent_before = chunk_no * args.batch + chunk.len();
+                        summary.failed += pending.len() + (events.len() - sent_before);
+                        return summary;
+                    }
                     tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_secs(1 << tries)).await;
+                    let wait = 1u64 << tries.min(6);
+                    eprintln!("warning: {why}; resending {} events in {wait} s", pending.len());
+                    tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
                 }
                 401 | 403 => {
                     // Every later request would be refused the same way:
                     // stop, and count what was not sent as not acknowledged.
-                    let why = answer["error"]["message"].as_str().map_or_else(|| answer.to_string(), str::to_owned);
-                    eprintln!("error: the API refused the token ({status}): {why}");
+                    eprintln!("error: the API refused the token ({status}): {}", message(&answer));
                     let sent_before = chunk_no * args.batch + chunk.len();
                     summary.failed += pending.len() + (events.len() - sent_before);
                     return summary;
                 }
                 _ => {
-                    let why = answer["error"]["message"].as_str().map_or_else(|| answer.to_string(), str::to_owned);
                     summary.failed += pending.len();
                     if summary.failed == pending.len() {
-                        eprintln!("warning: the API answered {status}: {why}");
+                        eprintln!("warning: the API answered {status}: {}", message(&answer));
                     }
                     pending.clear();
                 }
@@ -298,6 +315,11 @@ async fn via_api(args: &PublishArgs, events: &[&[u8]], progress: &mut Progress) 
         progress.advance(chunk.len());
     }
     summary
+}
+
+/// The API's error message, or the whole answer when it has none.
+fn message(answer: &Value) -> String {
+    answer["error"]["message"].as_str().map_or_else(|| answer.to_string(), str::to_owned)
 }
 
 #[cfg(test)]

@@ -830,6 +830,90 @@ async fn the_publish_command_reports_and_publishes_what_is_valid() {
     assert_eq!(written.len(), 2396);
 }
 
+/// Kafka down behind a real producer answers every event with 503 and
+/// `failed_indexes`. (A 503 that names only some of a request's events
+/// cannot be made to order with a real broker.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_command_resends_what_the_api_could_not_take_and_then_gives_up() {
+    let f = front_on(TestBroker::mock_cluster(), &[("AUDITSTREAM_API__PUBLISH_TIMEOUT", "2s".into())]).await;
+    let api_base = f.url.trim_end_matches("/api/v1").to_owned();
+    let dir = std::env::temp_dir().join(unique("publish-retry"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, ids: &[&str]| {
+        let file = dir.join(name);
+        std::fs::write(&file, ids.iter().map(|id| event(id) + "\n").collect::<String>()).unwrap();
+        file.to_str().unwrap().to_owned()
+    };
+    let publish = |file: &str, api: &str, extra: &[&str]| {
+        let mut command = std::process::Command::new(tests::binary());
+        command.args(["publish", file, "--api", api, "--token", TOKEN, "--batch", "2"]).args(extra);
+        command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        command.spawn().unwrap()
+    };
+    let finish = |child: std::process::Child| {
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // Kafka down: the first request is resent once, then the run stops;
+    // the third event, in the second request, is never sent.
+    f.broker.mock().unwrap().broker_down(1).unwrap();
+    let lost = write("lost.ndjson", &["lost-1", "lost-2", "lost-3"]);
+    let child = publish(&lost, &api_base, &["--retries", "1"]);
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || finish(child)).await.unwrap();
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("published 0 of 3 events") && stdout.contains("3 not acknowledged"), "{stdout}");
+    assert_eq!(stderr.matches("resending 2 events in 2 s").count(), 1, "{stderr}");
+    assert!(stderr.contains("error: the API answered 503: ") && stderr.contains("gave up after 1 retries"), "{stderr}");
+
+    // Kafka back while it waits: what was refused is resent and published.
+    let resent = write("resent.ndjson", &["resent-1", "resent-2", "resent-3"]);
+    let mut child = publish(&resent, &api_base, &[]);
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let waiting = tokio::task::spawn_blocking(move || {
+        let mut seen = String::new();
+        while !seen.contains("resending 2 events") {
+            if std::io::BufRead::read_line(&mut stderr, &mut seen).unwrap() == 0 {
+                panic!("the command ended without resending: {seen}");
+            }
+        }
+        (seen, stderr)
+    });
+    let (seen, mut stderr) = waiting.await.unwrap();
+    assert!(seen.contains("warning: the API answered 503: "), "{seen}");
+    f.broker.mock().unwrap().broker_up(1).unwrap();
+    let (code, stdout, _) = tokio::task::spawn_blocking(move || finish(child)).await.unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert_eq!(code, Some(0), "{stdout}{seen}{rest}");
+    assert!(
+        stdout.contains("published 3 of 3 events") && stdout.contains("0 rejected, 0 not acknowledged"),
+        "{stdout}"
+    );
+    let ids = |read: &[rdkafka::message::OwnedMessage]| -> Vec<String> {
+        let payloads = read.iter().filter_map(|m| serde_json::from_slice::<Value>(rdkafka::Message::payload(m)?).ok());
+        payloads.filter_map(|e| e["id"].as_str().map(str::to_owned)).collect()
+    };
+    let resent_ids = ["resent-1", "resent-2", "resent-3"];
+    let all_resent =
+        |read: &[rdkafka::message::OwnedMessage]| resent_ids.iter().all(|r| ids(read).iter().any(|i| i == r));
+    let topic = Topics::new(&f.prefix).events();
+    let read = tests::read_until(&f.broker.kafka(&f.prefix), &topic, Duration::from_secs(30), all_resent).await;
+    assert!(all_resent(&read), "every resent event was published: {:?}", ids(&read));
+
+    // No API at all: nothing to wait for with --retries 0.
+    let closed = format!("http://{}", tests::free_addr());
+    let (code, stdout, stderr) = finish(publish(&resent, &closed, &["--retries", "0"]));
+    assert_eq!(code, Some(1));
+    assert!(stdout.contains("published 0 of 3 events") && stdout.contains("3 not acknowledged"), "{stdout}");
+    assert!(stderr.contains(&format!("error: cannot reach {closed}/api/v1/events: ")), "{stderr}");
+    assert!(stderr.contains("gave up after 0 retries") && !stderr.contains("resending"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_destinations_command_manages_destinations() {
     let f = front(&[("AUDITSTREAM_API__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#.into())]).await;
