@@ -190,13 +190,17 @@ pub async fn receiver(args: ReceiverArgs) -> ExitCode {
         expected.push(receiver::Expected { name: name.into(), token: token.into(), secret: None });
     }
     for s in &args.secrets {
-        let parsed = s.split_once('=').and_then(|(name, secret)| {
-            let secret = proto::destination::SigningSecret::new(secret).ok()?;
-            Some((name, secret))
-        });
-        let Some((name, secret)) = parsed else {
-            eprintln!("error: --secret takes NAME=whsec_<base64>, and the secret must be valid");
+        // The secret itself is never echoed.
+        let Some((name, secret)) = s.split_once('=') else {
+            eprintln!("error: --secret takes NAME=whsec_<base64>");
             return ExitCode::from(EXIT_CONFIG);
+        };
+        let secret = match proto::destination::SigningSecret::new(secret) {
+            Ok(secret) => secret,
+            Err(why) => {
+                eprintln!("error: --secret for {name:?}: the secret {why}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
         };
         match expected.iter_mut().find(|e| e.name == name) {
             Some(e) => e.secret = Some(secret),

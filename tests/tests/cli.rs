@@ -114,3 +114,33 @@ fn a_dead_letter_time_it_cannot_read_exits_64() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("\"soon\" is neither an RFC 3339 time nor a duration like 2h"), "{err}");
 }
+
+#[test]
+fn commands_refuse_arguments_they_cannot_use_with_exit_64() {
+    // A key rotation's reseal has nothing to seal with.
+    let (code, _, err) = run(&["reseal"], &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("reseal needs secrets.keys (AUDITSTREAM_SECRETS__KEYS)"), "{err}");
+    // The reference receiver's expectations, each named; a secret that is
+    // not valid is not echoed.
+    let receiver = |extra: &[&str]| {
+        let mut args = vec!["receiver", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        run(&args, &[])
+    };
+    let (code, _, err) = receiver(&["--expect", "siem"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--expect takes NAME=TOKEN, got \"siem\""), "{err}");
+    let (code, _, err) = receiver(&["--expect", "siem=t0k3n", "--secret", "siem"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--secret takes NAME=whsec_<base64>"), "{err}");
+    let (code, _, err) = receiver(&["--expect", "siem=t0k3n", "--secret", "siem=sw0rdf1sh"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--secret for \"siem\": the secret must start with whsec_"), "{err}");
+    assert!(!err.contains("sw0rdf1sh"), "the secret is not echoed: {err}");
+    let valid = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let (code, _, err) = receiver(&["--expect", "siem=t0k3n", "--secret", &format!("logs={valid}")]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--secret names \"logs\", which no --expect names"), "{err}");
+    assert!(!err.contains(valid), "the secret is not echoed: {err}");
+}
