@@ -71,7 +71,7 @@ pub enum Category {
 }
 
 macro_rules! validated_string {
-    ($(#[$doc:meta])* $name:ident, $check:path, secret = $secret:expr) => {
+    ($(#[$doc:meta])* $name:ident, $check:path, secret = $secret:expr, read_as = $label:literal) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
@@ -90,10 +90,12 @@ macro_rules! validated_string {
             }
         }
 
+        /// How a stored record is read: the error names what it is about,
+        /// since serde cannot say which field it was reading.
         impl TryFrom<String> for $name {
             type Error = String;
             fn try_from(value: String) -> Result<Self, String> {
-                Self::new(value)
+                Self::new(value).map_err(|e| format!("{} {e}", $label))
             }
         }
 
@@ -189,28 +191,28 @@ fn check_signing_secret(v: &str) -> Result<(), String> {
 
 validated_string!(
     /// A destination's name: at most 72 characters.
-    DestinationName, check_name, secret = false
+    DestinationName, check_name, secret = false, read_as = "name"
 );
 validated_string!(
     /// Sent as `X-Gitlab-Event-Streaming-Token`: 16 to 24 visible characters.
-    VerificationToken, check_token, secret = true
+    VerificationToken, check_token, secret = true, read_as = "verification_token"
 );
 validated_string!(
     /// An `http` or `https` URL of at most 255 characters, with no credentials.
-    DestinationUrl, check_url, secret = false
+    DestinationUrl, check_url, secret = false, read_as = "url"
 );
 validated_string!(
     /// A custom header's name: an RFC 9110 token, not one auditstream sets.
-    HeaderName, check_header_name, secret = false
+    HeaderName, check_header_name, secret = false, read_as = "a header's name"
 );
 validated_string!(
     /// A custom header's value: at most 255 characters, no control
     /// characters. Treated as a secret (it often carries credentials).
-    HeaderValue, check_header_value, secret = true
+    HeaderValue, check_header_value, secret = true, read_as = "a header's value"
 );
 validated_string!(
     /// A Standard Webhooks signing secret: `whsec_` + base64 of the key.
-    SigningSecret, check_signing_secret, secret = true
+    SigningSecret, check_signing_secret, secret = true, read_as = "a signing secret"
 );
 
 impl SigningSecret {

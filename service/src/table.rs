@@ -162,3 +162,69 @@ impl TableState for proto::tree::Tree {
         proto::tree::Tree::apply(self, key, value)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proto::{
+        destination::{Destination, Directory, Owner},
+        seal::Keyring,
+    };
+
+    use super::TableState;
+
+    fn siem() -> Destination {
+        Destination::http("d-1", Owner::Instance, "SIEM", "https://siem.example.com/in", "0123456789abcdef").unwrap()
+    }
+
+    fn record(d: &serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(d).unwrap()
+    }
+
+    /// Whatever a record that cannot be read says, the destination keeps
+    /// the version read before it.
+    #[test]
+    fn destination_records_that_cannot_be_read_are_refused_and_the_last_good_one_kept() {
+        let keyring = Keyring::new([("k1", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")]).unwrap();
+        let mut table = Directory::with_keyring(Some(Arc::new(keyring)));
+        let good = serde_json::to_value(siem()).unwrap();
+        table.apply(b"d-1", Some(&record(&good))).unwrap();
+        let renamed = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = good.clone();
+            v["name"] = "Renamed".into();
+            f(&mut v);
+            record(&v)
+        };
+
+        assert_eq!(table.apply(b"d-\xff", Some(&renamed(&|_| ()))), Err("destination key is not UTF-8".into()));
+        assert_eq!(
+            table.apply(b"d-2", Some(&renamed(&|_| ()))),
+            Err(r#"destination record id "d-1" differs from its key "d-2""#.into())
+        );
+        assert!(table.get("d-2").is_none());
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("not JSON", renamed(&|_| ())[..20].to_vec()),
+            ("unknown field `colour`", renamed(&|v| v["colour"] = "red".into())),
+            ("verification_token", renamed(&|v| v["verification_token"] = "short".into())),
+            (
+                "/verification_token: malformed sealed value",
+                renamed(&|v| v["verification_token"] = "sealed:v1:k1".into()),
+            ),
+            (
+                r#"/verification_token: sealed with key "k9", which is not configured"#,
+                renamed(&|v| v["verification_token"] = "sealed:v1:k9:AAAA".into()),
+            ),
+        ];
+        for (what, bytes) in cases {
+            let err = table.apply(b"d-1", Some(&bytes)).unwrap_err();
+            assert!(err.starts_with("destination d-1: "), "{what}: {err}");
+            assert!(what == "not JSON" || err.contains(what), "{what}: {err}");
+            assert_eq!(table.get("d-1").unwrap().name.expose(), "SIEM", "{what}: the last good version kept");
+        }
+        table.apply(b"d-1", Some(&renamed(&|_| ()))).unwrap();
+        assert_eq!(table.get("d-1").unwrap().name.expose(), "Renamed");
+        table.apply(b"d-1", None).unwrap();
+        assert!(table.get("d-1").is_none(), "a tombstone removes it");
+    }
+}
