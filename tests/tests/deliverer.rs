@@ -479,6 +479,11 @@ async fn deliveries_are_read_from_their_event_or_their_headers_and_unreadable_on
     let out = w.run(&["dlq", "replay", "--destination", "a", "--since", "1h"]);
     assert!(out.contains("replayed 1 deliveries"), "{out}");
     assert!(w.wait_received("/a", "rolled-back", Duration::from_secs(30)).await);
+    // Replaying everything: the record no destination can be read from is
+    // skipped and counted, not replayed.
+    let out = w.run(&["dlq", "replay", "--since", "1h"]);
+    assert!(out.contains("replayed 1 deliveries"), "{out}");
+    assert!(out.contains("skipped 1 records whose delivery (destination, event id and type) cannot be read"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
