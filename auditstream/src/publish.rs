@@ -27,7 +27,8 @@ pub struct PublishArgs {
     #[arg(long, default_value_t = 500)]
     batch: usize,
     /// How many times to resend a request the API could not take (503, or
-    /// no answer), waiting 2, 4, 8, … s between; after the last, stop.
+    /// no answer), waiting 2, 4, 8, … s (at most 64 s) between; after the
+    /// last, stop.
     #[arg(long, default_value_t = 5)]
     retries: u32,
     #[command(flatten)]

@@ -377,6 +377,12 @@ mod tests {
         assert!(err.contains(H_CREATED_AT), "{err}");
         let err = DeliveryMeta::read(key, [(H_RUNG, Some(&b"-1"[..]))], b"").unwrap_err();
         assert!(err.contains(H_RUNG), "{err}");
+        let err = DeliveryMeta::read(key, [(H_DUE_AT, Some(&b"soon"[..]))], b"").unwrap_err();
+        assert_eq!(err, format!("header {H_DUE_AT} is not a Unix time in ms"));
+        let err = DeliveryMeta::read(key, [(H_BOUNCES, Some(&b"1.5"[..]))], b"").unwrap_err();
+        assert_eq!(err, format!("header {H_BOUNCES} is not a count"));
+        let err = DeliveryMeta::read(key, [(H_HISTORY, Some(&b"[{\"status\""[..]))], b"").unwrap_err();
+        assert!(err.starts_with(&format!("header {H_HISTORY} is not an attempt list: ")), "{err}");
     }
 
     #[test]
