@@ -159,7 +159,7 @@ pub async fn run(args: PublishArgs) -> ExitCode {
 
 async fn via_kafka(args: &PublishArgs, events: &[&[u8]], progress: &mut Progress) -> Result<Summary, ExitCode> {
     let config = crate::roles::load::<producer::ProducerConfig>(&args.role, |c| c.kafka.validate())?;
-    let registry = producer::load_registry(config.api.types_dir.as_deref()).map_err(|e| {
+    let registry = proto::Registry::with_dir(config.api.types_dir.as_deref()).map_err(|e| {
         eprintln!("error: event type definitions: {e}");
         ExitCode::from(EXIT_CONFIG)
     })?;

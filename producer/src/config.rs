@@ -172,6 +172,11 @@ impl ProducerConfig {
         if a.publish_timeout.is_zero() {
             return Err(ConfigError::Invalid("api.publish_timeout must be above zero".into()));
         }
+        // Read here too, so that a folder the producer cannot use stops it
+        // (and `config check`) before it touches the network.
+        proto::Registry::with_dir(a.types_dir.as_deref())
+            .and_then(|registry| crate::destinations::check_audit_types(&registry))
+            .map_err(|e| ConfigError::Invalid(format!("api.types_dir: {e}")))?;
         for t in &self.auth.tokens {
             if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(ConfigError::Invalid(format!(
@@ -217,6 +222,10 @@ mod tests {
         refused(|c| c.api.max_import_bytes = 0, limits);
         refused(|c| c.api.max_in_flight = 0, limits);
         refused(|c| c.auth.required = true, "auth.tokens is empty");
+        refused(
+            |c| c.api.types_dir = Some("/nonexistent-types".into()),
+            "api.types_dir: /nonexistent-types: cannot read",
+        );
         refused(
             |c| {
                 c.auth.tokens.push(TokenConfig {

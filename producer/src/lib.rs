@@ -51,17 +51,6 @@ pub enum ProducerError {
     Io(#[from] std::io::Error),
 }
 
-/// The registry: shipped definitions plus the operator's folder, if any.
-pub fn load_registry(types_dir: Option<&std::path::Path>) -> Result<Registry, String> {
-    let mut registry = Registry::embedded();
-    if let Some(dir) = types_dir {
-        let extra = Registry::load_dir(dir)
-            .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))?;
-        registry.extend(extra);
-    }
-    Ok(registry)
-}
-
 /// Runs the producer API on `listener` until `shutdown`; then stops
 /// accepting, finishes the requests in flight and flushes Kafka.
 ///
@@ -84,7 +73,7 @@ async fn run_registered(
     shutdown: Shutdown,
     ready: ReadyFlag,
 ) -> Result<(), ProducerError> {
-    let registry = load_registry(config.api.types_dir.as_deref()).map_err(ProducerError::Types)?;
+    let registry = Registry::with_dir(config.api.types_dir.as_deref()).map_err(ProducerError::Types)?;
     destinations::check_audit_types(&registry).map_err(ProducerError::Types)?;
     if config.kafka.create_topics {
         service::kafka::ensure_topics(&config.kafka, &Topics::new(config.kafka.topic_prefix.clone()).all(0)).await?;

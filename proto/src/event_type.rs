@@ -289,6 +289,19 @@ impl Registry {
         Self { types }
     }
 
+    /// The shipped definitions plus, when given, an operator's folder of
+    /// them (which may replace shipped ones). `Err` lists every problem,
+    /// one per line.
+    pub fn with_dir(dir: Option<&Path>) -> Result<Self, String> {
+        let mut registry = Self::embedded();
+        if let Some(dir) = dir {
+            let extra = Self::load_dir(dir)
+                .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))?;
+            registry.extend(extra);
+        }
+        Ok(registry)
+    }
+
     /// Reads every `*.yml` file of a folder. All problems of all files are
     /// reported, each naming its file and field.
     pub fn load_dir(dir: &Path) -> Result<Self, Vec<DefinitionError>> {

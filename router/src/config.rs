@@ -64,6 +64,10 @@ impl RouterConfig {
         if self.router.group_id.is_empty() || self.router.max_in_flight == 0 {
             return Err(ConfigError::Invalid("router.group_id must be set and router.max_in_flight above zero".into()));
         }
+        // Read here too, so that a folder the router cannot use stops it
+        // (and `config check`) before it touches the network.
+        proto::Registry::with_dir(self.router.types_dir.as_deref())
+            .map_err(|e| ConfigError::Invalid(format!("router.types_dir: {e}")))?;
         Ok(())
     }
 }
@@ -81,5 +85,9 @@ mod tests {
         let mut c = RouterConfig::default();
         c.router.max_in_flight = 0;
         assert!(c.validate().unwrap_err().to_string().contains("router.max_in_flight above zero"));
+        let mut c = RouterConfig::default();
+        c.router.types_dir = Some("/nonexistent-types".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("router.types_dir: /nonexistent-types: cannot read folder"), "{e}");
     }
 }

@@ -100,14 +100,7 @@ async fn run_registered(
     shutdown: Shutdown,
     started: ReadyFlag,
 ) -> Result<(), RouterError> {
-    let mut registry = Registry::embedded();
-    if let Some(dir) = &config.router.types_dir {
-        registry.extend(
-            Registry::load_dir(dir).map_err(|errs| {
-                RouterError::Types(errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
-            })?,
-        );
-    }
+    let registry = Registry::with_dir(config.router.types_dir.as_deref()).map_err(RouterError::Types)?;
     let topics = Topics::new(config.kafka.topic_prefix.clone());
     if config.kafka.create_topics {
         kafka::ensure_topics(&config.kafka, &topics.all(0)).await?;

@@ -69,6 +69,26 @@ fn bad_configuration_exits_64_before_touching_the_network() {
     let (code, _, err) = run(&["router", "--config", "/nonexistent.toml"], &[]);
     assert_eq!(code, 64);
     assert!(err.contains("/nonexistent.toml"), "{err}");
+    // Event-type definitions the role cannot use, named with the setting.
+    let (code, _, err) = run(
+        &["producer"],
+        &[("AUDITSTREAM_AUTH__REQUIRED", "false"), ("AUDITSTREAM_API__TYPES_DIR", "/nonexistent-types")],
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("api.types_dir: /nonexistent-types: cannot read folder"), "{err}");
+    let dir = std::env::temp_dir().join(tests::unique("router-types"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/event_types/audit_operation.yml"))
+            .unwrap();
+    std::fs::write(dir.join("wrong_name.yml"), good).unwrap();
+    let (code, _, err) = run(&["router"], &[("AUDITSTREAM_ROUTER__TYPES_DIR", dir.to_str().unwrap())]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("router.types_dir: ") && err.contains("wrong_name.yml: field `name`"), "{err}");
+    let (code, _, err) =
+        run(&["config", "check", "router"], &[("AUDITSTREAM_ROUTER__TYPES_DIR", dir.to_str().unwrap())]);
+    assert_eq!(code, 64, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
     let (code, out, _) = run(&["config", "check", "deliverer"], &[]);
     assert_eq!(code, 0);
     assert!(out.contains("valid"));
