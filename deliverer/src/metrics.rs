@@ -97,6 +97,11 @@ impl Metrics {
                 &["rung"],
             )?,
         };
+        // Every outcome's series from the start at 0, so that increase()
+        // (and the dead-letter alert on it) sees the first one.
+        for outcome in ["retried", "dead_lettered", "dropped"] {
+            m.deliveries.with_label_values(&[outcome]);
+        }
         registry.register(Box::new(m.latency.clone()))?;
         registry.register(Box::new(m.attempt_duration.clone()))?;
         registry.register(Box::new(m.circuit_open.clone()))?;

@@ -1063,8 +1063,8 @@ def cmd_e2e(binary: str) -> int:
         # Poison: records no publisher could send through the API, written
         # straight onto the events topic with a stock client, so the router
         # dead-letters them (its dead-letter panels and alert). Two, one after
-        # Prometheus has seen the first: the counter is created at 1, and
-        # increase() needs it to grow while scraped.
+        # Prometheus has seen the first, so that the counter grows between
+        # two scrapes whatever the scrape timing.
         routed_dead = 'sum(auditstream_router_events_total{outcome="dead_lettered"})'
         for n in (1, 2):
             err = produce_raw(bootstrap, events_topic, POISON)

@@ -74,10 +74,13 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
-        // Both series from the start at 0, so that rate() and increase()
-        // see the first event.
+        // Every outcome's series from the start at 0, so that rate() and
+        // increase() (and the alerts on them) see the first event.
         for outcome in ["published", "dead_lettered"] {
             relayed.with_label_values(&[outcome]);
+        }
+        for outcome in ["accepted", "invalid", "unavailable"] {
+            events.with_label_values(&[outcome]);
         }
         registry.register(Box::new(relayed.clone()))?;
         registry.register(Box::new(rejected.clone()))?;

@@ -361,7 +361,7 @@ fn handle(ctx: &Context, m: &BorrowedMessage<'_>, done: consume::Done, targets: 
             let key = m.key().unwrap_or_default();
             let pending = Pending::new(done, 1);
             write(ctx, &ctx.topics.events_dlq(), key, payload, Some(kafka::headers(headers)), &pending);
-            ctx.metrics.events.with_label_values(&["dead_lettered"]).inc();
+            ctx.metrics.hot.dead_lettered.inc();
         }
         Plan::Deliver(_) if targets.is_empty() => {
             ctx.metrics.hot.unrouted.inc();

@@ -37,6 +37,8 @@ pub struct Hot {
     pub unrouted: IntCounter,
     /// `events{outcome="not_streamed"}`.
     pub not_streamed: IntCounter,
+    /// `events{outcome="dead_lettered"}`.
+    pub dead_lettered: IntCounter,
     /// `resolution{via="tree"}`.
     pub via_tree: IntCounter,
     /// `deliveries{level="instance"}`.
@@ -70,6 +72,9 @@ impl Metrics {
             routed: events.with_label_values(&["routed"]),
             unrouted: events.with_label_values(&["unrouted"]),
             not_streamed: events.with_label_values(&["not_streamed"]),
+            // At 0 from the start, so that increase() (and the dead-letter
+            // alert on it) sees the first one.
+            dead_lettered: events.with_label_values(&["dead_lettered"]),
             via_tree: resolution.with_label_values(&["tree"]),
             instance: deliveries.with_label_values(&["instance"]),
             group: deliveries.with_label_values(&["group"]),

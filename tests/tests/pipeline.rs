@@ -110,6 +110,18 @@ async fn three_processes_deliver_exact_body_and_headers() {
     for (name, addr) in [("producer", p_admin), ("router", r_admin), ("deliverer", d_admin)] {
         assert!(wait_ready(addr, Duration::from_secs(60)).await, "{name} not ready");
     }
+    // The series the alerts read exist at 0 from the start: increase() and
+    // rate() cannot see the first dead letter (or 503) on a series that
+    // appears with it.
+    for (admin, series) in [
+        (p_admin, r#"auditstream_producer_events_total{outcome="unavailable"} 0"#),
+        (p_admin, r#"auditstream_producer_destination_audits_total{outcome="dead_lettered"} 0"#),
+        (r_admin, r#"auditstream_router_events_total{outcome="dead_lettered"} 0"#),
+        (d_admin, r#"auditstream_deliverer_deliveries_total{outcome="dead_lettered"} 0"#),
+    ] {
+        let text = http().get(format!("http://{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(text.lines().any(|l| l == series), "{series} missing at start");
+    }
 
     let client = http();
     let url = format!("http://{api}/api/v1/events");
