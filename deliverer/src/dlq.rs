@@ -83,6 +83,8 @@ pub async fn read(config: &KafkaConfig, filter: &Filter) -> Result<Vec<Parked>, 
             out.push(parked);
         }
     }
+    // Records come partition by partition: newest last, across them.
+    out.sort_by_key(|p| (p.parked_at_ms, p.partition, p.offset));
     Ok(out)
 }
 

@@ -95,6 +95,8 @@ pub async fn read(config: &KafkaConfig, window: Window) -> Result<Vec<ParkedEven
             headers,
         });
     }
+    // Records come partition by partition: newest last, across them.
+    out.sort_by_key(|p| (p.parked_at_ms, p.partition, p.offset));
     Ok(out)
 }
 

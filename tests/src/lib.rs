@@ -331,6 +331,22 @@ pub async fn produce_raw(kafka: &KafkaConfig, topic: &str, key: &str, payload: &
     service::kafka::produce_durably(&producer, topic, key.as_bytes(), Some(payload), headers).await;
 }
 
+/// Writes one record to `partition` of `topic` with the given timestamp
+/// (Unix ms), and waits for the broker's acknowledgement.
+pub async fn produce_at(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+    timestamp_ms: i64,
+    key: &str,
+    payload: &[u8],
+) {
+    use rdkafka::producer::FutureRecord;
+    let producer = service::kafka::producer(kafka, Duration::from_secs(10)).expect("producer");
+    let record = FutureRecord::to(topic).partition(partition).timestamp(timestamp_ms).key(key).payload(payload);
+    producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("the broker takes the record");
+}
+
 /// Starts the reference receiver on a free loopback port, expecting
 /// `expected`; returns it and its address. It serves until the test ends.
 pub async fn serve_receiver(expected: Vec<receiver::Expected>) -> (receiver::Receiver, SocketAddr) {

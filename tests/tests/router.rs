@@ -391,6 +391,37 @@ fn run_cli(broker: &TestBroker, prefix: &str, args: &[&str]) -> (bool, String, S
     )
 }
 
+/// Both dead-letter topics have several partitions; a reader meets their
+/// records partition by partition, so the listing sorts them by time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_newest_last_across_partitions() {
+    let broker = TestBroker::start();
+    let (prefix, kafka) = setup(&broker).await;
+    let topics = Topics::new(&prefix);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    // Oldest and newest in partition 1, the middle one in partition 0.
+    let written = [(1, now - 3_000, "oldest"), (0, now - 2_000, "middle"), (1, now - 1_000, "newest")];
+    for (topic, list) in [
+        (topics.events_dlq(), &["dlq", "list", "--events", "--json"][..]),
+        (topics.deliveries_dlq(), &["dlq", "list", "--json"]),
+    ] {
+        for (partition, at, id) in written {
+            let event =
+                format!(r#"{{"id":"{id}","event_type":"audit_operation","entity_type":"Project","entity_id":1}}"#);
+            tests::produce_at(&kafka, &topic, partition, at, "inst", event.as_bytes()).await;
+        }
+        let (ok, listed, err) = run_cli(&broker, &prefix, list);
+        assert!(ok, "{err}");
+        let order: Vec<(i64, String)> = listed
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|r| (r["partition"].as_i64().unwrap(), r["event_id"].as_str().unwrap_or_default().to_owned()))
+            .collect();
+        let expected: Vec<(i64, String)> = written.iter().map(|(p, _, id)| (i64::from(*p), (*id).to_owned())).collect();
+        assert_eq!(order, expected, "{topic}: {listed}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_events_are_listed_and_replayed_once_their_cause_is_fixed() {
     let broker = TestBroker::start();
