@@ -74,11 +74,21 @@ struct Breaker {
     average: Option<Duration>,
     /// When an attempt last started on a free place or finished.
     last_progress: Instant,
+    /// Dropped by [`Isolation::retain`]: attempts still under way no
+    /// longer count in the open-circuit gauge.
+    forgotten: bool,
 }
 
 impl Breaker {
     fn new() -> Self {
-        Self { failures: 0, open_until: None, trial: false, average: None, last_progress: Instant::now() }
+        Self {
+            failures: 0,
+            open_until: None,
+            trial: false,
+            average: None,
+            last_progress: Instant::now(),
+            forgotten: false,
+        }
     }
 }
 
@@ -223,6 +233,26 @@ impl Isolation {
         d.breaker.lock().unwrap_or_else(|e| e.into_inner()).trial = false;
     }
 
+    /// Drops the state of every destination `keep` refuses (deleted or
+    /// inactive ones), so that a circuit left open by a destination that
+    /// gets no more attempts neither stays in the open-circuit gauge (and
+    /// its alert) nor in memory. A destination seen again starts afresh.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut map = self.destinations.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|id, d| {
+            if keep(id) {
+                return true;
+            }
+            let mut b = d.breaker.lock().unwrap_or_else(|e| e.into_inner());
+            b.forgotten = true;
+            if b.open_until.is_some() {
+                self.open_circuits.dec();
+                tracing::info!(destination = %id, "destination circuit cleared: the destination was deleted or deactivated");
+            }
+            false
+        });
+    }
+
     /// Records an attempt's outcome: successes close the circuit, enough
     /// consecutive failures open it.
     pub fn record(&self, mut slot: Slot, success: bool) {
@@ -237,7 +267,7 @@ impl Isolation {
         if success {
             b.failures = 0;
             b.open_until = None;
-            if was_open {
+            if was_open && !b.forgotten {
                 self.open_circuits.dec();
                 tracing::info!(destination = %slot.destination.id, "destination circuit closed");
             }
@@ -245,7 +275,7 @@ impl Isolation {
             b.failures = b.failures.saturating_add(1);
             if b.failures >= self.limits.failures_to_open {
                 b.open_until = Some(Instant::now() + self.limits.open_for);
-                if !was_open {
+                if !was_open && !b.forgotten {
                     self.open_circuits.inc();
                     tracing::warn!(
                         destination = %slot.destination.id,
@@ -292,6 +322,38 @@ mod tests {
         iso.record(trial, true);
         assert_eq!(iso.open_circuits.get(), 0);
         assert!(iso.enter("d").await.is_ok(), "closed again");
+    }
+
+    #[tokio::test]
+    async fn destinations_dropped_from_the_table_leave_the_open_circuit_gauge() {
+        let iso = isolation(4, 0);
+        let mut late = Vec::new();
+        for id in ["gone", "kept"] {
+            for _ in 0..3 {
+                let s = iso.enter(id).await.unwrap();
+                iso.record(s, false);
+            }
+            assert_eq!(iso.enter(id).await.err(), Some(Refusal::CircuitOpen));
+        }
+        // "gone-later" has failed twice; its third attempt is under way
+        // when it is dropped.
+        for _ in 0..2 {
+            let s = iso.enter("gone-later").await.unwrap();
+            iso.record(s, false);
+        }
+        late.push(iso.enter("gone-later").await.unwrap());
+        assert_eq!(iso.open_circuits.get(), 2);
+
+        iso.retain(|id| id == "kept");
+        assert_eq!(iso.destinations.lock().unwrap().len(), 1, "and their state is freed");
+        assert_eq!(iso.open_circuits.get(), 1, "the dropped destination's open circuit is no longer counted");
+        assert_eq!(iso.enter("kept").await.err(), Some(Refusal::CircuitOpen), "kept as it was");
+        // The attempt under way fails after the drop: its circuit would
+        // open, but it is no longer counted.
+        iso.record(late.pop().unwrap(), false);
+        assert_eq!(iso.open_circuits.get(), 1);
+        // Seen again (re-created or re-activated): it starts afresh.
+        assert!(iso.enter("gone").await.is_ok(), "a destination seen again starts with its circuit closed");
     }
 
     #[tokio::test]

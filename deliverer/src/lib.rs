@@ -135,6 +135,7 @@ async fn run_registered(
         settings: settings.clone(),
         metrics,
     });
+    tokio::spawn(forget_dropped_destinations(ctx.clone(), shutdown.clone()));
     let limits = consume::LoopLimits { max_in_flight: settings.max_in_flight, grace: config.shutdown.grace };
 
     let fresh_settings = kafka::consumer_config(&config.kafka, &settings.group_id, settings.session_timeout);
@@ -170,6 +171,24 @@ async fn run_registered(
     tokio::join!(fresh_loop, futures_util::future::join_all(retry_loops));
     tracing::info!("deliverer stopped");
     Ok(())
+}
+
+/// How often the isolation state of deleted and inactive destinations is
+/// dropped.
+const FORGET_EVERY: Duration = Duration::from_secs(5);
+
+/// Drops, every [`FORGET_EVERY`], the isolation state of destinations the
+/// table no longer has or holds inactive: no attempt will close their
+/// circuits (see [`isolation::Isolation::retain`]).
+async fn forget_dropped_destinations(ctx: Arc<Context>, mut shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FORGET_EVERY) => {}
+            _ = shutdown.wait() => return,
+        }
+        let table = ctx.destinations.read();
+        ctx.isolation.retain(|id| table.get(id).is_some_and(|d| d.active));
+    }
 }
 
 /// The consumer group of retry rung `n`.

@@ -381,6 +381,15 @@ async fn a_failing_destination_opens_its_circuit() {
         "the opened circuit was not logged with its destination: {:?}",
         d.process.stderr()
     );
+    // Deleted, the destination gets no trial that could close its circuit:
+    // it leaves the gauge (and the alert on it) all the same.
+    w.seed.delete_destination("a").await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || async { count(&d, "auditstream_deliverer_circuit_open").await == 0.0 })
+            .await,
+        "a deleted destination's circuit stayed counted as open"
+    );
+    assert!(circuit_logged(&d, "destination circuit cleared", "a"), "{:?}", d.process.stderr());
 }
 
 /// Starts a deliverer whose circuits open after 2 failures for `open_for`
