@@ -28,8 +28,8 @@ pub struct DelivererConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DelivererSettings {
-    /// Consumer group of `audit.deliveries`; the retry topics use
-    /// `<group_id>-retry`.
+    /// Consumer group of `audit.deliveries`; retry topic `n` uses
+    /// `<group_id>-retry-<n>`.
     pub group_id: String,
     /// Consumer session timeout.
     #[serde(with = "duration")]

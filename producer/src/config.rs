@@ -126,7 +126,7 @@ pub struct TokenConfig {
     #[serde(default)]
     pub owner_of: Vec<i64>,
     /// The user id recorded as `author_id` of the audit events its changes
-    /// raise (-1, "system", when not set).
+    /// raise (-1, named after the token, when not set).
     #[serde(default)]
     pub user_id: Option<i64>,
 }
