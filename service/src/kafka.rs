@@ -262,16 +262,23 @@ pub async fn produce_durably_with(
 /// offset must not pass.
 pub async fn until_acknowledged<F, Fut, E>(to: &str, write: F)
 where
-    F: Fn() -> Fut,
+    F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let mut pause = Duration::from_millis(100);
-    while let Err(e) = write().await {
-        tracing::warn!(%to, error = %e, retry_in_ms = pause.as_millis() as u64, "write not acknowledged; retrying");
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(5));
-    }
+    use backon::Retryable as _;
+    let pauses = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times();
+    let acknowledged = write
+        .retry(pauses)
+        .notify(|e, pause| {
+            tracing::warn!(%to, error = %e, retry_in_ms = pause.as_millis() as u64, "write not acknowledged; retrying")
+        })
+        .await;
+    // With no limit on the tries, only an acknowledgement ends them.
+    debug_assert!(acknowledged.is_ok());
 }
 
 #[cfg(test)]
