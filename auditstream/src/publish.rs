@@ -204,6 +204,8 @@ async fn via_api(args: &PublishArgs, events: &[&[u8]], progress: &mut Progress) 
     for (chunk_no, chunk) in events.chunks(args.batch).enumerate() {
         // Indexes (in the input) still to send in this chunk.
         let mut pending: Vec<usize> = (0..chunk.len()).map(|i| chunk_no * args.batch + i).collect();
+        // Counted as not acknowledged when the run stops at this chunk.
+        let after_chunk = events.len() - (chunk_no * args.batch + chunk.len());
         let mut tries = 0;
         while !pending.is_empty() {
             let mut body = b"[".to_vec();
@@ -287,8 +289,7 @@ async fn via_api(args: &PublishArgs, events: &[&[u8]], progress: &mut Progress) 
                         // stop, and count what was not sent as not
                         // acknowledged.
                         eprintln!("error: {why}; gave up after {tries} retries");
-                        let sent_before = chunk_no * args.batch + chunk.len();
-                        summary.failed += pending.len() + (events.len() - sent_before);
+                        summary.failed += pending.len() + after_chunk;
                         return summary;
                     }
                     tries += 1;
@@ -300,8 +301,7 @@ async fn via_api(args: &PublishArgs, events: &[&[u8]], progress: &mut Progress) 
                     // Every later request would be refused the same way:
                     // stop, and count what was not sent as not acknowledged.
                     eprintln!("error: the API refused the token ({status}): {}", message(&answer));
-                    let sent_before = chunk_no * args.batch + chunk.len();
-                    summary.failed += pending.len() + (events.len() - sent_before);
+                    summary.failed += pending.len() + after_chunk;
                     return summary;
                 }
                 _ => {

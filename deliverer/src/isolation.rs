@@ -327,7 +327,6 @@ mod tests {
     #[tokio::test]
     async fn destinations_dropped_from_the_table_leave_the_open_circuit_gauge() {
         let iso = isolation(4, 0);
-        let mut late = Vec::new();
         for id in ["gone", "kept"] {
             for _ in 0..3 {
                 let s = iso.enter(id).await.unwrap();
@@ -341,7 +340,7 @@ mod tests {
             let s = iso.enter("gone-later").await.unwrap();
             iso.record(s, false);
         }
-        late.push(iso.enter("gone-later").await.unwrap());
+        let late = iso.enter("gone-later").await.unwrap();
         assert_eq!(iso.open_circuits.get(), 2);
 
         iso.retain(|id| id == "kept");
@@ -350,7 +349,7 @@ mod tests {
         assert_eq!(iso.enter("kept").await.err(), Some(Refusal::CircuitOpen), "kept as it was");
         // The attempt under way fails after the drop: its circuit would
         // open, but it is no longer counted.
-        iso.record(late.pop().unwrap(), false);
+        iso.record(late, false);
         assert_eq!(iso.open_circuits.get(), 1);
         // Seen again (re-created or re-activated): it starts afresh.
         assert!(iso.enter("gone").await.is_ok(), "a destination seen again starts with its circuit closed");
