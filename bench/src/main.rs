@@ -103,6 +103,12 @@ struct Args {
     /// crossing processes, which no load tool and no deliverer does.
     #[arg(long)]
     client_process: bool,
+    /// The throughput target, in percent of the run's highest (b): after
+    /// the last reading, (b) is paced at that rate and the harness prints
+    /// what a delivery may cost there beyond two Kafka crossings and one
+    /// POST (issue 8 asks for 50).
+    #[arg(long, default_value_t = 50.0)]
+    target: f64,
     /// Run only ceiling (b)'s client against the sink at this address for
     /// `--ceiling-seconds`, print "requests/s CPU-seconds" and exit (what
     /// `--client-process` starts).
@@ -268,6 +274,20 @@ async fn main() -> Result<()> {
     }
     // The run's highest (a) and (b): what every ratio is taken against.
     let highest = readings.iter().map(|(_, c)| (c.a, c.b)).reduce(|x, y| (x.0.max(y.0), x.1.max(y.1)));
+    // One POST at the target's rate, and the cheapest Kafka crossing of the
+    // run: together the least a delivery costs at the target.
+    let budget = match highest {
+        Some((_, best_b)) if args.target > 0.0 => {
+            let rate = best_b * args.target / 100.0;
+            eprintln!("bench: (b) at the target's pace, {rate:.0} req/s");
+            let before = cpu_seconds(std::process::id());
+            let reached = ceiling_http(sink.addr, &payload, args.connections, args.ceiling_seconds, Some(rate)).await?;
+            let post = cpu_per(before, cpu_seconds(std::process::id()), reached * args.ceiling_seconds as f64);
+            let kafka = readings.iter().filter_map(|(_, c)| c.per_message).min_by(f64::total_cmp);
+            post.zip(kafka).map(|(post, kafka)| (reached, Budget::new(cores(), rate, kafka, post)))
+        }
+        _ => None,
+    };
 
     if let Some((_, best_b)) = highest {
         let cpu = |c: Option<f64>| c.map_or("–".to_owned(), |p| format!("{p:.0}"));
@@ -429,6 +449,41 @@ async fn main() -> Result<()> {
             )?;
         }
     }
+    if let Some((reached, budget)) = &budget {
+        writeln!(
+            out,
+            "\n## The {}% target on this machine\n\n{:.0} deliveries/s is {}% of the run's highest (b). On {} fully \
+             busy cores a delivery may then cost {:.1} µs of CPU in all. One POST paced at that rate ({reached:.0} \
+             req/s reached) cost {:.1} µs and a Kafka crossing at least {:.1} µs (the run's cheapest (a)); every \
+             delivery crosses Kafka twice, which leaves **{:.1} µs per delivery** for all the rest: the producer's \
+             HTTP ingress and validation, routing, the deliverer's consume and bookkeeping, and the load \
+             generator. Beyond the floor = a max run's CPU per delivery minus one POST at its own pace and two \
+             crossings.\n\n| round | scenario | CPU µs per delivery | one POST at its pace | 2 × (a) | beyond the \
+             floor | room at the target |\n|---|---|---|---|---|---|---|",
+            args.target,
+            budget.rate,
+            args.target,
+            budget.cores,
+            budget.whole(),
+            budget.post,
+            budget.kafka,
+            budget.room(),
+        )?;
+        for r in rows.iter().filter(|r| r.paced.is_some()) {
+            let show = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.1}"));
+            writeln!(
+                out,
+                "| {} | {:?} | {} | {} | {:.1} | {} | {:.1} |",
+                r.round,
+                r.scenario,
+                show(r.total_us()),
+                show(r.paced.and_then(|(_, per)| per)),
+                2.0 * budget.kafka,
+                show(r.beyond_post().map(|b| b - 2.0 * budget.kafka)),
+                budget.room(),
+            )?;
+        }
+    }
     writeln!(
         out,
         "\n## Peak RSS (VmHWM), MiB\n\n| scenario | producer | router | deliverer | broker |\n|---|---|---|---|---|"
@@ -463,6 +518,35 @@ impl Ceilings {
     /// (a) message, and is POSTed once, at least a (b) request.
     fn floor(&self) -> Option<f64> {
         self.per_message.zip(self.per_request).map(|(a, b)| 2.0 * a + b)
+    }
+}
+
+/// What a throughput target leaves for the pipeline's own work, in µs of
+/// CPU per delivery: at `rate` deliveries/s on `cores` fully busy cores a
+/// delivery may cost `whole()`; two Kafka crossings (`kafka` each) and one
+/// POST at that rate (`post`) are spent whatever the pipeline does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Budget {
+    cores: usize,
+    rate: f64,
+    kafka: f64,
+    post: f64,
+}
+
+impl Budget {
+    fn new(cores: usize, rate: f64, kafka: f64, post: f64) -> Self {
+        Self { cores, rate, kafka, post }
+    }
+
+    /// The CPU one delivery may cost in all at the target's rate.
+    fn whole(&self) -> f64 {
+        self.cores as f64 * 1e6 / self.rate.max(1.0)
+    }
+
+    /// What is left of `whole()` after two crossings and one POST (negative
+    /// when the target lies below this design's floor on this machine).
+    fn room(&self) -> f64 {
+        self.whole() - 2.0 * self.kafka - self.post
     }
 }
 
@@ -1339,6 +1423,17 @@ mod tests {
         };
         assert_eq!(row(30_000.0, Some(75_000.0)).vs_b_before(), Some(40.0));
         assert_eq!(row(30_000.0, None).vs_b_before(), None);
+    }
+
+    /// At 50,000 deliveries/s two cores allow 40 µs per delivery; two
+    /// crossings of 6 µs and a 23 µs POST leave 5. A slower machine's
+    /// costs leave less than nothing, and that is shown, not clamped.
+    #[test]
+    fn the_target_leaves_what_two_crossings_and_a_post_do_not_take() {
+        let budget = Budget::new(2, 50_000.0, 6.0, 23.0);
+        assert_eq!(budget.whole(), 40.0);
+        assert_eq!(budget.room(), 5.0);
+        assert_eq!(Budget::new(2, 50_000.0, 9.0, 25.0).room(), -3.0);
     }
 
     /// Ceiling (a) deletes its topic once a reading is over, and a `--repeat`
