@@ -40,6 +40,7 @@ DELIVERED = 'outcome="delivered"'
 FAILED = 'outcome="failed"'
 NOT_ACCEPTED = 'outcome!="accepted"'
 RETRIED = 'outcome="retried"'
+BUSY = 'reason="busy"'
 GROUPS = {
     "router": "auditstream-router",
     "deliverer": "auditstream-deliverer",
@@ -214,11 +215,17 @@ def build() -> dict:
     )
     d.panel(
         "timeseries", "API request latency", "Time to answer a request, including Kafka's acknowledgement.",
-        quantiles("auditstream_producer_request_duration_seconds"), "s", w=12,
+        quantiles("auditstream_producer_request_duration_seconds"), "s",
     )
     d.panel(
         "timeseries", "Kafka produce latency", "Time from handing a record to librdkafka until Kafka acknowledged it (acks=all).",
-        quantiles("auditstream_producer_kafka_produce_seconds"), "s", w=12,
+        quantiles("auditstream_producer_kafka_produce_seconds"), "s",
+    )
+    d.panel(
+        "timeseries", "Requests refused busy",
+        "Requests answered 503 busy: the producer was at api.max_in_flight requests at once. Sustained while Kafka acknowledges: add producer replicas (AuditstreamProducerSaturated).",
+        [(f"sum({rate('auditstream_producer_rejected_events_total', BUSY)})", "busy")],
+        "reqps",
     )
     d.panel(
         "timeseries", "Destination changes' audit events",

@@ -63,7 +63,10 @@ impl Metrics {
             "Time for Kafka to acknowledge a request's events",
         ))?;
         let rejected = IntCounterVec::new(
-            Opts::new("auditstream_producer_rejected_events_total", "Events refused, by reason"),
+            Opts::new(
+                "auditstream_producer_rejected_events_total",
+                "Events refused, by reason (busy: requests refused at the in-flight limit, their events unread)",
+            ),
             &["reason"],
         )?;
         let in_flight = IntGauge::new("auditstream_producer_requests_in_flight", "Event requests being handled")?;
@@ -82,6 +85,8 @@ impl Metrics {
         for outcome in ["accepted", "invalid", "unavailable"] {
             events.with_label_values(&[outcome]);
         }
+        // The saturation alert reads this one.
+        rejected.with_label_values(&["busy"]);
         registry.register(Box::new(relayed.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;

@@ -115,6 +115,7 @@ async fn three_processes_deliver_exact_body_and_headers() {
     // appears with it.
     for (admin, series) in [
         (p_admin, r#"auditstream_producer_events_total{outcome="unavailable"} 0"#),
+        (p_admin, r#"auditstream_producer_rejected_events_total{reason="busy"} 0"#),
         (p_admin, r#"auditstream_producer_destination_audits_total{outcome="dead_lettered"} 0"#),
         (r_admin, r#"auditstream_router_events_total{outcome="dead_lettered"} 0"#),
         (d_admin, r#"auditstream_deliverer_deliveries_total{outcome="dead_lettered"} 0"#),
