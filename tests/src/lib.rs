@@ -45,7 +45,13 @@ impl TestBroker {
 
     /// Always a mock cluster, for tests that inject broker faults.
     pub fn mock_cluster() -> Self {
-        let mock = MockCluster::new(1).expect("mock cluster starts");
+        Self::mock_cluster_of(1)
+    }
+
+    /// A mock cluster of `brokers` brokers, for faults that take some of
+    /// a topic's partitions away and leave the others.
+    pub fn mock_cluster_of(brokers: i32) -> Self {
+        let mock = MockCluster::new(brokers).expect("mock cluster starts");
         Self { brokers: mock.bootstrap_servers(), mock: Some(mock) }
     }
 

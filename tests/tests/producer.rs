@@ -831,8 +831,8 @@ async fn the_publish_command_reports_and_publishes_what_is_valid() {
 }
 
 /// Kafka down behind a real producer answers every event with 503 and
-/// `failed_indexes`. (A 503 that names only some of a request's events
-/// cannot be made to order with a real broker.)
+/// `failed_indexes`. (A 503 that names only some of a request's events is
+/// the next test's, with one of two mock brokers down.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_publish_command_resends_what_the_api_could_not_take_and_then_gives_up() {
     let f = front_on(TestBroker::mock_cluster(), &[("AUDITSTREAM_API__PUBLISH_TIMEOUT", "2s".into())]).await;
@@ -912,6 +912,88 @@ async fn the_publish_command_resends_what_the_api_could_not_take_and_then_gives_
     assert!(stdout.contains("published 0 of 3 events") && stdout.contains("3 not acknowledged"), "{stdout}");
     assert!(stderr.contains(&format!("error: cannot reach {closed}/api/v1/events: ")), "{stderr}");
     assert!(stderr.contains("gave up after 0 retries") && !stderr.contains("resending"), "{stderr}");
+}
+
+/// One of two brokers down: a request's events on the partition it leads
+/// are not acknowledged, the others are. The API answers 503 naming both
+/// (`accepted_ids` in request order, `failed_indexes`), and the publish
+/// command counts the accepted ones as published and resends only the
+/// others, so every event is in the topic once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_kafka_took_in_part_is_answered_with_both_lists_and_only_the_rest_resent() {
+    let f = front_on(TestBroker::mock_cluster_of(2), &[("AUDITSTREAM_API__PUBLISH_TIMEOUT", "2s".into())]).await;
+    let mock = f.broker.mock().unwrap();
+    let topic = Topics::new(&f.prefix).events();
+    mock.partition_leader(&topic, 0, Some(1)).unwrap();
+    mock.partition_leader(&topic, 1, Some(2)).unwrap();
+    mock.broker_down(2).unwrap();
+    // Events of eight projects (the partition key), so of both partitions.
+    let events = |tag: &str| {
+        (1..=8)
+            .map(|n| {
+                format!(
+                    r#"{{"id":"{tag}-{n}","event_type":"audit_operation","entity_type":"Project","entity_id":{n},"entity_path":"g/p{n}"}}"#
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    let (status, answer, retry_after) =
+        post(&format!("{}/events", f.url), Some(TOKEN), "application/x-ndjson", events("api").into_bytes()).await;
+    assert_eq!((status.as_u16(), &answer["error"]["code"]), (503, &json!("unavailable")), "{answer}");
+    assert!(retry_after.is_some());
+    let failed: Vec<u64> =
+        answer["error"]["failed_indexes"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap()).collect();
+    let accepted: Vec<&str> =
+        answer["error"]["accepted_ids"].as_array().unwrap().iter().map(|i| i.as_str().unwrap()).collect();
+    assert!(!failed.is_empty() && !accepted.is_empty(), "both partitions had events: {answer}");
+    let expected: Vec<String> = (1..=8).filter(|n| !failed.contains(&(n - 1))).map(|n| format!("api-{n}")).collect();
+    assert_eq!(accepted, expected, "the accepted ids are the events not named failed, in request order");
+
+    // The command: one request of all eight, the failed ones resent once
+    // the broker is back.
+    let file = std::env::temp_dir().join(unique("publish-part"));
+    std::fs::write(&file, events("cli") + "\n").unwrap();
+    let api_base = f.url.trim_end_matches("/api/v1").to_owned();
+    let mut child = std::process::Command::new(tests::binary())
+        .args(["publish", file.to_str().unwrap(), "--api", &api_base, "--token", TOKEN, "--batch", "8"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut seen = String::new();
+        while !seen.contains("resending") {
+            if std::io::BufRead::read_line(&mut stderr, &mut seen).unwrap() == 0 {
+                panic!("the command ended without resending: {seen}");
+            }
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    let resent: usize = seen.split("resending ").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
+    assert!((1..8).contains(&resent), "only what Kafka did not take is resent: {seen}");
+    mock.broker_up(2).unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("published 8 of 8 events") && stdout.contains("0 not acknowledged"), "{stdout}");
+    let cli_ids = |read: &[rdkafka::message::OwnedMessage]| -> Vec<String> {
+        let events = read.iter().filter_map(|m| serde_json::from_slice::<Value>(m.payload()?).ok());
+        events.filter_map(|e| e["id"].as_str().filter(|id| id.starts_with("cli-")).map(str::to_owned)).collect()
+    };
+    let kafka = f.broker.kafka(&f.prefix);
+    let read = read_until(&kafka, &topic, Duration::from_secs(30), |r| cli_ids(r).len() >= 8).await;
+    let mut ids = cli_ids(&read);
+    ids.sort();
+    assert_eq!(ids, (1..=8).map(|n| format!("cli-{n}")).collect::<Vec<_>>(), "every event published");
+    // The whole topic: the API's accepted events and the command's eight,
+    // nothing twice (a ninth record would be a resent accepted one).
+    let all = read_topic(&kafka, &topic, accepted.len() + 9, Duration::from_secs(3)).await;
+    assert_eq!(all.len(), accepted.len() + 8, "none resent twice: {:?}", cli_ids(&all));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
