@@ -830,6 +830,26 @@ async fn the_publish_command_reports_and_publishes_what_is_valid() {
     assert_eq!(written.len(), 2396);
 }
 
+/// Reads `child`'s stderr until it says `marker`; returns what was read
+/// and the rest of the stream. Panics if the command ends first.
+async fn stderr_until(
+    child: &mut std::process::Child,
+    marker: &'static str,
+) -> (String, std::io::BufReader<std::process::ChildStderr>) {
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    tokio::task::spawn_blocking(move || {
+        let mut seen = String::new();
+        while !seen.contains(marker) {
+            if std::io::BufRead::read_line(&mut stderr, &mut seen).unwrap() == 0 {
+                panic!("the command ended before saying {marker:?}: {seen}");
+            }
+        }
+        (seen, stderr)
+    })
+    .await
+    .unwrap()
+}
+
 /// Kafka down behind a real producer answers every event with 503 and
 /// `failed_indexes`. (A 503 that names only some of a request's events is
 /// the next test's, with one of two mock brokers down.)
@@ -873,17 +893,7 @@ async fn the_publish_command_resends_what_the_api_could_not_take_and_then_gives_
     // Kafka back while it waits: what was refused is resent and published.
     let resent = write("resent.ndjson", &["resent-1", "resent-2", "resent-3"]);
     let mut child = publish(&resent, &api_base, &[]);
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let waiting = tokio::task::spawn_blocking(move || {
-        let mut seen = String::new();
-        while !seen.contains("resending 2 events") {
-            if std::io::BufRead::read_line(&mut stderr, &mut seen).unwrap() == 0 {
-                panic!("the command ended without resending: {seen}");
-            }
-        }
-        (seen, stderr)
-    });
-    let (seen, mut stderr) = waiting.await.unwrap();
+    let (seen, mut stderr) = stderr_until(&mut child, "resending 2 events").await;
     assert!(seen.contains("warning: the API answered 503: "), "{seen}");
     f.broker.mock().unwrap().broker_up(1).unwrap();
     let (code, stdout, _) = tokio::task::spawn_blocking(move || finish(child)).await.unwrap();
@@ -962,18 +972,7 @@ async fn a_request_kafka_took_in_part_is_answered_with_both_lists_and_only_the_r
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let seen = tokio::task::spawn_blocking(move || {
-        let mut seen = String::new();
-        while !seen.contains("resending") {
-            if std::io::BufRead::read_line(&mut stderr, &mut seen).unwrap() == 0 {
-                panic!("the command ended without resending: {seen}");
-            }
-        }
-        seen
-    })
-    .await
-    .unwrap();
+    let (seen, _) = stderr_until(&mut child, "resending").await;
     let resent: usize = seen.split("resending ").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
     assert!((1..8).contains(&resent), "only what Kafka did not take is resent: {seen}");
     mock.broker_up(2).unwrap();
