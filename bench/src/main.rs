@@ -845,7 +845,8 @@ async fn ceiling_broker(broker: &Broker, payload: &[u8], seconds: u64) -> Result
     let kafka = broker.kafka(&prefix);
     let topic = format!("{prefix}raw");
     broker.create(&prefix, &[(topic.clone(), false)]).await?;
-    let consumer: StreamConsumer = service::kafka::reader(&kafka)?;
+    // The event path's settings, as the router and deliverer consume.
+    let consumer: StreamConsumer = service::kafka::reader(&kafka, service::kafka::Path::Event)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         tpl.add_partition_offset(&topic, p, Offset::Beginning)?;

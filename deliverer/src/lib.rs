@@ -138,7 +138,8 @@ async fn run_registered(
     tokio::spawn(forget_dropped_destinations(ctx.clone(), shutdown.clone()));
     let limits = consume::LoopLimits { max_in_flight: settings.max_in_flight, grace: config.shutdown.grace };
 
-    let fresh_settings = kafka::consumer_config(&config.kafka, &settings.group_id, settings.session_timeout);
+    let fresh_settings =
+        kafka::consumer_config(&config.kafka, &settings.group_id, settings.session_timeout, kafka::Path::Event);
     let (fresh, fresh_tracker) =
         consume::consumer(&fresh_settings, limits, admin.readiness.register("deliverer.group"), &lag)?;
     fresh.subscribe(&[&topics.deliveries()])?;
@@ -151,8 +152,12 @@ async fn run_registered(
     // of fresh ones, and a long rung's (12 h) never those of a short one.
     let mut retry_loops = Vec::with_capacity(rungs);
     for n in 0..rungs {
-        let mut retry_settings =
-            kafka::consumer_config(&config.kafka, &retry_group(&settings.group_id, n), settings.session_timeout);
+        let mut retry_settings = kafka::consumer_config(
+            &config.kafka,
+            &retry_group(&settings.group_id, n),
+            settings.session_timeout,
+            kafka::Path::Background,
+        );
         if !config.kafka.properties.contains_key("queued.max.messages.kbytes") {
             // Seven rungs prefetching librdkafka's default 64 MiB each would
             // be a lot of memory for records that mostly wait.

@@ -44,7 +44,8 @@ pub fn start(
     shutdown: Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>, ProducerError> {
     let limits = consume::LoopLimits { max_in_flight: MAX_IN_FLIGHT, grace };
-    let settings = kafka::consumer_config(kafka_config, &config.group_id, config.session_timeout);
+    let settings =
+        kafka::consumer_config(kafka_config, &config.group_id, config.session_timeout, kafka::Path::Background);
     // Not a readiness check: the API's writes do not wait for the relay
     // (the events wait in their records); its lag is watched instead.
     let joined = service::admin::Readiness::default().register("relay.group");

@@ -128,7 +128,12 @@ async fn run_registered(
         _ = stop.wait() => return Ok(()),
     }
     let limits = consume::LoopLimits { max_in_flight: config.router.max_in_flight, grace: config.shutdown.grace };
-    let settings = kafka::consumer_config(&config.kafka, &config.router.group_id, config.router.session_timeout);
+    let settings = kafka::consumer_config(
+        &config.kafka,
+        &config.router.group_id,
+        config.router.session_timeout,
+        kafka::Path::Event,
+    );
     let (consumer, tracker) = consume::consumer(&settings, limits, admin.readiness.register("router.group"), &lag)?;
     consumer.subscribe(&[&topics.events()])?;
     let (rewrites, rewrite_queue) = mpsc::unbounded_channel();

@@ -57,28 +57,49 @@ fn default_to(c: &mut ClientConfig, names: &[&str], value: &str) {
     }
 }
 
-/// How long a consumer lets the broker hold a fetch that finds nothing new
-/// (`fetch.wait.max.ms`), unless the operator sets it: 100 ms instead of
-/// librdkafka's 500. Apache Kafka answers a held fetch as soon as a record
-/// arrives, so there this only changes how often an idle consumer asks (10
-/// times a second instead of 2). Brokers that look for new records only at
-/// points within the wait (Tansu, the test broker, at half the remaining
-/// wait) keep each record for up to 250 ms per hop at 500; events cross
-/// two. At 2,000 events/s on Tansu, p50/p99 fell from 80–181/248–386 ms to
-/// 27–39/46–78 ms (docs/PERFORMANCE.md).
-const FETCH_WAIT_MS: &str = "100";
+/// Where a consumer reads, which sets how long it lets the broker hold a
+/// fetch that finds nothing new (`fetch.wait.max.ms`) where the operator
+/// set nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// The event path (the router's events, the deliverer's fresh
+    /// deliveries): 100 ms instead of librdkafka's 500. Apache Kafka
+    /// answers a held fetch as soon as a record arrives, so there this only
+    /// changes how often an idle consumer asks (10 times a second instead
+    /// of 2). Brokers that look for new records only at points within the
+    /// wait (Tansu, the test broker, at half the remaining wait) keep each
+    /// record for up to 250 ms per hop at 500; events cross two. At 2,000
+    /// events/s on Tansu, p50/p99 fell from 80–181/248–386 ms to 27–39/46–78
+    /// ms (docs/PERFORMANCE.md).
+    Event,
+    /// Everything else (tables, the relay, retry rungs, tools): 500 ms,
+    /// librdkafka's default. Their records wait seconds anyway, and these
+    /// consumers are idle most of the time: asking five times as often
+    /// cost Tansu ~30 µs of CPU per event at 2,000 events/s, ~6% of a core
+    /// (docs/PERFORMANCE.md, session 25), and costs any broker requests.
+    Background,
+}
 
-/// The defaults every consumer gets where the operator set nothing.
-fn consumer_defaults(mut c: ClientConfig) -> ClientConfig {
-    default_to(&mut c, &["fetch.wait.max.ms"], FETCH_WAIT_MS);
+impl Path {
+    fn fetch_wait_ms(self) -> &'static str {
+        match self {
+            Self::Event => "100",
+            Self::Background => "500",
+        }
+    }
+}
+
+/// The defaults a consumer on `path` gets where the operator set nothing.
+fn consumer_defaults(mut c: ClientConfig, path: Path) -> ClientConfig {
+    default_to(&mut c, &["fetch.wait.max.ms"], path.fetch_wait_ms());
     c
 }
 
 /// Settings of a group consumer that stores offsets only when told to
 /// (the watermark decides), and auto-commits what was stored. Create it
 /// with [`crate::consume::consumer`].
-pub fn consumer_config(config: &KafkaConfig, group: &str, session_timeout: Duration) -> ClientConfig {
-    let mut c = consumer_defaults(base(config));
+pub fn consumer_config(config: &KafkaConfig, group: &str, session_timeout: Duration, path: Path) -> ClientConfig {
+    let mut c = consumer_defaults(base(config), path);
     c.set("group.id", group)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
@@ -90,13 +111,13 @@ pub fn consumer_config(config: &KafkaConfig, group: &str, session_timeout: Durat
 }
 
 /// A consumer outside any group, for reading a whole topic (tables, tools).
-pub fn reader(config: &KafkaConfig) -> Result<StreamConsumer, KafkaError> {
-    reader_config(config).create()
+pub fn reader(config: &KafkaConfig, path: Path) -> Result<StreamConsumer, KafkaError> {
+    reader_config(config, path).create()
 }
 
 /// The settings [`reader`] uses.
-pub fn reader_config(config: &KafkaConfig) -> ClientConfig {
-    let mut c = consumer_defaults(base(config));
+pub fn reader_config(config: &KafkaConfig, path: Path) -> ClientConfig {
+    let mut c = consumer_defaults(base(config), path);
     c.set("group.id", "auditstream-reader")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -188,7 +209,7 @@ pub async fn read_all(
     idle: Duration,
 ) -> Result<Vec<rdkafka::message::OwnedMessage>, KafkaError> {
     use rdkafka::{Offset, TopicPartitionList, consumer::Consumer as _};
-    let consumer: StreamConsumer = reader(config)?;
+    let consumer: StreamConsumer = reader(config, Path::Background)?;
     let count = partitions(&consumer, topic, Duration::from_secs(30)).await?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..count {
@@ -316,15 +337,20 @@ mod tests {
     }
 
     #[test]
-    fn consumers_bound_a_held_fetch_unless_the_operator_does() {
+    fn consumers_bound_a_held_fetch_by_their_path_unless_the_operator_does() {
         let mut config = KafkaConfig::default();
-        let group = consumer_config(&config, "g", Duration::from_secs(10));
-        assert_eq!(group.get("fetch.wait.max.ms"), Some("100"));
-        assert_eq!(reader_config(&config).get("fetch.wait.max.ms"), Some("100"));
-        config.properties.insert("fetch.wait.max.ms".into(), "500".into());
-        let group = consumer_config(&config, "g", Duration::from_secs(10));
-        assert_eq!(group.get("fetch.wait.max.ms"), Some("500"));
-        assert_eq!(reader_config(&config).get("fetch.wait.max.ms"), Some("500"));
+        let wait = |c: ClientConfig| c.get("fetch.wait.max.ms").map(str::to_owned);
+        let ten = Duration::from_secs(10);
+        assert_eq!(wait(consumer_config(&config, "g", ten, Path::Event)).as_deref(), Some("100"));
+        assert_eq!(wait(consumer_config(&config, "g", ten, Path::Background)).as_deref(), Some("500"));
+        assert_eq!(wait(reader_config(&config, Path::Event)).as_deref(), Some("100"));
+        assert_eq!(wait(reader_config(&config, Path::Background)).as_deref(), Some("500"));
+        config.properties.insert("fetch.wait.max.ms".into(), "250".into());
+        for path in [Path::Event, Path::Background] {
+            assert_eq!(wait(consumer_config(&config, "g", ten, path)).as_deref(), Some("250"));
+            assert_eq!(wait(reader_config(&config, path)).as_deref(), Some("250"));
+        }
+        let group = consumer_config(&config, "g", ten, Path::Event);
         assert_eq!(group.get("enable.auto.offset.store"), Some("false"), "the guarantees stay");
     }
 }

@@ -76,7 +76,7 @@ pub async fn follow<S: TableState>(
     ready: ReadyFlag,
     mut shutdown: Shutdown,
 ) -> Result<(Table<S>, tokio::task::JoinHandle<()>), KafkaError> {
-    let consumer = kafka::reader(config)?;
+    let consumer = kafka::reader(config, kafka::Path::Background)?;
     let count = kafka::partitions(&consumer, topic, Duration::from_secs(30)).await?;
     let mut tpl = TopicPartitionList::new();
     let mut ends = HashMap::new();

@@ -382,7 +382,7 @@ pub async fn read_until(
         Offset, TopicPartitionList,
         consumer::{Consumer as _, StreamConsumer},
     };
-    let consumer: StreamConsumer = service::kafka::reader(kafka).expect("reader");
+    let consumer: StreamConsumer = service::kafka::reader(kafka, service::kafka::Path::Event).expect("reader");
     let n = service::kafka::partitions(&consumer, topic, Duration::from_secs(20)).await.expect("topic exists");
     let mut tpl = TopicPartitionList::new();
     for p in 0..n {

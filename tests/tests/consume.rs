@@ -81,7 +81,8 @@ async fn start(n: usize, max_in_flight: usize, extra: &[(&str, &str)], gate: Arc
     produce_many(&kafka, &topic, &messages).await;
 
     let group = unique("group");
-    let mut settings = service::kafka::consumer_config(&kafka, &group, Duration::from_secs(3));
+    let mut settings =
+        service::kafka::consumer_config(&kafka, &group, Duration::from_secs(3), service::kafka::Path::Event);
     for (k, v) in extra {
         settings.set(*k, *v);
     }
