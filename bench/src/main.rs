@@ -471,15 +471,16 @@ async fn main() -> Result<()> {
         )?;
         for r in rows.iter().filter(|r| r.paced.is_some()) {
             let show = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.1}"));
+            let post = r.paced.and_then(|(_, per)| per);
             writeln!(
                 out,
                 "| {} | {:?} | {} | {} | {:.1} | {} | {:.1} |",
                 r.round,
                 r.scenario,
                 show(r.total_us()),
-                show(r.paced.and_then(|(_, per)| per)),
+                show(post),
                 2.0 * budget.kafka,
-                show(r.beyond_post().map(|b| b - 2.0 * budget.kafka)),
+                show(r.total_us().zip(post).map(|(total, post)| total - floor(budget.kafka, post))),
                 budget.room(),
             )?;
         }
@@ -517,8 +518,14 @@ impl Ceilings {
     /// crosses Kafka twice (events, deliveries), each crossing at least an
     /// (a) message, and is POSTed once, at least a (b) request.
     fn floor(&self) -> Option<f64> {
-        self.per_message.zip(self.per_request).map(|(a, b)| 2.0 * a + b)
+        self.per_message.zip(self.per_request).map(|(a, b)| floor(a, b))
     }
+}
+
+/// The least CPU a delivery costs, in µs, given what one Kafka crossing
+/// (`kafka`) and one POST (`post`) cost: two crossings and one POST.
+fn floor(kafka: f64, post: f64) -> f64 {
+    2.0 * kafka + post
 }
 
 /// What a throughput target leaves for the pipeline's own work, in µs of
@@ -546,7 +553,7 @@ impl Budget {
     /// What is left of `whole()` after two crossings and one POST (negative
     /// when the target lies below this design's floor on this machine).
     fn room(&self) -> f64 {
-        self.whole() - 2.0 * self.kafka - self.post
+        self.whole() - floor(self.kafka, self.post)
     }
 }
 

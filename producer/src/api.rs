@@ -113,10 +113,6 @@ pub fn error(status: StatusCode, code: &'static str, message: impl Into<String>,
     ApiError { status, code, message: message.into(), extra }
 }
 
-/// The error code and rejection reason of a request refused at the
-/// in-flight limit.
-const BUSY: &str = "busy";
-
 fn unavailable(message: impl Into<String>, extra: Value) -> ApiError {
     error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message, extra)
 }
@@ -197,12 +193,12 @@ async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Bo
 
 async fn publish_events(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     let Ok(_permit) = state.in_flight.try_acquire() else {
-        state.metrics.rejected(BUSY, 1);
+        state.metrics.rejected(crate::metrics::BUSY, 1);
         // Its own code, not `unavailable`: nothing is wrong with Kafka, this
         // producer is at `api.max_in_flight` (scale out, or raise it).
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
-            BUSY,
+            crate::metrics::BUSY,
             "too many requests in flight (api.max_in_flight); nothing was published, resend the request shortly",
             Value::Null,
         ));

@@ -43,6 +43,10 @@ pub fn reason(errors: &[FieldError]) -> &'static str {
     }
 }
 
+/// The rejection reason, and the API's error code, of a request refused at
+/// the in-flight limit.
+pub const BUSY: &str = "busy";
+
 impl Metrics {
     /// Registers the metrics in `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
@@ -86,7 +90,7 @@ impl Metrics {
             events.with_label_values(&[outcome]);
         }
         // The saturation alert reads this one.
-        rejected.with_label_values(&["busy"]);
+        rejected.with_label_values(&[BUSY]);
         registry.register(Box::new(relayed.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;

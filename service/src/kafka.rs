@@ -75,8 +75,8 @@ pub enum Path {
     /// Everything else (tables, the relay, retry rungs, tools): 500 ms,
     /// librdkafka's default. Their records wait seconds anyway, and these
     /// consumers are idle most of the time: asking five times as often
-    /// cost Tansu ~30 µs of CPU per event at 2,000 events/s, ~6% of a core
-    /// (docs/PERFORMANCE.md, session 25), and costs any broker requests.
+    /// cost Tansu ~25 µs of CPU per event at 2,000 events/s, ~5% of a core
+    /// (docs/PERFORMANCE.md, session 25), and any broker fetch requests.
     Background,
 }
 
